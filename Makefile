@@ -1,0 +1,37 @@
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install deps system-deps proto lint test demo bench clean
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check splitmirror primaryd secondaryd client tests bench scripts
+	$(VENV)/bin/mypy --strict splitmirror primaryd secondaryd client
+
+test: install lint
+	$(VENV)/bin/pytest -q tests
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) bench/write_path.py
+	$(PY) bench/bitmap.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

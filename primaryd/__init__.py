@@ -1,0 +1,1 @@
+"""The primary site's storage daemon (`primaryd`)."""

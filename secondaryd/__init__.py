@@ -1,0 +1,1 @@
+"""The secondary site's storage daemon (`secondaryd`)."""

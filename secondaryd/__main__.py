@@ -1,0 +1,15 @@
+"""`secondaryd`: the secondary site's storage daemon; all logic is in :mod:`splitmirror`."""
+
+from __future__ import annotations
+
+import sys
+
+from splitmirror.daemon import main as daemon_main
+
+
+def main() -> None:
+    sys.exit(daemon_main("secondary"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The copy management table, persisted in SQLite (WAL) in the data directory.
+
+One row per pair per volume end held by this storage system, the volumes
+themselves, the pending bitmaps (a compacted blob plus appended runs so that
+newly set bits are durable with one small insert), and the write-intent
+extents.  All calls run on one dedicated thread so that SQLite's fsyncs
+never stall the event loop; concurrent callers of :meth:`add_runs` share one
+transaction (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from .bitmap import TrackBitmap
+from .status import PairStatus
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    track_size INTEGER NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    name TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    copy_type TEXT NOT NULL,
+    pair_system_id INTEGER NOT NULL,
+    mirror_volume TEXT NOT NULL,
+    is_primary INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    split_time TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    direction TEXT NOT NULL DEFAULT 'forward',
+    PRIMARY KEY (name, volume)
+);
+CREATE TABLE IF NOT EXISTS bitmaps (
+    pair TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    bits BLOB NOT NULL,
+    PRIMARY KEY (pair, volume)
+);
+CREATE TABLE IF NOT EXISTS bitmap_runs (
+    pair TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intent (
+    volume TEXT NOT NULL,
+    extent INTEGER NOT NULL,
+    PRIMARY KEY (volume, extent)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass
+class VolumeRow:
+    name: str
+    size: int
+    track_size: int
+    created: str
+
+
+@dataclasses.dataclass
+class PairRow:
+    """One row of the copy management table (one end of one pair)."""
+
+    name: str
+    volume: str
+    copy_type: str          # REMOTE or LOCAL
+    pair_system_id: int     # serial of the system holding the other end
+    mirror_volume: str
+    primary: bool
+    status: PairStatus
+    mode: str               # sync or async
+    group: str
+    split_time: str | None = None
+    reason: str = ""
+    direction: str = "forward"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.volume)
+
+
+class CopyTable:
+    """Asynchronous front of the SQLite database ``DATA_DIR/copytable.sqlite``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="copytable")
+        self._db: sqlite3.Connection | None = None
+        self._pending_runs: list[tuple[str, str, int, int]] = []
+        self._commit_future: asyncio.Future[None] | None = None
+
+    # -- plumbing ---------------------------------------------------------
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, fn)
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise RuntimeError(f"copy table {self.path} is closed")
+        with self._db:
+            return fn(self._db)
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level="DEFERRED")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            return db
+
+        loop = asyncio.get_running_loop()
+        self._db = await loop.run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._db is not None:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.close()
+                self._db = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)
+
+    # -- meta ---------------------------------------------------------------
+    async def get_meta(self, key: str) -> str | None:
+        def q(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._call(q)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._call(lambda db: db.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)))
+
+    # -- volumes --------------------------------------------------------
+    async def load_volumes(self) -> list[VolumeRow]:
+        def q(db: sqlite3.Connection) -> list[VolumeRow]:
+            rows = db.execute("SELECT name, size, track_size, created FROM volumes ORDER BY name")
+            return [VolumeRow(*r) for r in rows]
+
+        return await self._call(q)
+
+    async def add_volume(self, row: VolumeRow) -> None:
+        await self._call(lambda db: db.execute(
+            "INSERT INTO volumes(name, size, track_size, created) VALUES (?, ?, ?, ?)",
+            (row.name, row.size, row.track_size, row.created)))
+
+    async def remove_volume(self, name: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM volumes WHERE name=?", (name,))
+            db.execute("DELETE FROM intent WHERE volume=?", (name,))
+
+        await self._call(q)
+
+    # -- pairs ------------------------------------------------------------
+    async def load_pairs(self) -> list[PairRow]:
+        def q(db: sqlite3.Connection) -> list[PairRow]:
+            rows = db.execute(
+                "SELECT name, volume, copy_type, pair_system_id, mirror_volume, is_primary, status,"
+                " mode, grp, split_time, reason, direction FROM pairs ORDER BY name, is_primary DESC")
+            return [
+                PairRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), PairStatus(r[6]), r[7], r[8], r[9],
+                        r[10], r[11])
+                for r in rows
+            ]
+
+        return await self._call(q)
+
+    async def save_pair(self, row: PairRow) -> None:
+        values = (row.name, row.volume, row.copy_type, row.pair_system_id, row.mirror_volume,
+                  int(row.primary), row.status.value, row.mode, row.group, row.split_time, row.reason,
+                  row.direction)
+        await self._call(lambda db: db.execute(
+            "INSERT OR REPLACE INTO pairs(name, volume, copy_type, pair_system_id, mirror_volume,"
+            " is_primary, status, mode, grp, split_time, reason, direction)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
+
+    async def remove_pair(self, name: str, volume: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM pairs WHERE name=? AND volume=?", (name, volume))
+            db.execute("DELETE FROM bitmaps WHERE pair=? AND volume=?", (name, volume))
+            db.execute("DELETE FROM bitmap_runs WHERE pair=? AND volume=?", (name, volume))
+
+        await self._call(q)
+
+    # -- bitmaps ----------------------------------------------------------
+    async def load_bitmap(self, pair: str, volume: str, tracks: int) -> TrackBitmap:
+        def q(db: sqlite3.Connection) -> TrackBitmap:
+            row = db.execute("SELECT bits FROM bitmaps WHERE pair=? AND volume=?", (pair, volume)).fetchone()
+            bitmap = TrackBitmap.from_bytes(tracks, bytes(row[0]) if row else b"")
+            for start, count in db.execute(
+                    "SELECT start, count FROM bitmap_runs WHERE pair=? AND volume=?", (pair, volume)):
+                bitmap.add_range(start, start + count)
+            return bitmap
+
+        return await self._call(q)
+
+    async def save_bitmap(self, pair: str, volume: str, bitmap: TrackBitmap) -> None:
+        """Replace the stored bitmap (compaction: the runs are folded in)."""
+        blob = bitmap.to_bytes()
+
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO bitmaps(pair, volume, bits) VALUES (?, ?, ?)",
+                       (pair, volume, blob))
+            db.execute("DELETE FROM bitmap_runs WHERE pair=? AND volume=?", (pair, volume))
+
+        await self._call(q)
+
+    async def add_runs(self, pair: str, volume: str, runs: Iterable[tuple[int, int]]) -> None:
+        """Durably add set bits; returns once they are committed.
+
+        Callers arriving while a commit runs share the next one.
+        """
+        self._pending_runs.extend((pair, volume, s, c) for s, c in runs)
+        if self._commit_future is None:
+            self._commit_future = asyncio.get_running_loop().create_future()
+            fut = self._commit_future
+            await asyncio.sleep(0)  # let concurrent writers join this commit
+            batch, self._pending_runs = self._pending_runs, []
+            self._commit_future = None
+            try:
+                await self._call(lambda db: db.executemany(
+                    "INSERT INTO bitmap_runs(pair, volume, start, count) VALUES (?, ?, ?, ?)", batch))
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()
+                raise
+            fut.set_result(None)
+        else:
+            await asyncio.shield(self._commit_future)
+
+    # -- write intent -------------------------------------------------------
+    async def load_intent(self) -> dict[str, set[int]]:
+        def q(db: sqlite3.Connection) -> dict[str, set[int]]:
+            result: dict[str, set[int]] = {}
+            for volume, extent in db.execute("SELECT volume, extent FROM intent"):
+                result.setdefault(volume, set()).add(extent)
+            return result
+
+        return await self._call(q)
+
+    async def add_intent(self, volume: str, extents: Iterable[int]) -> None:
+        rows = [(volume, e) for e in extents]
+        await self._call(lambda db: db.executemany(
+            "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", rows))
+
+    async def remove_intent(self, volume: str, extents: Iterable[int]) -> None:
+        rows = [(volume, e) for e in extents]
+        await self._call(lambda db: db.executemany(
+            "DELETE FROM intent WHERE volume=? AND extent=?", rows))
+
+    async def remove_intent_all(self) -> None:
+        await self._call(lambda db: db.execute("DELETE FROM intent"))

@@ -1,0 +1,142 @@
+"""What ``primaryd`` and ``secondaryd`` share: start, serve, stop cleanly.
+
+The daemons are thin: they parse their settings and call :func:`main`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import DaemonConfig, load_config
+from .errors import SplitmirrorError
+from .hostapi import HostApiServicer
+from .interconnect import InterconnectServicer
+from .link import CHANNEL_OPTIONS, PeerLink
+from .pairs import PairManager, Settings
+from .system import StorageSystem
+from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
+
+log = logging.getLogger("splitmirror.daemon")
+
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.system = StorageSystem(config.system_id, config.role, config.data_dir)
+        self.links: dict[int, PeerLink] = {}
+        self.manager = PairManager(self.system, self.links,
+                                   Settings(link_timeout=config.link_timeout, auto_resync=config.auto_resync))
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.host_server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.peer_server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.nbd: object | None = None
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.system.open()
+        for peer, address in cfg.peers.items():
+            self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
+                                        self.manager.on_peer_up, self.manager.on_peer_down)
+        await self.manager.start()
+
+        host_pb2_grpc.add_HostApiServicer_to_server(HostApiServicer(self.manager), self.host_server)
+        interconnect_pb2_grpc.add_InterconnectServicer_to_server(
+            InterconnectServicer(self.manager, cfg.role), self.peer_server)
+        for server, service in ((self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"]),
+                                (self.peer_server, interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"])):
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                (service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        listen_port = self.host_server.add_insecure_port(cfg.listen)
+        peer_port = self.peer_server.add_insecure_port(cfg.interconnect)
+        await self.peer_server.start()
+        await self.host_server.start()
+        for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
+            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        nbd_text = ""
+        if cfg.nbd:
+            nbd_text = await self._start_nbd()
+        for link in self.links.values():
+            link.start()
+        log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s", cfg.role,
+                 cfg.system_id, listen_port, peer_port, nbd_text,
+                 ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none")
+
+    async def _start_nbd(self) -> str:
+        from .nbdexport import start_nbd
+
+        server, port = await start_nbd(self.system, self.config.nbd)
+        self.nbd = server
+        return f", NBD port {port}"
+
+    async def _set_health(self, service: str, status: int) -> None:
+        result = self.health.set(service, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def stop(self) -> None:
+        log.info("%sd system %d stopping", self.config.role, self.config.system_id)
+        for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
+            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.nbd is not None:
+            await self.nbd.close()  # type: ignore[attr-defined]
+        await self.host_server.stop(grace=5)
+        await self.manager.stop()
+        await self.peer_server.stop(grace=2)
+        for link in self.links.values():
+            await link.close()
+        await self.system.close()
+        log.info("%sd system %d stopped cleanly", self.config.role, self.config.system_id)
+
+
+async def serve(config: DaemonConfig) -> None:
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stopping.set)
+    started = time.monotonic()
+    await daemon.start()
+    log.debug("started in %.2fs", time.monotonic() - started)
+    await daemon.stopping.wait()
+    await daemon.stop()
+
+
+def run_loop(coro_factory: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        asyncio.run(coro_factory())  # type: ignore[operator]
+    else:
+        uvloop.run(coro_factory())  # type: ignore[operator]
+
+
+def main(role: str, argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(role, argv)
+    except SplitmirrorError as exc:
+        print(f"{role}d: error: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s {role}d[{config.system_id}] %(levelname)s %(name)s: %(message)s")
+    try:
+        run_loop(lambda: serve(config))
+    except SplitmirrorError as exc:
+        log.error("%s", exc.message)
+        return 1
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

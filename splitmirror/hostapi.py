@@ -1,0 +1,161 @@
+"""The host API servicer: volumes, host I/O and pairs over gRPC."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from .errors import InvalidArgument, SplitmirrorError
+from .pair import Pair, PairEnd
+from .pairs import PairManager
+from .v1 import host_pb2 as pb
+from .v1 import host_pb2_grpc as pb_grpc
+from .volume import Volume
+
+log = logging.getLogger("splitmirror.hostapi")
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Req, Context], Awaitable[Rep]]
+
+MAX_IO = 32 << 20
+
+
+def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
+    """Turn user errors into their gRPC status; log internal ones with context."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: Context) -> Rep:
+        try:
+            return await method(self, request, context)
+        except SplitmirrorError as exc:
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("%s failed for %s", method.__name__, context.peer())
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the daemon log")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class HostApiServicer(pb_grpc.HostApiServicer):
+    def __init__(self, manager: PairManager) -> None:
+        self.manager = manager
+        self.system = manager.system
+
+    # -- volumes ------------------------------------------------------------
+    def _volume_msg(self, vol: Volume) -> pb.Volume:
+        refusal = self.system.write_refusal(vol)
+        return pb.Volume(name=vol.name, size=vol.size, track_size=vol.track_size, tracks=vol.tracks,
+                         allocated_bytes=vol.allocated_bytes(), role=self.system.role_of(vol),
+                         host_writable=refusal is None, fence_reason=self.system.fences.get(vol.name, ""))
+
+    @refusals
+    async def CreateVolume(self, request: pb.CreateVolumeRequest, context: Context) -> pb.Volume:
+        vol = await self.system.create_volume(request.name, request.size, request.track_size)
+        return self._volume_msg(vol)
+
+    @refusals
+    async def ListVolumes(self, request: pb.ListVolumesRequest, context: Context) -> pb.ListVolumesReply:
+        return pb.ListVolumesReply(volumes=[self._volume_msg(v) for _, v in sorted(self.system.volumes.items())])
+
+    @refusals
+    async def GetVolume(self, request: pb.VolumeRef, context: Context) -> pb.Volume:
+        return self._volume_msg(self.system.volume(request.name))
+
+    @refusals
+    async def DeleteVolume(self, request: pb.VolumeRef, context: Context) -> pb.Empty:
+        await self.system.delete_volume(request.name)
+        return pb.Empty()
+
+    # -- I/O --------------------------------------------------------------------
+    @refusals
+    async def Write(self, request: pb.WriteRequest, context: Context) -> pb.WriteReply:
+        await self.system.host_write(request.volume, request.offset, request.data, request.fua)
+        return pb.WriteReply(written=len(request.data))
+
+    @refusals
+    async def Read(self, request: pb.ReadRequest, context: Context) -> pb.ReadReply:
+        if request.length > MAX_IO:
+            raise InvalidArgument(f"volume {request.volume!r}: read of {request.length} bytes exceeds "
+                                  f"the {MAX_IO}-byte limit per request")
+        return pb.ReadReply(data=await self.system.host_read(request.volume, request.offset, request.length))
+
+    @refusals
+    async def Flush(self, request: pb.VolumeRef, context: Context) -> pb.Empty:
+        await self.system.host_flush(request.name)
+        return pb.Empty()
+
+    @refusals
+    async def Checksum(self, request: pb.ChecksumRequest, context: Context) -> pb.ChecksumReply:
+        vol = self.system.volume(request.volume)
+        length = request.length or vol.size - request.offset
+        vol.check_range(request.offset, length)
+        digest = await vol.run(lambda: vol.digest(request.offset, length))
+        return pb.ChecksumReply(algorithm="xxh3-128", digest=digest)
+
+    # -- pairs ------------------------------------------------------------------
+    def _row(self, pair: Pair, end: PairEnd) -> pb.PairRow:
+        row = end.row
+        msg = pb.PairRow(pair=row.name, volume=row.volume, copy_type=row.copy_type,
+                         pair_system_id=row.pair_system_id, mirror_volume=row.mirror_volume, primary=row.primary,
+                         status=row.status.value, mode=row.mode, group=row.group,
+                         pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
+                         direction=row.direction)
+        progress = pair.progress
+        if row.status.value == "COPY" and progress is not None:
+            msg.has_progress = True
+            msg.progress = progress.percent
+            msg.rate_bytes_per_s = progress.rate
+            msg.eta_seconds = progress.eta
+            msg.copy_total_tracks = progress.total_tracks
+            msg.copy_done_tracks = progress.done_tracks
+        return msg
+
+    def _rows(self, pairs: list[Pair]) -> pb.PairList:
+        return pb.PairList(rows=[self._row(p, e) for p in pairs for e in p.ends])
+
+    @refusals
+    async def CreatePair(self, request: pb.CreatePairRequest, context: Context) -> pb.PairList:
+        pair = await self.manager.create(request.name, request.pvol, request.svol, request.peer,
+                                         request.mode or "sync", request.group)
+        return self._rows([pair])
+
+    @refusals
+    async def DisplayPairs(self, request: pb.DisplayPairsRequest, context: Context) -> pb.PairList:
+        if request.name:
+            return self._rows([self.manager.pair(request.name)])
+        return self._rows([p for _, p in sorted(self.system.pairs.items())])
+
+    @refusals
+    async def SplitPair(self, request: pb.PairRef, context: Context) -> pb.PairList:
+        return self._rows([await self.manager.split(request.name)])
+
+    @refusals
+    async def ResyncPair(self, request: pb.ResyncPairRequest, context: Context) -> pb.PairList:
+        return self._rows([await self.manager.resync(request.name, request.reverse, request.force)])
+
+    @refusals
+    async def DeletePair(self, request: pb.PairRef, context: Context) -> pb.Empty:
+        await self.manager.delete(request.name)
+        return pb.Empty()
+
+    @refusals
+    async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:
+        stats = pb.Stats(system_id=self.system.system_id, role=self.system.role,
+                         interconnect_bytes_sent=self.system.bytes_sent,
+                         interconnect_bytes_received=self.system.bytes_received)
+        for name, pair in sorted(self.system.pairs.items()):
+            c = pair.counters
+            stats.pairs.append(pb.PairCounters(
+                pair=name, replicated_writes=c.replicated_writes, replicated_bytes=c.replicated_bytes,
+                resync_tracks_sent=c.resync_tracks_sent, resync_bytes_sent=c.resync_bytes_sent,
+                resync_tracks_received=c.resync_tracks_received, resync_bytes_received=c.resync_bytes_received))
+        return stats

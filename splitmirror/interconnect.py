@@ -1,0 +1,129 @@
+"""The interconnect servicer: what a peer storage system may ask of us."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from .errors import PermissionDenied, SplitmirrorError
+from .link import SYSTEM_ID_KEY
+from .pairs import PairManager
+from .v1 import interconnect_pb2 as ic
+from .v1 import interconnect_pb2_grpc as ic_grpc
+
+log = logging.getLogger("splitmirror.interconnect")
+
+
+def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int], own: int) -> int:
+    """The calling system's id, refused unless it is a configured peer."""
+    metadata = dict(context.invocation_metadata() or ())
+    raw = metadata.get(SYSTEM_ID_KEY, "")
+    try:
+        caller = int(raw)
+    except (TypeError, ValueError):
+        caller = -1
+    if caller not in allowed:
+        log.warning("refused interconnect call from %s claiming system id %r: not a configured peer",
+                    context.peer(), raw)
+        raise PermissionDenied(f"system {raw or '(none)'} is not a configured peer of system {own}")
+    return caller
+
+
+class InterconnectServicer(ic_grpc.InterconnectServicer):
+    def __init__(self, manager: PairManager, role: str) -> None:
+        self.manager = manager
+        self.system = manager.system
+        self.role = role
+
+    def _peer(self, context: grpc.aio.ServicerContext[object, object]) -> int:
+        return peer_id(context, set(self.manager.links), self.system.system_id)
+
+    async def _guard(self, context: grpc.aio.ServicerContext[object, object], exc: SplitmirrorError) -> None:
+        await context.abort(exc.code, exc.message)
+
+    async def Hello(self, request: ic.HelloRequest, context: grpc.aio.ServicerContext[object, object]
+                    ) -> ic.HelloReply:
+        try:
+            peer = self._peer(context)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+        reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
+        for pair in self.manager.pairs_with(peer):
+            if pair.mirror is not None:
+                reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
+        return reply
+
+    async def AttachMirror(self, request: ic.AttachMirrorRequest,
+                           context: grpc.aio.ServicerContext[object, object]) -> ic.MirrorState:
+        try:
+            return await self.manager.mirror_attach(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
+    async def PairCommand(self, request: ic.PairCommandRequest,
+                          context: grpc.aio.ServicerContext[object, object]) -> ic.MirrorState:
+        try:
+            return await self.manager.mirror_command(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
+    async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
+                        context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.ReplicateAck]:
+        try:
+            peer = self._peer(context)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+        batches: asyncio.Queue[ic.ReplicateBatch | None] = asyncio.Queue(maxsize=8)
+
+        async def reader() -> None:
+            try:
+                async for batch in request_iterator:
+                    await batches.put(batch)
+            finally:
+                await batches.put(None)
+
+        task = asyncio.create_task(reader())
+        try:
+            first = await batches.get()
+            if first is None:
+                return
+            try:
+                pair = self.manager._mirror_pair(peer, first.pair)
+            except SplitmirrorError as exc:
+                await self._guard(context, exc)
+                raise
+            async with pair.apply_lock:
+                batch: ic.ReplicateBatch | None = first
+                while batch is not None:
+                    if batch.entries:
+                        try:
+                            await self.manager.mirror_apply(pair, list(batch.entries))
+                        except SplitmirrorError as exc:
+                            log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
+                            await self._guard(context, exc)
+                            raise
+                        yield ic.ReplicateAck(seq=batch.entries[-1].seq)
+                    batch = await batches.get()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def ReadTracks(self, request: ic.ReadTracksRequest,
+                         context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.TrackData]:
+        try:
+            tracks = self.manager.mirror_read_tracks(self._peer(context), request.pair, request.tracks)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+        async for first, count, data in tracks:
+            self.system.bytes_sent += len(data)
+            yield ic.TrackData(track=first, count=count, data=data)

@@ -1,0 +1,107 @@
+"""Runtime objects of a pair: its ends, copy progress and mirror channel."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Protocol
+
+from .bitmap import TrackBitmap
+from .copytable import PairRow
+from .link import Counters, PeerLink, ReplicationStream
+from .status import PairStatus
+from .volume import Volume
+
+
+class MirrorChannel(Protocol):
+    """How the primary end sends ordered entries to the mirror end."""
+
+    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+             resync: bool = False) -> asyncio.Future[bool]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class PairEnd:
+    row: PairRow
+    volume: Volume
+    bitmap: TrackBitmap
+
+
+@dataclasses.dataclass
+class CopyProgress:
+    """Progress of an initial copy or resync (done %, rate, ETA)."""
+
+    direction: str
+    total_tracks: int
+    track_size: int
+    done_tracks: int = 0
+    bytes_moved: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if not self.total_tracks else 100.0 * self.done_tracks / self.total_tracks
+
+    @property
+    def rate(self) -> float:
+        """Tracks' bytes per second (what the volume gained, holes included)."""
+        elapsed = time.monotonic() - self.started
+        return self.done_tracks * self.track_size / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float:
+        rate = self.rate
+        remaining = (self.total_tracks - self.done_tracks) * self.track_size
+        return remaining / rate if rate > 0 else 0.0
+
+
+class Pair:
+    """One pair as held by this storage system: one or both of its ends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.primary: PairEnd | None = None  # the end this system copies from
+        self.mirror: PairEnd | None = None   # the end this system copies into
+        self.link: PeerLink | None = None    # remote pairs: the peer
+        self.channel: MirrorChannel | None = None  # primary end: towards the mirror end
+        self.progress: CopyProgress | None = None
+        self.counters = Counters()
+        self.copy_task: asyncio.Task[None] | None = None
+        self.apply_lock = asyncio.Lock()     # mirror end: one Replicate stream at a time
+
+    @property
+    def ends(self) -> list[PairEnd]:
+        return [e for e in (self.primary, self.mirror) if e is not None]
+
+    @property
+    def row(self) -> PairRow:
+        return self.ends[0].row
+
+    @property
+    def status(self) -> PairStatus:
+        return self.row.status
+
+    @property
+    def remote(self) -> bool:
+        return self.row.copy_type == "REMOTE"
+
+    @property
+    def peer_id(self) -> int:
+        return self.row.pair_system_id
+
+
+class RemoteChannel:
+    """Mirror channel over the interconnect (a :class:`ReplicationStream`)."""
+
+    def __init__(self, stream: ReplicationStream) -> None:
+        self.stream = stream
+
+    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+             resync: bool = False) -> asyncio.Future[bool]:
+        return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync)
+
+    async def close(self) -> None:
+        await self.stream.close()
