@@ -79,7 +79,7 @@ class TrackBitmap:
         return bool(self._bits)
 
     def __contains__(self, track: object) -> bool:
-        return track in self._bits
+        return isinstance(track, int) and track in self._bits
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._bits)
@@ -97,28 +97,33 @@ class TrackBitmap:
         """Yield ``(first_track, count)`` for each run of consecutive set bits.
 
         With ``max_run`` > 0 longer runs are cut into pieces of that size.
-        Cost is proportional to the number of runs, not of bits.
+        Cost grows with the number of runs (and the log of their lengths),
+        not with the number of bits.  Bits past ``tracks`` are ignored.
         """
-        if not self._bits:
-            return
-        holes = BitMap()
-        holes.add_range(0, self.tracks + 1)
-        holes -= self._bits
         bits = self._bits
+        limit = self.tracks
+        if not bits or bits.min() >= limit:
+            return
+        last = bits.max()
         start = bits.min()
-        while True:
-            stop = next(holes.iter_equal_or_larger(start))
+        while start < limit:
+            # Gallop to the end of the run, then narrow down.
+            stop, step = start + 1, 1
+            while stop + step <= limit and bits.contains_range(stop, stop + step):
+                stop += step
+                step <<= 1
+            while step > 1:
+                step >>= 1
+                if stop + step <= limit and bits.contains_range(stop, stop + step):
+                    stop += step
             pos = start
             while pos < stop:
                 count = stop - pos if max_run <= 0 else min(max_run, stop - pos)
                 yield pos, count
                 pos += count
-            if stop >= self.tracks:
+            if stop > last or stop >= limit:
                 return
-            following = bits.iter_equal_or_larger(stop)
-            start = next(following, -1)
-            if start < 0:
-                return
+            start = bits.next_set_bit(stop)
 
     def memory_bytes(self) -> int:
         """Size of the serialized form, a good proxy of memory use."""

@@ -31,14 +31,14 @@ class DaemonConfig:
 
 def parse_address(setting: str, value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not port.isdecimal() or not 0 <= int(port) < 65536:
         raise InvalidArgument(f"{setting}: {value!r} is not HOST:PORT")
     return value
 
 
 def parse_peer(value: str) -> tuple[int, str]:
     sid, sep, address = value.partition("=")
-    if not sep or not sid.strip().isdigit():
+    if not sep or not sid.strip().isdecimal():
         raise InvalidArgument(f"--peer: {value!r} is not SYSTEM_ID=HOST:PORT")
     return int(sid), parse_address("--peer", address.strip())
 

@@ -107,7 +107,7 @@ class CopyTable:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="copytable")
         self._db: sqlite3.Connection | None = None
         self._pending_runs: list[tuple[str, str, int, int]] = []
-        self._commit_future: asyncio.Future[None] | None = None
+        self._commit_future: asyncio.Future[None] | None = None  # the commit writers join
 
     # -- plumbing ---------------------------------------------------------
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -118,7 +118,13 @@ class CopyTable:
         if self._db is None:
             raise RuntimeError(f"copy table {self.path} is closed")
         with self._db:
-            return fn(self._db)
+            result = fn(self._db)
+        if isinstance(result, sqlite3.Cursor):
+            # Never let a cursor reach the event loop thread: finalizing its
+            # statement there races with this thread (SQLITE_MISUSE).
+            result.close()
+            return None  # type: ignore[return-value]
+        return result
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
@@ -235,21 +241,17 @@ class CopyTable:
         """
         self._pending_runs.extend((pair, volume, s, c) for s, c in runs)
         if self._commit_future is None:
-            self._commit_future = asyncio.get_running_loop().create_future()
-            fut = self._commit_future
-            await asyncio.sleep(0)  # let concurrent writers join this commit
-            batch, self._pending_runs = self._pending_runs, []
-            self._commit_future = None
-            try:
-                await self._call(lambda db: db.executemany(
-                    "INSERT INTO bitmap_runs(pair, volume, start, count) VALUES (?, ?, ?, ?)", batch))
-            except BaseException as exc:
-                fut.set_exception(exc)
-                fut.exception()
-                raise
-            fut.set_result(None)
-        else:
-            await asyncio.shield(self._commit_future)
+            # The commit runs as its own task: a cancelled caller cannot
+            # strand the writers that joined it.
+            self._commit_future = asyncio.ensure_future(self._commit_runs())
+        await asyncio.shield(self._commit_future)
+
+    async def _commit_runs(self) -> None:
+        await asyncio.sleep(0)  # let concurrent writers join this commit
+        batch, self._pending_runs = self._pending_runs, []
+        self._commit_future = None
+        await self._call(lambda db: db.executemany(
+            "INSERT INTO bitmap_runs(pair, volume, start, count) VALUES (?, ?, ?, ?)", batch))
 
     # -- write intent -------------------------------------------------------
     async def load_intent(self) -> dict[str, set[int]]:

@@ -6,7 +6,6 @@ The daemons are thin: they parse their settings and call :func:`main`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys

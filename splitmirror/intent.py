@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,13 +24,20 @@ log = logging.getLogger("splitmirror.intent")
 DEFAULT_EXTENT = 4 << 20
 
 
+@dataclasses.dataclass(slots=True)
+class _Extent:
+    recorded: asyncio.Future[None]  # done once the extent is durable
+    inflight: int = 0
+    last_use: float = dataclasses.field(default_factory=time.monotonic)
+
+
 class IntentLog:
     def __init__(self, table: CopyTable, extent_size: int = DEFAULT_EXTENT, idle_seconds: float = 2.0) -> None:
         self.table = table
         self.extent_size = extent_size
         self.idle_seconds = idle_seconds
-        # volume -> extent -> [writes in flight, last use]
-        self._hot: dict[str, dict[int, list[float]]] = {}
+        # volume -> extent -> its state while hot
+        self._hot: dict[str, dict[int, _Extent]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def extents(self, offset: int, length: int) -> range:
@@ -46,20 +54,37 @@ class IntentLog:
         hot = self._hot.setdefault(volume, {})
         wanted = self.extents(offset, length)
         new = [e for e in wanted if e not in hot]
-        now = time.monotonic()
-        for e in wanted:
-            slot = hot.setdefault(e, [0.0, now])
-            slot[0] += 1
+        recorded: asyncio.Future[None] | None = None
+        if new:
+            recorded = asyncio.get_running_loop().create_future()
+            for e in new:
+                hot[e] = _Extent(recorded)
+        slots = [hot[e] for e in wanted]
+        for slot in slots:
+            slot.inflight += 1
         try:
-            if new:
-                await self.table.add_intent(volume, new)
+            if recorded is not None:
+                try:
+                    await self.table.add_intent(volume, new)
+                except BaseException as exc:
+                    for e in new:  # not durable: the next write must try again
+                        if hot.get(e) is not None and hot[e].recorded is recorded:
+                            del hot[e]
+                    recorded.set_exception(exc)
+                    recorded.exception()
+                    raise
+                recorded.set_result(None)
+            for slot in slots:  # extents another write is still recording
+                if not slot.recorded.done():
+                    await asyncio.shield(slot.recorded)
+                elif slot.recorded.exception() is not None:
+                    raise slot.recorded.exception()  # type: ignore[misc]
             yield
         finally:
             now = time.monotonic()
-            for e in wanted:
-                slot = hot[e]
-                slot[0] -= 1
-                slot[1] = now
+            for slot in slots:
+                slot.inflight -= 1
+                slot.last_use = now
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._cool(), name="intent-cooler")
@@ -76,7 +101,8 @@ class IntentLog:
         now = time.monotonic()
         cleared = 0
         for volume, hot in list(self._hot.items()):
-            cold = [e for e, (inflight, used) in hot.items() if inflight == 0 and now - used >= limit]
+            cold = [e for e, s in hot.items()
+                    if s.inflight == 0 and now - s.last_use >= limit and s.recorded.done()]
             if cold:
                 for e in cold:
                     del hot[e]

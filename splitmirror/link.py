@@ -16,7 +16,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import grpc
 
@@ -47,7 +48,7 @@ class Counters:
     resync_bytes_received: int = 0
 
 
-PeerCallback = Callable[["PeerLink"], Awaitable[None]]
+PeerCallback = Callable[["PeerLink"], Coroutine[Any, Any, None]]
 
 
 class PeerLink:
@@ -82,6 +83,14 @@ class PeerLink:
         for task in list(self._callbacks):
             task.cancel()
         await self.channel.close(grace=None)
+
+    def suspect(self, reason: str) -> None:
+        """A stream to this peer broke: treat it as lost until a keepalive
+        answers again (which then runs the reconnect handling)."""
+        if self.up:
+            self.up = False
+            self.reason = reason
+            log.warning("peer %d at %s suspected lost (%s)", self.peer_id, self.address, reason)
 
     def _notify(self, callback: PeerCallback) -> None:
         task = asyncio.create_task(callback(self))
@@ -163,7 +172,7 @@ class ReplicationStream:
 
     # -- I/O ----------------------------------------------------------------
     async def _run(self) -> None:
-        call = self.link.stub.Replicate(metadata=self.link.metadata)
+        call = self.link.stub.Replicate(metadata=self.link.metadata)  # type: ignore[call-arg]
         sender = asyncio.create_task(self._send(call))
         receiver = asyncio.create_task(self._receive(call))
         watchdog = asyncio.create_task(self._watchdog())

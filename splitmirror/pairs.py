@@ -430,6 +430,8 @@ class PairManager:
         if runs:
             await self.system.table.add_runs(pair.name, end.volume.name, runs)
         if changed:
+            if pair.link is not None:
+                pair.link.suspect(reason)
             await self.system.save_rows(pair)
 
     async def on_peer_down(self, link: PeerLink) -> None:

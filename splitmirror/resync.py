@@ -11,6 +11,7 @@ interconnect as a length, not as data.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -83,7 +84,7 @@ async def copy_forward(system: StorageSystem, pair: Pair) -> None:
                 fut = pair.channel.push(offset, data, resync=True)
                 sent = length
         inflight.add(fut)
-        fut.add_done_callback(lambda f, a=first, c=count, s=sent: settle(f, a, c, s))
+        fut.add_done_callback(functools.partial(settle, first=first, count=count, sent=sent))
     if inflight:
         await asyncio.wait(list(inflight))
     if failed or pair.channel is None:

@@ -12,7 +12,7 @@ def parse_size(text: str) -> int:
     raw = text.strip().upper().replace("IB", "").removesuffix("B")
     digits = raw.rstrip("KMGTP")
     unit = raw[len(digits):]
-    if not digits.isdigit() or unit not in _UNITS:
+    if not digits.isdecimal() or unit not in _UNITS:
         raise InvalidArgument(f"invalid size {text!r}: use a number with an optional K/M/G/T suffix")
     return int(digits) * _UNITS[unit]
 

@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .bitmap import TrackBitmap
-from .copytable import CopyTable, PairRow, VolumeRow
-from .intent import IntentLog
+from .copytable import CopyTable, VolumeRow
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .intent import IntentLog
 from .ordering import RangeOrder
 from .pair import Pair, PairEnd
 from .status import MIRRORING, TRACKING, PairStatus
@@ -86,14 +86,14 @@ class StorageSystem:
             self.volumes[vol.name] = vol
             self._order[vol.name] = RangeOrder()
         for prow in await self.table.load_pairs():
-            vol = self.volumes.get(prow.volume)
-            if vol is None:
+            pvol = self.volumes.get(prow.volume)
+            if pvol is None:
                 log.error("copy table row of pair %s names missing volume %s; row ignored", prow.name,
                           prow.volume)
                 continue
-            bitmap = await self.table.load_bitmap(prow.name, prow.volume, vol.tracks)
+            bitmap = await self.table.load_bitmap(prow.name, prow.volume, pvol.tracks)
             pair = self.pairs.setdefault(prow.name, Pair(prow.name))
-            end = PairEnd(prow, vol, bitmap)
+            end = PairEnd(prow, pvol, bitmap)
             if prow.primary:
                 pair.primary = end
             else:

@@ -1,0 +1,192 @@
+"""How the CLI shows host API objects: JSON-ready dicts and rich tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from splitmirror.sizes import format_size
+from splitmirror.v1 import host_pb2
+
+JsonObject = dict[str, Any]
+
+#: The keys of one ``pair display --json`` object, in order.
+PAIR_KEYS = (
+    "pair", "volume", "copy_type", "pair_system_id", "mirror_volume", "primary", "status", "mode",
+    "group", "pending_tracks", "progress", "split_time",
+)
+
+
+def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
+    """One copy-table row with exactly the documented keys."""
+    return {
+        "pair": row.pair,
+        "volume": row.volume,
+        "copy_type": row.copy_type,
+        "pair_system_id": int(row.pair_system_id),
+        "mirror_volume": row.mirror_volume,
+        "primary": bool(row.primary),
+        "status": row.status,
+        "mode": row.mode,
+        "group": row.group,
+        "pending_tracks": int(row.pending_tracks),
+        "progress": float(row.progress) if row.has_progress else None,
+        "split_time": row.split_time or None,
+    }
+
+
+def progress_json(row: host_pb2.PairRow) -> JsonObject:
+    """One ``--wait --json`` progress line."""
+    return {
+        "pair": row.pair,
+        "progress": float(row.progress) if row.has_progress else None,
+        "rate_bytes_per_s": float(row.rate_bytes_per_s),
+        "eta_seconds": float(row.eta_seconds),
+    }
+
+
+def volume_json(vol: host_pb2.Volume) -> JsonObject:
+    return {
+        "name": vol.name,
+        "size": int(vol.size),
+        "track_size": int(vol.track_size),
+        "tracks": int(vol.tracks),
+        "allocated_bytes": int(vol.allocated_bytes),
+        "role": vol.role,
+        "host_writable": bool(vol.host_writable),
+        "fence_reason": vol.fence_reason,
+    }
+
+
+def stats_json(stats: host_pb2.Stats) -> JsonObject:
+    return {
+        "system_id": int(stats.system_id),
+        "role": stats.role,
+        "interconnect_bytes_sent": int(stats.interconnect_bytes_sent),
+        "interconnect_bytes_received": int(stats.interconnect_bytes_received),
+        "pairs": [
+            {
+                "pair": p.pair,
+                "replicated_writes": int(p.replicated_writes),
+                "replicated_bytes": int(p.replicated_bytes),
+                "resync_tracks_sent": int(p.resync_tracks_sent),
+                "resync_bytes_sent": int(p.resync_bytes_sent),
+                "resync_tracks_received": int(p.resync_tracks_received),
+                "resync_bytes_received": int(p.resync_bytes_received),
+            }
+            for p in stats.pairs
+        ],
+    }
+
+
+# ---------------------------------------------------------------------- text
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """``12.5 MiB/s``."""
+    value = max(0.0, bytes_per_s)
+    for suffix, unit in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= unit:
+            return f"{value / unit:.1f} {suffix}/s"
+    return f"{value:.0f} B/s"
+
+
+def format_eta(seconds: float) -> str:
+    """``0:01:05``; ``-`` when unknown."""
+    if seconds <= 0 or seconds != seconds or seconds == float("inf"):
+        return "-"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _table(*columns: str, right: Sequence[str] = ()) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", no_wrap=True)
+    return table
+
+
+def _bytes(n: int) -> str:
+    return f"{format_size(n)} ({n} bytes)"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def volumes_table(volumes: Sequence[host_pb2.Volume]) -> Table:
+    table = _table(
+        "NAME", "SIZE", "TRACK", "TRACKS", "ALLOCATED", "ROLE", "WRITABLE", "FENCE",
+        right=("SIZE", "TRACK", "TRACKS", "ALLOCATED"),
+    )
+    for v in volumes:
+        table.add_row(
+            v.name, format_size(v.size), format_size(v.track_size), str(v.tracks),
+            format_size(v.allocated_bytes), v.role or "SIMPLEX", _yes(v.host_writable), v.fence_reason or "-",
+        )
+    return table
+
+
+def volume_detail_table(vol: host_pb2.Volume) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value")
+    table.add_row("name", vol.name)
+    table.add_row("size", _bytes(vol.size))
+    table.add_row("track size", format_size(vol.track_size))
+    table.add_row("tracks", str(vol.tracks))
+    table.add_row("allocated", _bytes(vol.allocated_bytes))
+    table.add_row("role", vol.role or "SIMPLEX")
+    table.add_row("host writable", _yes(vol.host_writable))
+    table.add_row("fence", vol.fence_reason or "-")
+    return table
+
+
+def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
+    with_reason = any(r.reason for r in rows)
+    columns = [
+        "PAIR", "VOLUME", "TYPE", "PEER", "MIRROR", "P/S", "STATUS", "MODE", "GROUP", "PENDING",
+        "PROGRESS", "SPLIT TIME",
+    ]
+    if with_reason:
+        columns.append("REASON")
+    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS"))
+    for r in rows:
+        cells = [
+            r.pair, r.volume, r.copy_type, str(r.pair_system_id), r.mirror_volume, "P" if r.primary else "S",
+            r.status, r.mode, r.group or "-", str(r.pending_tracks),
+            f"{r.progress:.1f}%" if r.has_progress else "-", r.split_time or "-",
+        ]
+        if with_reason:
+            cells.append(r.reason or "-")
+        table.add_row(*cells)
+    return table
+
+
+def stats_tables(stats: host_pb2.Stats) -> list[Table]:
+    summary = Table(box=None, show_header=False, pad_edge=False)
+    summary.add_column("field", style="bold", no_wrap=True)
+    summary.add_column("value")
+    summary.add_row("system id", str(stats.system_id))
+    summary.add_row("role", stats.role or "-")
+    summary.add_row("interconnect sent", _bytes(stats.interconnect_bytes_sent))
+    summary.add_row("interconnect received", _bytes(stats.interconnect_bytes_received))
+    tables = [summary]
+    if stats.pairs:
+        pairs = _table(
+            "PAIR", "REPL WRITES", "REPL BYTES", "TRACKS SENT", "BYTES SENT", "TRACKS RECV", "BYTES RECV",
+            right=("REPL WRITES", "REPL BYTES", "TRACKS SENT", "BYTES SENT", "TRACKS RECV", "BYTES RECV"),
+        )
+        for p in stats.pairs:
+            pairs.add_row(
+                p.pair, str(p.replicated_writes), format_size(p.replicated_bytes),
+                str(p.resync_tracks_sent), format_size(p.resync_bytes_sent),
+                str(p.resync_tracks_received), format_size(p.resync_bytes_received),
+            )
+        tables.append(pairs)
+    return tables

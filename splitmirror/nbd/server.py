@@ -1,0 +1,470 @@
+"""Asyncio NBD server: sockets around :class:`~splitmirror.nbd.codec.NbdCodec`.
+
+One task per connection reads and decodes; every command runs as its own
+task, so many requests are in flight per connection and replies go out in
+completion order.  Writes to the socket are serialised by a lock and the
+number of commands in flight per connection is bounded.  Works on the
+default event loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+from .backend import Export, ExportCatalog, ExportError
+from .codec import (
+    CommandRejected,
+    CommandRequest,
+    ConnectionClosed,
+    NbdCodec,
+    NeedData,
+    OptionRequest,
+    ProtocolError,
+)
+from .constants import (
+    BASE_ALLOCATION,
+    DEFAULT_MAX_REQUEST,
+    Command,
+    CommandFlag,
+    Errno,
+    Info,
+    Option,
+    OptionReply,
+    StateFlag,
+    TransmissionFlag,
+)
+
+__all__ = ["NbdServer"]
+
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+_READ_CHUNK: Final = 1024 * 1024
+_SHUTDOWN_GRACE: Final = 5.0  # seconds in-flight commands get on shutdown
+_ALLOCATION_ID: Final = 1  # context id of base:allocation
+# Status reported for extents the backend calls unallocated: holes of a
+# sparse volume read as zeroes, so clients may skip reading them.
+_UNALLOCATED: Final = StateFlag.HOLE | StateFlag.ZERO
+_BASE_FLAGS: Final = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.CAN_MULTI_CONN
+)
+
+
+class NbdServer:
+    """Serves the exports of ``catalog`` over NBD (fixed newstyle, no TLS)."""
+
+    def __init__(
+        self,
+        catalog: ExportCatalog,
+        host: str,
+        port: int,
+        *,
+        max_request: int = DEFAULT_MAX_REQUEST,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        NbdCodec(max_request=max_request)  # raises ValueError for a bad max_request
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be positive: {max_in_flight}")
+        self.catalog = catalog
+        self.host = host
+        self.port = port
+        self.max_request = max_request
+        self.max_in_flight = max_in_flight
+        self.log = logger or logging.getLogger("splitmirror.nbd")
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        if self._server is not None:
+            raise RuntimeError("NbdServer already started")
+        self._server = await asyncio.start_server(self._on_client, self.host, self.port, limit=_READ_CHUNK)
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually bound (useful when constructed with port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("NbdServer is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop accepting, end every connection and wait until all are gone."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> NbdServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if self._closing or task is None:
+            writer.close()
+            return
+        self._connections.add(task)
+        try:
+            await _Connection(self, reader, writer).serve()
+        except asyncio.CancelledError:
+            # Cancelled by close(): end normally, else asyncio's stream protocol
+            # (3.11) logs the cancellation as an error in its done-callback.
+            if not self._closing:
+                raise
+        finally:
+            self._connections.discard(task)
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def _wire_errno(errno: int) -> Errno:
+    try:
+        return Errno(errno)
+    except ValueError:
+        return Errno.EIO
+
+
+def _option_refusal(exc: ExportError) -> OptionReply:
+    if exc.errno == Errno.EPERM:
+        return OptionReply.ERR_POLICY
+    if exc.errno == Errno.ESHUTDOWN:
+        return OptionReply.ERR_SHUTDOWN
+    if exc.errno == Errno.EINVAL:
+        return OptionReply.ERR_INVALID
+    return OptionReply.ERR_UNKNOWN
+
+
+def _preferred_block_size(export: Export, max_request: int) -> int:
+    """A power of two >= 512 (as the spec wants), not above max_request."""
+    size = export.block_size
+    if size < 512 or size & (size - 1):
+        size = 4096
+    while size > max_request and size > 512:
+        size //= 2
+    return size
+
+
+def _descriptors(extents: Sequence[tuple[int, bool]], length: int, req_one: bool) -> list[tuple[int, int]]:
+    """Backend extents -> merged NBD descriptors covering at most ``length``."""
+    out: list[tuple[int, int]] = []
+    covered = 0
+    for extent_length, allocated in extents:
+        if covered >= length:
+            break
+        if extent_length <= 0:
+            continue
+        extent_length = min(extent_length, length - covered)
+        status = 0 if allocated else int(_UNALLOCATED)
+        if out and out[-1][1] == status:
+            out[-1] = (out[-1][0] + extent_length, status)
+        else:
+            out.append((extent_length, status))
+        covered += extent_length
+    if not out:
+        out.append((length, 0))  # "status unknown" is always a safe answer
+    return out[:1] if req_one else out
+
+
+class _Connection:
+    """One client: handshake, then a read loop spawning command tasks."""
+
+    def __init__(
+        self,
+        server: NbdServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.log = server.log
+        self.reader = reader
+        self.writer = writer
+        self.peer = _peer_name(writer)
+        self.codec = NbdCodec(max_request=server.max_request)
+        self.export: Export | None = None
+        self.export_name = "-"
+        self._write_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(server.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._broken = False
+
+    async def serve(self) -> None:
+        self.log.info("nbd %s: connection opened", self.peer)
+        reason = "connection lost"
+        grace: float | None = None  # a departed client's commands still complete
+        try:
+            await self._send(self.codec.send_greeting())
+            reason = await self._read_loop()
+        except asyncio.CancelledError:
+            reason = "server shutting down"
+            grace = _SHUTDOWN_GRACE
+            raise
+        except Exception:
+            self.log.exception("nbd %s: internal error (export %s)", self.peer, self.export_name)
+            reason = "internal error"
+        finally:
+            try:
+                await self._finish_commands(grace)
+            finally:
+                self.writer.close()
+                with contextlib.suppress(ConnectionError, OSError):
+                    await self.writer.wait_closed()
+                self.log.info("nbd %s: connection closed (export %s): %s", self.peer, self.export_name, reason)
+
+    async def _read_loop(self) -> str:
+        """Decode and dispatch until the connection ends; returns why."""
+        codec = self.codec
+        while True:
+            event = codec.next_event()
+            if isinstance(event, NeedData):
+                codec.receive_data(await self._receive())
+            elif isinstance(event, OptionRequest):
+                end = await self._handle_option(event)
+                if end is not None:
+                    return end
+            elif isinstance(event, CommandRequest):
+                await self._slots.acquire()
+                task = asyncio.create_task(self._run_command(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(event, CommandRejected):
+                self._refused(event.type, event.offset, event.length, event.error, event.message)
+                await self._send(codec.send_error(event.handle, event.error, event.message))
+            elif isinstance(event, ProtocolError):
+                self.log.warning(
+                    "nbd %s: protocol error (export %s): %s",
+                    self.peer,
+                    self.export_name,
+                    event.message,
+                )
+                return "protocol error"
+            else:
+                assert isinstance(event, ConnectionClosed)
+                return event.reason
+
+    async def _receive(self) -> bytes:
+        if self._broken:
+            return b""
+        try:
+            return await self.reader.read(_READ_CHUNK)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def _send(self, data: bytes) -> None:
+        async with self._write_lock:
+            if self._broken or self.writer.is_closing():
+                return
+            try:
+                self.writer.write(data)
+                await self.writer.drain()
+            except (ConnectionError, OSError):
+                self._broken = True
+
+    async def _finish_commands(self, grace: float | None) -> None:
+        """Let in-flight commands complete; cancel those still running after ``grace`` s."""
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    # ---------------------------------------------------------------- options
+
+    def _open(self, name: str) -> Export | ExportError:
+        try:
+            return self.server.catalog.open_export(name)
+        except ExportError as exc:
+            return exc
+        except Exception:
+            self.log.exception("nbd %s: opening export %r failed", self.peer, name)
+            return ExportError(Errno.EIO, "internal error opening the export")
+
+    def _flags(self, export: Export) -> TransmissionFlag:
+        flags = _BASE_FLAGS
+        if self.codec.structured_replies:
+            flags |= TransmissionFlag.SEND_DF
+        if export.read_only():
+            flags |= TransmissionFlag.READ_ONLY
+        return flags
+
+    def _attach(self, export: Export) -> None:
+        self.export = export
+        self.export_name = export.name
+        self.log.debug("nbd %s: attached export %s", self.peer, export.name)
+
+    async def _handle_option(self, request: OptionRequest) -> str | None:
+        """Answer one option; returns why the connection must end, if it must."""
+        codec = self.codec
+        option = request.option
+        if request.invalid is not None:
+            self.log.warning("nbd %s: invalid option %d: %s", self.peer, option, request.invalid)
+            if option == Option.EXPORT_NAME:
+                return "invalid NBD_OPT_EXPORT_NAME"
+            await self._send(codec.send_option_error(option, OptionReply.ERR_INVALID, request.invalid))
+            return None
+        match option:
+            case Option.EXPORT_NAME:
+                export = self._open(request.name)
+                if isinstance(export, ExportError):
+                    self._refused_export(request.name, export)
+                    return "NBD_OPT_EXPORT_NAME refused"
+                self._attach(export)
+                await self._send(codec.send_export_name_reply(export.size, self._flags(export)))
+            case Option.INFO | Option.GO:
+                await self._info_or_go(request)
+            case Option.LIST:
+                names = self.server.catalog.export_names()
+                out = [codec.send_server_entry(name) for name in names]
+                out.append(codec.send_option_ack(option))
+                await self._send(b"".join(out))
+            case Option.ABORT:
+                await self._send(codec.send_option_ack(option))
+                return "client sent NBD_OPT_ABORT"
+            case Option.STRUCTURED_REPLY:
+                await self._send(codec.send_option_ack(option))
+            case Option.LIST_META_CONTEXT | Option.SET_META_CONTEXT:
+                await self._meta_context(request)
+            case _:
+                self.log.debug("nbd %s: unsupported option %d", self.peer, option)
+                await self._send(
+                    codec.send_option_error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
+                )
+        return None
+
+    async def _info_or_go(self, request: OptionRequest) -> None:
+        codec = self.codec
+        option = request.option
+        export = self._open(request.name)
+        if isinstance(export, ExportError):
+            self._refused_export(request.name, export)
+            reply = _option_refusal(export)
+            await self._send(codec.send_option_error(option, reply, export.message))
+            return
+        out = [
+            codec.send_export_info(option, export.size, self._flags(export)),
+            codec.send_block_size_info(
+                option, 1, _preferred_block_size(export, self.server.max_request), self.server.max_request
+            ),
+        ]
+        if Info.NAME in request.info_requests:
+            out.append(codec.send_text_info(option, Info.NAME, export.name))
+        out.append(codec.send_option_ack(option))
+        if option == Option.GO:
+            self._attach(export)
+        await self._send(b"".join(out))
+
+    async def _meta_context(self, request: OptionRequest) -> None:
+        codec = self.codec
+        option = request.option
+        listing = option == Option.LIST_META_CONTEXT
+        wanted = {BASE_ALLOCATION} | ({"base:"} if listing else set())
+        queries = request.queries or ((BASE_ALLOCATION,) if listing else ())
+        out: list[bytes] = []
+        if any(query in wanted for query in queries):
+            context_id = 0 if listing else _ALLOCATION_ID
+            out.append(codec.send_meta_context(option, context_id, BASE_ALLOCATION))
+        out.append(codec.send_option_ack(option))
+        await self._send(b"".join(out))
+
+    def _refused_export(self, name: str, exc: ExportError) -> None:
+        self.log.warning("nbd %s: refused export %r: %s (errno %d)", self.peer, name, exc.message, exc.errno)
+
+    # --------------------------------------------------------------- commands
+
+    def _refused(self, ctype: int, offset: int, length: int, error: int, message: str) -> None:
+        try:
+            what = Command(ctype).name
+        except ValueError:
+            what = f"command {ctype}"
+        self.log.warning(
+            "nbd %s: refused %s offset=%d length=%d on export %s: %s (%s)",
+            self.peer,
+            what,
+            offset,
+            length,
+            self.export_name,
+            message,
+            _wire_errno(error).name,
+        )
+
+    async def _run_command(self, request: CommandRequest) -> None:
+        codec = self.codec
+        try:
+            try:
+                reply = await self._execute(request)
+            except ExportError as exc:
+                errno = _wire_errno(exc.errno)
+                self._refused(request.type, request.offset, request.length, errno, exc.message)
+                reply = codec.send_error(request.handle, errno, exc.message)
+            except Exception:
+                self.log.exception(
+                    "nbd %s: %s offset=%d length=%d on export %s failed",
+                    self.peer,
+                    request.type.name,
+                    request.offset,
+                    request.length,
+                    self.export_name,
+                )
+                reply = codec.send_error(request.handle, Errno.EIO, "internal server error")
+            await self._send(reply)
+        finally:
+            self._slots.release()
+
+    def _check_writable(self, export: Export) -> None:
+        if export.read_only():
+            raise ExportError(Errno.EPERM, "export is read-only")
+
+    async def _execute(self, request: CommandRequest) -> bytes:
+        export = self.export
+        assert export is not None
+        codec = self.codec
+        handle, offset, length = request.handle, request.offset, request.length
+        fua = CommandFlag.FUA in request.flags
+        match request.type:
+            case Command.READ:
+                data = await export.read(offset, length)
+                if len(data) != length:
+                    raise ExportError(Errno.EIO, f"backend returned {len(data)} of {length} bytes")
+                return codec.send_read_reply(handle, offset, data)
+            case Command.WRITE:
+                self._check_writable(export)
+                await export.write(offset, request.data, fua)
+            case Command.FLUSH:
+                await export.flush()
+            case Command.TRIM:
+                self._check_writable(export)
+                await export.trim(offset, length)
+                if fua:
+                    await export.flush()
+            case Command.WRITE_ZEROES:
+                self._check_writable(export)
+                await export.write_zeroes(offset, length, fua)
+            case Command.BLOCK_STATUS:
+                extents = await export.allocation(offset, length)
+                req_one = CommandFlag.REQ_ONE in request.flags
+                descriptors = _descriptors(extents, length, req_one)
+                return codec.send_block_status(handle, _ALLOCATION_ID, descriptors)
+            case _:
+                raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
+        return codec.send_ok(handle)

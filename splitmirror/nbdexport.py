@@ -1,0 +1,132 @@
+"""Volumes as NBD exports: the storage system behind :mod:`splitmirror.nbd`.
+
+Every NBD request goes through the same :class:`StorageSystem` calls as the
+gRPC host API, so replication, pending bitmaps, write ordering and fencing
+apply unchanged.  Access is asked of the system at each request, so a status
+change that revokes write access reaches connected clients at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from .config import parse_address
+from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
+from .nbd import ExportError, NbdServer
+from .system import StorageSystem
+from .volume import Volume
+
+log = logging.getLogger("splitmirror.nbd")
+
+
+def _errno(exc: SplitmirrorError) -> int:
+    if isinstance(exc, FailedPrecondition | PermissionDenied):
+        return errno.EPERM
+    if isinstance(exc, OutOfRange):
+        return errno.ENOSPC
+    if isinstance(exc, InvalidArgument):
+        return errno.EINVAL
+    if isinstance(exc, NotFound):
+        return errno.ENOENT
+    return errno.EIO
+
+
+class VolumeExport:
+    """One volume seen by one NBD connection."""
+
+    def __init__(self, system: StorageSystem, volume: Volume) -> None:
+        self.system = system
+        self.volume = volume
+
+    @property
+    def name(self) -> str:
+        return self.volume.name
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    @property
+    def block_size(self) -> int:
+        return self.volume.track_size
+
+    def _live(self) -> Volume:
+        if self.system.volumes.get(self.volume.name) is not self.volume:
+            raise ExportError(errno.ESHUTDOWN, f"volume {self.volume.name!r} was deleted")
+        return self.volume
+
+    def read_only(self) -> bool:
+        return self.system.write_refusal(self._live()) is not None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        try:
+            return await self.system.host_read(self._live().name, offset, length)
+        except SplitmirrorError as exc:
+            raise ExportError(_errno(exc), exc.message) from None
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        try:
+            await self.system.host_write(self._live().name, offset, data, fua)
+        except SplitmirrorError as exc:
+            raise ExportError(_errno(exc), exc.message) from None
+
+    async def flush(self) -> None:
+        try:
+            await self.system.host_flush(self._live().name)
+        except SplitmirrorError as exc:
+            raise ExportError(_errno(exc), exc.message) from None
+
+    async def trim(self, offset: int, length: int) -> None:
+        # Discarded ranges read back as zeroes on both ends of every mirror.
+        await self.write_zeroes(offset, length, fua=False)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        try:
+            await self.system.host_write_zeroes(self._live().name, offset, length)
+            if fua:
+                await self.system.host_flush(self.volume.name)
+        except SplitmirrorError as exc:
+            raise ExportError(_errno(exc), exc.message) from None
+
+    async def allocation(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        vol = self._live()
+        end = min(vol.size, offset + length)
+        ranges = await vol.run(lambda: vol.allocated_ranges(offset, end))
+        extents: list[tuple[int, bool]] = []
+        pos = offset
+        for start, n in ranges:
+            start = max(start, offset)
+            if start > pos:
+                extents.append((start - pos, False))
+            extents.append((start + n - max(start, pos), True))
+            pos = start + n
+        if pos < end:
+            extents.append((end - pos, False))
+        return [(n, a) for n, a in extents if n > 0]
+
+
+class VolumeCatalog:
+    """All volumes of a storage system, by name."""
+
+    def __init__(self, system: StorageSystem) -> None:
+        self.system = system
+
+    def export_names(self) -> list[str]:
+        return sorted(self.system.volumes)
+
+    def open_export(self, name: str) -> VolumeExport:
+        vol = self.system.volumes.get(name)
+        if vol is None:
+            raise ExportError(errno.ENOENT, f"no volume named {name!r} on system {self.system.system_id}")
+        fence = self.system.fences.get(name)
+        if fence is not None:
+            raise ExportError(errno.EPERM, f"volume {name!r} fenced for restore ({fence})")
+        return VolumeExport(self.system, vol)
+
+
+async def start_nbd(system: StorageSystem, address: str) -> tuple[NbdServer, int]:
+    host, _, port = parse_address("nbd", address).rpartition(":")
+    server = NbdServer(VolumeCatalog(system), host.strip("[]"), int(port), logger=log)
+    await server.start()
+    return server, server.bound_port

@@ -1,0 +1,143 @@
+"""Real ``primaryd``/``secondaryd`` processes on loopback, for tests, benchmarks and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Site:
+    """One storage daemon process with its data directory and ports."""
+
+    def __init__(self, role: str, system_id: int, base: Path, link_timeout: float = 2.0,
+                 auto_resync: bool = True, nbd: bool = False) -> None:
+        self.role = role
+        self.system_id = system_id
+        self.data_dir = base / f"{role}-{system_id}"
+        self.listen_port = free_port()
+        self.peer_port = free_port()
+        self.nbd_port = free_port() if nbd else 0
+        self.link_timeout = link_timeout
+        self.auto_resync = auto_resync
+        self.peers: dict[int, int] = {}
+        self.log_path = base / f"{role}-{system_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.listen_port}"
+
+    @property
+    def interconnect(self) -> str:
+        return f"127.0.0.1:{self.peer_port}"
+
+    def peer_with(self, other: Site) -> None:
+        self.peers[other.system_id] = other.peer_port
+        other.peers[self.system_id] = self.peer_port
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", f"{self.role}d", "--system-id", str(self.system_id),
+                "--data-dir", str(self.data_dir), "--listen", self.address,
+                "--interconnect", self.interconnect, "--link-timeout", str(self.link_timeout),
+                "--auto-resync", "on" if self.auto_resync else "off"]
+        for sid, port in sorted(self.peers.items()):
+            argv += ["--peer", f"{sid}=127.0.0.1:{port}"]
+        if self.nbd_port:
+            argv += ["--nbd", f"127.0.0.1:{self.nbd_port}"]
+        return argv
+
+    def start(self, timeout: float = 10.0) -> float:
+        """Start and wait until the health service says SERVING; returns seconds taken."""
+        started = time.monotonic()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        deadline = started + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.role}d exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.monotonic() - started
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"{self.role}d did not become healthy:\n{self.log()}")
+
+    def stop(self) -> int:
+        """SIGTERM and wait (a clean shutdown)."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, SPLITMIRROR_SERVER=self.address)
+        result = subprocess.run([sys.executable, "-m", "client", *args], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, input=input)
+        if check and result.returncode != 0:
+            raise AssertionError(f"splitmirror {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli("--json", *args).stdout)
+
+    def pair_row(self, pair: str) -> dict[str, Any]:
+        rows: list[dict[str, Any]] = self.cli_json("pair", "display", pair)
+        return rows[0]
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_status(site: Site, pair: str, statuses: Sequence[str], timeout: float = 20.0) -> dict[str, Any]:
+    result: dict[str, Any] = wait_for(
+        lambda: (row := site.pair_row(pair))["status"] in statuses and row, timeout, 0.2,
+        f"pair {pair} on {site.role} to reach {'/'.join(statuses)}")
+    return result
