@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait(p)
     p = pair_cmds.add_parser("delete", parents=[common], help="delete a pair")
     p.add_argument("name", metavar="NAME")
+    p = pair_cmds.add_parser("set-mode", parents=[common], help="switch a live pair between sync and async")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("mode", choices=("sync", "async"))
+
+    p = commands.add_parser("verify", parents=[common],
+                            help="compare per-track digests of both ends of a pair (no data is sent)")
+    p.add_argument("name", metavar="PAIR")
+    p.add_argument("--repair", action="store_true", help="mark mismatching tracks pending and resync them")
 
     commands.add_parser("stats", parents=[common], help="replication and interconnect counters")
     return parser
@@ -414,12 +422,30 @@ async def _pair(client: Client, args: argparse.Namespace, out: Output) -> None:
             await _wait_and_show(client, out, args.name, args.timeout)
         else:
             out.pairs(rows)
+    elif args.action == "set-mode":
+        out.pairs(await client.set_pair_mode(args.name, args.mode))
     elif args.action == "delete":
         await client.delete_pair(args.name)
         if out.as_json:
             out.json({"pair": args.name, "deleted": True})
         else:
             out.text(f"pair {args.name} deleted")
+
+
+async def _verify(client: Client, args: argparse.Namespace, out: Output) -> None:
+    reply = await client.verify_pair(args.name, repair=args.repair)
+    if out.as_json:
+        out.json({"pair": reply.pair, "tracks_checked": int(reply.tracks_checked),
+                  "mismatches": [int(t) for t in reply.mismatches], "repaired": bool(reply.repaired),
+                  "algorithm": reply.algorithm})
+        return
+    out.text(f"pair {reply.pair}: {reply.tracks_checked} tracks checked ({reply.algorithm}), "
+             f"{len(reply.mismatches)} mismatching")
+    if reply.mismatches:
+        shown = ", ".join(str(t) for t in reply.mismatches[:20])
+        more = f" and {len(reply.mismatches) - 20} more" if len(reply.mismatches) > 20 else ""
+        out.text(f"mismatching tracks: {shown}{more}")
+        out.text("marked pending; resync started" if reply.repaired else "run with --repair to resync them")
 
 
 async def _stats(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -441,6 +467,7 @@ COMMANDS: dict[str, _Handler] = {
     "checksum": _checksum,
     "pair": _pair,
     "stats": _stats,
+    "verify": _verify,
 }
 
 

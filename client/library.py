@@ -272,6 +272,16 @@ class Client:
         reply = await self._call(lambda s: s.ResyncPair, req)
         return list(reply.rows)
 
+    async def set_pair_mode(self, name: str, mode: str) -> list[host_pb2.PairRow]:
+        req = host_pb2.SetPairModeRequest(name=name, mode=mode)
+        reply = await self._call(lambda s: s.SetPairMode, req)
+        return list(reply.rows)
+
+    async def verify_pair(self, name: str, repair: bool = False) -> host_pb2.VerifyReply:
+        req = host_pb2.VerifyPairRequest(name=name, repair=repair)
+        reply: host_pb2.VerifyReply = await self._call(lambda s: s.VerifyPair, req)
+        return reply
+
     async def delete_pair(self, name: str) -> None:
         await self._call(lambda s: s.DeletePair, host_pb2.PairRef(name=name))
 

@@ -21,8 +21,12 @@ PAIR_KEYS = (
 
 
 def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
-    """One copy-table row with exactly the documented keys."""
-    return {
+    """One copy-table row with exactly the documented keys.
+
+    Async rows (primary end) add ``queue_bytes`` and ``lag_seconds``; rows
+    in COPY add ``rate_bytes_per_s`` and ``eta_seconds``.
+    """
+    obj: JsonObject = {
         "pair": row.pair,
         "volume": row.volume,
         "copy_type": row.copy_type,
@@ -36,6 +40,13 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
         "progress": float(row.progress) if row.has_progress else None,
         "split_time": row.split_time or None,
     }
+    if row.primary and row.mode == "async":
+        obj["queue_bytes"] = int(row.queue_bytes)
+        obj["lag_seconds"] = round(float(row.lag_seconds), 3)
+    if row.has_progress:
+        obj["rate_bytes_per_s"] = float(row.rate_bytes_per_s)
+        obj["eta_seconds"] = float(row.eta_seconds)
+    return obj
 
 
 def progress_json(row: host_pb2.PairRow) -> JsonObject:
@@ -149,19 +160,27 @@ def volume_detail_table(vol: host_pb2.Volume) -> Table:
 
 def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
     with_reason = any(r.reason for r in rows)
+    with_queue = any(r.primary and r.mode == "async" for r in rows)
     columns = [
         "PAIR", "VOLUME", "TYPE", "PEER", "MIRROR", "P/S", "STATUS", "MODE", "GROUP", "PENDING",
         "PROGRESS", "SPLIT TIME",
     ]
+    if with_queue:
+        columns += ["QUEUE", "LAG"]
     if with_reason:
         columns.append("REASON")
-    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS"))
+    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS", "QUEUE", "LAG"))
     for r in rows:
         cells = [
             r.pair, r.volume, r.copy_type, str(r.pair_system_id), r.mirror_volume, "P" if r.primary else "S",
             r.status, r.mode, r.group or "-", str(r.pending_tracks),
             f"{r.progress:.1f}%" if r.has_progress else "-", r.split_time or "-",
         ]
+        if r.has_progress:
+            cells[10] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
+        if with_queue:
+            is_async = r.primary and r.mode == "async"
+            cells += [_bytes(r.queue_bytes) if is_async else "-", f"{r.lag_seconds:.2f}s" if is_async else "-"]
         if with_reason:
             cells.append(r.reason or "-")
         table.add_row(*cells)

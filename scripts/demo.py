@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from splitmirror.testing import Site, wait_status  # noqa: E402
+from splitmirror.testing import Site, wait_status
 
 
 def step(title: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument
+from .sizes import parse_size
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ class DaemonConfig:
     nbd: str = ""
     link_timeout: float = 5.0
     auto_resync: bool = True
+    async_queue_bytes: int = 256 << 20
     log_level: str = "INFO"
 
 
@@ -54,6 +56,8 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--nbd", help="HOST:PORT of the NBD server (one export per volume)")
     parser.add_argument("--link-timeout", type=float, help="seconds before a silent peer counts as lost")
     parser.add_argument("--auto-resync", choices=["on", "off"], help="resync suspended pairs when the peer returns")
+    parser.add_argument("--async-queue", metavar="SIZE",
+                        help="bytes an async pair may queue before it suspends (default 256M)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--config", help="TOML file with the same settings (flags win)")
     return parser
@@ -67,7 +71,7 @@ def _from_file(path: str) -> dict[str, Any]:
         raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config file {path}: {exc}") from None
-    known = {f.name for f in dataclasses.fields(DaemonConfig)} - {"role"}
+    known = ({f.name for f in dataclasses.fields(DaemonConfig)} | {"async_queue"}) - {"role", "async_queue_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidArgument(f"config file {path}: unknown setting {unknown[0]!r}")
@@ -109,6 +113,10 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     if timeout <= 0:
         raise InvalidArgument(f"setting 'link_timeout': must be positive, got {timeout}")
     nbd = pick("nbd", args.nbd, str, "")
+    queue = pick("async_queue", args.async_queue, str, "256M")
+    queue_bytes = parse_size(queue)
+    if queue_bytes <= 0:
+        raise InvalidArgument(f"setting 'async_queue': must be positive, got {queue!r}")
     return DaemonConfig(
         role=role,
         system_id=system_id,
@@ -119,5 +127,6 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         nbd=parse_address("nbd", nbd) if nbd else "",
         link_timeout=timeout,
         auto_resync=pick("auto_resync", args.auto_resync, bool, True),
+        async_queue_bytes=queue_bytes,
         log_level=pick("log_level", args.log_level, str, "INFO"),
     )

@@ -35,7 +35,8 @@ class Daemon:
         self.system = StorageSystem(config.system_id, config.role, config.data_dir)
         self.links: dict[int, PeerLink] = {}
         self.manager = PairManager(self.system, self.links,
-                                   Settings(link_timeout=config.link_timeout, auto_resync=config.auto_resync))
+                                   Settings(link_timeout=config.link_timeout, auto_resync=config.auto_resync,
+                                            async_queue_bytes=config.async_queue_bytes))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.host_server = grpc.aio.server(options=SERVER_OPTIONS)
         self.peer_server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -109,6 +109,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                          status=row.status.value, mode=row.mode, group=row.group,
                          pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
                          direction=row.direction)
+        if row.primary and row.mode == "async":
+            msg.queue_bytes = pair.queued_bytes()
+            msg.lag_seconds = pair.lag_seconds()
         progress = pair.progress
         if row.status.value == "COPY" and progress is not None:
             msg.has_progress = True
@@ -146,6 +149,16 @@ class HostApiServicer(pb_grpc.HostApiServicer):
     async def DeletePair(self, request: pb.PairRef, context: Context) -> pb.Empty:
         await self.manager.delete(request.name)
         return pb.Empty()
+
+    @refusals
+    async def SetPairMode(self, request: pb.SetPairModeRequest, context: Context) -> pb.PairList:
+        return self._rows([await self.manager.set_mode(request.name, request.mode)])
+
+    @refusals
+    async def VerifyPair(self, request: pb.VerifyPairRequest, context: Context) -> pb.VerifyReply:
+        checked, mismatches, repaired = await self.manager.verify(request.name, request.repair)
+        return pb.VerifyReply(pair=request.name, tracks_checked=checked, mismatches=mismatches, repaired=repaired,
+                              algorithm="xxh3-64")
 
     @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .copytable import CopyTable
 
@@ -85,6 +85,25 @@ class IntentLog:
             for slot in slots:
                 slot.inflight -= 1
                 slot.last_use = now
+
+    def pin(self, volume: str, offset: int, length: int) -> Callable[[], None]:
+        """Keep the (already recorded) extents of a write hot until released.
+
+        Used for async mirrors: the write is acknowledged before the mirror
+        applied it, and its extents must stay recorded until then.
+        """
+        hot = self._hot.setdefault(volume, {})
+        slots = [hot[e] for e in self.extents(offset, length)]
+        for slot in slots:
+            slot.inflight += 1
+
+        def release() -> None:
+            now = time.monotonic()
+            for slot in slots:
+                slot.inflight -= 1
+                slot.last_use = now
+
+        return release
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._cool(), name="intent-cooler")

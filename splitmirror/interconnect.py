@@ -117,6 +117,14 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def TrackDigests(self, request: ic.TrackDigestsRequest,
+                           context: grpc.aio.ServicerContext[object, object]) -> ic.TrackDigestsReply:
+        try:
+            return await self.manager.mirror_digests(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.TrackData]:
         try:

@@ -145,7 +145,7 @@ class ReplicationStream:
         self._waiters: dict[int, asyncio.Future[bool]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        self._last_progress = time.monotonic()
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
@@ -155,6 +155,8 @@ class ReplicationStream:
         The future resolves True once the peer applied it, False when the
         stream failed first (the failure callback has then run).
         """
+        if not self.queue.unacked:
+            self._last_progress = time.monotonic()
         entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
@@ -216,6 +218,7 @@ class ReplicationStream:
         async for ack in call:
             if ack.error:
                 raise RuntimeError(f"peer failed to apply: {ack.error}")
+            self._last_progress = time.monotonic()
             for entry in self.queue.ack(ack.seq):
                 if not entry.resync and not entry.flush:
                     self.counters.replicated_writes += 1
@@ -226,10 +229,15 @@ class ReplicationStream:
         raise ConnectionError("peer closed the replication stream")
 
     async def _watchdog(self) -> None:
+        """Fail the stream when entries wait and no ack came for the timeout.
+
+        Progress, not age, counts: a long async queue on a slow link is lag,
+        not a fault.
+        """
         timeout = self.link.timeout
         while True:
             await asyncio.sleep(max(0.05, timeout / 4))
-            if self.queue.oldest_unacked_age() > timeout:
+            if self.queue.unacked and time.monotonic() - self._last_progress > timeout:
                 raise TimeoutError(f"peer-timeout: no acknowledgement for {timeout:g}s")
 
     async def _fail(self, reason: str) -> None:

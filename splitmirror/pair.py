@@ -22,6 +22,10 @@ class MirrorChannel(Protocol):
 
     async def close(self) -> None: ...
 
+    def queued_bytes(self) -> int: ...
+
+    def lag_seconds(self) -> float: ...
+
 
 @dataclasses.dataclass
 class PairEnd:
@@ -92,6 +96,13 @@ class Pair:
     def peer_id(self) -> int:
         return self.row.pair_system_id
 
+    def queued_bytes(self) -> int:
+        """Payload bytes queued to the mirror and not yet acknowledged."""
+        return self.channel.queued_bytes() if self.channel is not None else 0
+
+    def lag_seconds(self) -> float:
+        return self.channel.lag_seconds() if self.channel is not None else 0.0
+
 
 class RemoteChannel:
     """Mirror channel over the interconnect (a :class:`ReplicationStream`)."""
@@ -105,3 +116,9 @@ class RemoteChannel:
 
     async def close(self) -> None:
         await self.stream.close()
+
+    def queued_bytes(self) -> int:
+        return self.stream.queue.queued_bytes
+
+    def lag_seconds(self) -> float:
+        return self.stream.queue.oldest_unacked_age()

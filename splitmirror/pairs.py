@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 
@@ -41,6 +43,7 @@ from .volume import Volume
 log = logging.getLogger("splitmirror.pairs")
 
 MODES = ("sync", "async")
+VERIFY_CHUNK = 64 << 20  # bytes compared per step (writes to it wait meanwhile)
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class Settings:
     link_timeout: float = 5.0
     auto_resync: bool = True
     max_batch_bytes: int = 4 << 20
+    async_queue_bytes: int = 256 << 20
 
 
 class LocalChannel:
@@ -68,15 +72,22 @@ class LocalChannel:
         if mirror is None:
             return False
         vol = mirror.volume
-        if flush:
+        if flush or not (data or zero_length):  # flush, or a barrier
             async with self.system.order(vol).hold(0, vol.size):
-                await self.system.flush_volume(vol)
+                if flush:
+                    await self.system.flush_volume(vol)
         else:
             await self.system.write_ops(vol, [WriteOp(offset, data, zero_length)])
         return True
 
     async def close(self) -> None:
         return None
+
+    def queued_bytes(self) -> int:
+        return 0
+
+    def lag_seconds(self) -> float:
+        return 0.0
 
 
 def relay(exc: grpc.aio.AioRpcError, peer: int) -> SplitmirrorError:
@@ -92,6 +103,8 @@ class PairManager:
         self.links = links
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        system.async_queue_bytes = settings.async_queue_bytes
+        system.on_overflow = self._on_overflow
 
     # -- startup / shutdown -----------------------------------------------------
     async def start(self) -> None:
@@ -155,9 +168,8 @@ class PairManager:
                                    self.settings.max_batch_bytes)
         pair.channel = RemoteChannel(stream)
 
-    def _spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        task.set_name(name)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -199,8 +211,6 @@ class PairManager:
         check_name("pair", name)
         if mode not in MODES:
             raise InvalidArgument(f"pair {name!r}: mode must be sync or async, not {mode!r}")
-        if mode == "async":
-            raise InvalidArgument(f"pair {name!r}: async mode is not available in this version")
         if name in self.system.pairs:
             raise AlreadyExists(f"pair {name!r} already exists on system {self.system.system_id}")
         vol = self.system.volume(pvol)
@@ -373,6 +383,8 @@ class PairManager:
             assert pair.link is not None
             if not pair.link.up:
                 raise Unavailable(f"pair {name!r}: peer system {pair.peer_id} is unreachable; cannot resync")
+            if pair.status is PairStatus.SUSPENDED and not (reverse or force):
+                await self._refuse_split_brain(pair)
             state = await self._command(pair, ic.PAIR_OP_RESYNC_BEGIN, reverse=reverse)
             end.bitmap.update(TrackBitmap.from_bytes(end.volume.tracks, state.pending_bitmap))
             await self.system.save_bitmaps(pair)
@@ -389,6 +401,113 @@ class PairManager:
         log.info("pair %s: %s resync of %d tracks", name, "reverse" if reverse else "forward", len(end.bitmap))
         self._start_copy(pair)
         return pair
+
+    async def _refuse_split_brain(self, pair: Pair) -> None:
+        """Both ends written while suspended: the operator picks the survivor."""
+        assert pair.primary is not None
+        mine = len(pair.primary.bitmap)
+        theirs = (await self._command(pair, ic.PAIR_OP_STATUS)).pending_tracks
+        if mine and theirs:
+            sid = self.system.system_id
+            raise FailedPrecondition(
+                f"pair {pair.name!r} is split-brained: both ends were written while SUSPENDED "
+                f"(system {sid}: {mine} tracks, system {pair.peer_id}: {theirs} tracks); "
+                f"'pair resync --force' keeps system {sid}'s data, "
+                f"'pair resync --reverse' keeps system {pair.peer_id}'s data")
+
+    # -- mode ---------------------------------------------------------------------------
+    async def set_mode(self, name: str, mode: str) -> Pair:
+        if mode not in MODES:
+            raise InvalidArgument(f"pair {name!r}: mode must be sync or async, not {mode!r}")
+        pair = self.pair(name)
+        self._primary_end(pair, "set-mode")
+        if pair.row.mode == mode:
+            return pair
+        if pair.remote:
+            await self._command(pair, ic.PAIR_OP_SET_MODE, mode=mode)
+        old = pair.row.mode
+        for end in pair.ends:
+            end.row.mode = mode
+        await self.system.save_rows(pair)
+        log.info("pair %s: mode %s -> %s", name, old, mode)
+        if mode == "sync" and pair.channel is not None and pair.status in MIRRORING:
+            await pair.channel.push(0)  # drain: what was queued is applied now
+        return pair
+
+    def _on_overflow(self, pair: Pair) -> None:
+        """An async queue is full: suspend now (no await), then clean up."""
+        if self._set_status(pair, PairOp.FAULT, "queue-full"):
+            self._spawn(self._after_overflow(pair), f"overflow-{pair.name}")
+
+    async def _after_overflow(self, pair: Pair) -> None:
+        await self.system.save_rows(pair)
+        if isinstance(pair.channel, RemoteChannel):
+            await pair.channel.stream.close()  # unacknowledged writes become pending bits
+        if pair.remote:
+            with contextlib.suppress(SplitmirrorError):
+                await self._command(pair, ic.PAIR_OP_SUSPEND, reason="queue-full")
+        if self.settings.auto_resync and pair.status is PairStatus.SUSPENDED:
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(SplitmirrorError):
+                await self.resync(pair.name, reverse=False)
+
+    # -- verify ---------------------------------------------------------------------------
+    async def verify(self, name: str, repair: bool) -> tuple[int, list[int], bool]:
+        """Compare per-track digests of both ends; no data crosses."""
+        pair = self.pair(name)
+        end = self._primary_end(pair, "verify")
+        if pair.status is not PairStatus.DUPLEX:
+            raise FailedPrecondition(f"pair {name!r} is {pair.status.value}; verify compares a DUPLEX pair")
+        assert pair.channel is not None
+        vol = end.volume
+        ts = vol.track_size
+        chunk = max(1, VERIFY_CHUNK // ts)
+        mismatches: list[int] = []
+        for first in range(0, vol.tracks, chunk):
+            count = min(chunk, vol.tracks - first)
+            async with self.system.order(vol).hold(first * ts, count * ts):
+                if not await pair.channel.push(0):  # barrier: earlier writes applied
+                    raise Unavailable(f"pair {name!r}: the mirror became unreachable during verify")
+                here = await vol.run(functools.partial(vol.track_digests, first, count))
+                there = await self._mirror_digests(pair, first, count)
+            mismatches.extend(first + i for i in range(count) if here[8 * i:8 * i + 8] != there[8 * i:8 * i + 8])
+        log.info("pair %s: verify checked %d tracks, %d mismatching", name, vol.tracks, len(mismatches))
+        repaired = False
+        if repair and mismatches:
+            for track in mismatches:
+                end.bitmap.add(track)
+            await self.system.save_bitmaps(pair)
+            if pair.status is PairStatus.DUPLEX:
+                self._set_status(pair, PairOp.FAULT, "verify-repair")
+                await self.system.save_rows(pair)
+                if pair.remote:
+                    await self._command(pair, ic.PAIR_OP_SUSPEND, reason="verify-repair")
+            await self.resync(name, reverse=False, force=True)
+            repaired = True
+        return vol.tracks, mismatches, repaired
+
+    async def _mirror_digests(self, pair: Pair, first: int, count: int) -> bytes:
+        if not pair.remote:
+            assert pair.mirror is not None
+            mvol = pair.mirror.volume
+            return await mvol.run(lambda: mvol.track_digests(first, count))
+        assert pair.link is not None
+        try:
+            reply = await pair.link.stub.TrackDigests(
+                ic.TrackDigestsRequest(pair=pair.name, first_track=first, count=count),
+                metadata=pair.link.metadata, timeout=max(30.0, self.settings.link_timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise relay(exc, pair.peer_id) from None
+        return bytes(reply.digests)
+
+    async def mirror_digests(self, peer: int, req: ic.TrackDigestsRequest) -> ic.TrackDigestsReply:
+        pair = self._mirror_pair(peer, req.pair)
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        if req.count == 0 or req.first_track + req.count > vol.tracks or req.count > (VERIFY_CHUNK // 4096):
+            raise InvalidArgument(f"pair {pair.name!r}: bad track range {req.first_track}+{req.count}")
+        digests = await vol.run(lambda: vol.track_digests(req.first_track, req.count))
+        return ic.TrackDigestsReply(algorithm="xxh3-64", digests=digests)
 
     # -- delete ---------------------------------------------------------------------------
     async def delete(self, name: str) -> None:
@@ -463,13 +582,20 @@ class PairManager:
                 await self._command(pair, ic.PAIR_OP_RESYNC_BEGIN, reverse=pair.row.direction == "reverse")
             self._start_copy(pair)
             return
+        if pair.status is PairStatus.SPLIT:
+            if remote in MIRRORING:  # a split the peer never heard of (crash)
+                await self._command(pair, ic.PAIR_OP_SPLIT, split_time=pair.row.split_time or "")
+            return
         quiet = pair.status is PairStatus.DUPLEX and state.pending_tracks == 0
         if pair.status is PairStatus.DUPLEX:
             self._set_status(pair, PairOp.FAULT, f"peer {pair.peer_id} was {remote.value}")
             await self.system.save_rows(pair)
         if pair.status is PairStatus.SUSPENDED and (quiet or self.settings.auto_resync):
             log.info("pair %s: peer %d back, resyncing automatically", pair.name, pair.peer_id)
-            await self.resync(pair.name, reverse=False)
+            try:
+                await self.resync(pair.name, reverse=False)
+            except FailedPrecondition as exc:
+                log.warning("%s; not resyncing automatically", exc.message)
 
     # -- the mirror end's side --------------------------------------------------------------
     def _mirror_pair(self, peer: int, name: str) -> Pair:
@@ -572,6 +698,8 @@ class PairManager:
                 await self.system.flush_volume(vol)
                 continue
             length = e.zero_length or len(e.data)
+            if not length:
+                continue  # a barrier: acknowledged with the batch
             vol.check_range(e.offset, length)
             ops.append(WriteOp(e.offset, e.data, e.zero_length))
             self.system.bytes_received += len(e.data)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .bitmap import TrackBitmap
@@ -73,6 +74,10 @@ class StorageSystem:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.clean_start = True
+        #: Async pairs: bytes the queue may hold before the pair suspends.
+        self.async_queue_bytes = 256 << 20
+        #: Called (synchronously) when an async pair's queue would overflow.
+        self.on_overflow: Callable[[Pair], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------
     async def open(self) -> None:
@@ -200,7 +205,9 @@ class StorageSystem:
         vol.check_range(offset, length)
         if name in self.fences:
             raise FailedPrecondition(f"volume {name!r} fenced for restore ({self.fences[name]})")
-        return await vol.read(offset, length)
+        # Ordered against writes in flight: a read never sees half a batch.
+        async with self._order[name].hold(offset, length):
+            return await vol.read(offset, length)
 
     async def host_write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:
         vol = self.volume(name)
@@ -240,36 +247,61 @@ class StorageSystem:
         """Apply ``ops`` in order to ``vol`` and to everything mirrored from it."""
         start = min(op.offset for op in ops)
         end = max(op.offset + op.length for op in ops)
+        length = end - start
         if not any(p.status in MIRRORING for p in self.pairs_from(vol)):
-            async with self._order[vol.name].hold(start, end - start):
+            async with self._order[vol.name].hold(start, length):
                 await self._track(vol, ops)
                 await vol.apply([(op.offset, op.data, op.zero_length) for op in ops])
             return
-        async with self.intent.covering(vol.name, start, end - start):
+        async with self.intent.covering(vol.name, start, length):
             waits: list[asyncio.Future[bool]] = []
-            async with self._order[vol.name].hold(start, end - start):
+            async with self._order[vol.name].hold(start, length):
+                payload = sum(len(op.data) for op in ops)
+                for pair in self._mirroring(vol):
+                    if pair.row.mode == "async" and self.on_overflow is not None \
+                            and pair.queued_bytes() + payload > self.async_queue_bytes:
+                        self.on_overflow(pair)  # the pair is SUSPENDED now: tracked below
                 await self._track(vol, ops)
-                for pair in self.pairs_from(vol):
-                    if pair.channel is not None and pair.status in MIRRORING and pair.row.direction == "forward":
-                        for op in ops:
-                            waits.append(pair.channel.push(op.offset, op.data, zero_length=op.zero_length))
+                # No await from here to the pushes: the statuses seen are current.
+                for pair in self._mirroring(vol):
+                    assert pair.channel is not None
+                    futs = [pair.channel.push(op.offset, op.data, zero_length=op.zero_length) for op in ops]
+                    if pair.row.mode == "async":
+                        # Acknowledged after the local write; the extent stays
+                        # recorded until the mirror has applied the write.
+                        release = self.intent.pin(vol.name, start, length)
+                        futs[-1].add_done_callback(functools.partial(_call_release, release))
+                    else:
+                        waits.extend(futs)
                 await vol.apply([(op.offset, op.data, op.zero_length) for op in ops])
             if waits:
                 # False means the pair was suspended meanwhile and the tracks
                 # are already marked pending: the write is safe either way.
                 await asyncio.gather(*waits)
 
+    def _mirroring(self, vol: Volume) -> list[Pair]:
+        return [p for p in self.pairs_from(vol)
+                if p.channel is not None and p.status in MIRRORING and p.row.direction == "forward"]
+
     async def _track(self, vol: Volume, ops: Iterable[WriteOp]) -> None:
-        """Mark pending bits of suspended pairs on either end of ``vol``."""
-        for pair in self.pairs_of(vol):
-            if pair.status not in TRACKING:
-                continue
-            for end in pair.ends:
-                if end.volume is not vol:
-                    continue
-                runs = [r for op in ops if (r := mark(end.bitmap, op.offset, op.length, vol.track_size))]
-                if runs:
-                    await self.table.add_runs(end.row.name, end.row.volume, runs)
+        """Mark pending bits of suspended pairs on either end of ``vol``.
+
+        Loops until no tracking pair is left unmarked, so a pair suspended
+        while a commit was awaited is not missed.
+        """
+        done: set[str] = set()
+        while True:
+            todo = [p for p in self.pairs_of(vol) if p.status in TRACKING and p.name not in done]
+            if not todo:
+                return
+            for pair in todo:
+                done.add(pair.name)
+                for end in pair.ends:
+                    if end.volume is not vol:
+                        continue
+                    runs = [r for op in ops if (r := mark(end.bitmap, op.offset, op.length, vol.track_size))]
+                    if runs:
+                        await self.table.add_runs(end.row.name, end.row.volume, runs)
 
     def order(self, vol: Volume) -> RangeOrder:
         return self._order[vol.name]
@@ -282,6 +314,10 @@ class StorageSystem:
     async def save_bitmaps(self, pair: Pair) -> None:
         for end in pair.ends:
             await self.table.save_bitmap(end.row.name, end.row.volume, end.bitmap)
+
+
+def _call_release(release: Callable[[], None], _done: asyncio.Future[bool]) -> None:
+    release()
 
 
 def mark(bitmap: TrackBitmap, offset: int, length: int, track_size: int) -> tuple[int, int] | None:

@@ -29,7 +29,7 @@ class Site:
     """One storage daemon process with its data directory and ports."""
 
     def __init__(self, role: str, system_id: int, base: Path, link_timeout: float = 2.0,
-                 auto_resync: bool = True, nbd: bool = False) -> None:
+                 auto_resync: bool = True, nbd: bool = False, async_queue: str = "") -> None:
         self.role = role
         self.system_id = system_id
         self.data_dir = base / f"{role}-{system_id}"
@@ -38,7 +38,10 @@ class Site:
         self.nbd_port = free_port() if nbd else 0
         self.link_timeout = link_timeout
         self.auto_resync = auto_resync
+        self.async_queue = async_queue
         self.peers: dict[int, int] = {}
+        #: Where this site reaches each peer (a fault-injection proxy may sit between).
+        self.peer_addresses: dict[int, str] = {}
         self.log_path = base / f"{role}-{system_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -60,7 +63,9 @@ class Site:
                 "--interconnect", self.interconnect, "--link-timeout", str(self.link_timeout),
                 "--auto-resync", "on" if self.auto_resync else "off"]
         for sid, port in sorted(self.peers.items()):
-            argv += ["--peer", f"{sid}=127.0.0.1:{port}"]
+            argv += ["--peer", f"{sid}={self.peer_addresses.get(sid, f'127.0.0.1:{port}')}"]
+        if self.async_queue:
+            argv += ["--async-queue", self.async_queue]
         if self.nbd_port:
             argv += ["--nbd", f"127.0.0.1:{self.nbd_port}"]
         return argv

@@ -310,11 +310,12 @@ def test_pair_row_json_while_copying() -> None:
         reason="", rate_bytes_per_s=1e6, eta_seconds=4.0, direction="forward",
     )
     obj = pair_row_json(row)
-    assert list(obj) == list(PAIR_KEYS)
+    # The documented keys, then rate and ETA while copying.
+    assert list(obj) == [*PAIR_KEYS, "rate_bytes_per_s", "eta_seconds"]
     assert obj == {
         "pair": "p1", "volume": "pvol", "copy_type": "REMOTE", "pair_system_id": 2, "mirror_volume": "spvol",
         "primary": True, "status": "COPY", "mode": "sync", "group": "g1", "pending_tracks": 42,
-        "progress": 37.5, "split_time": None,
+        "progress": 37.5, "split_time": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
     }
     assert json.loads(json.dumps(obj)) == obj
 

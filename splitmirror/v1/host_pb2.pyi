@@ -417,6 +417,8 @@ class PairRow(_message.Message):
     COPY_TOTAL_TRACKS_FIELD_NUMBER: _builtins.int
     COPY_DONE_TRACKS_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
+    QUEUE_BYTES_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -443,6 +445,11 @@ class PairRow(_message.Message):
     copy_done_tracks: _builtins.int
     direction: _builtins.str
     """forward or reverse while copying"""
+    queue_bytes: _builtins.int
+    """Async pairs (primary end): bytes queued and not yet acknowledged, and
+    the age of the oldest unacknowledged write.
+    """
+    lag_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -465,14 +472,96 @@ class PairRow(_message.Message):
         copy_total_tracks: _builtins.int = ...,
         copy_done_tracks: _builtins.int = ...,
         direction: _builtins.str = ...,
+        queue_bytes: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PairRow: _TypeAlias = PairRow  # noqa: Y015
+
+@_typing.final
+class SetPairModeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    mode: _builtins.str
+    """sync or async"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPairModeRequest: _TypeAlias = SetPairModeRequest  # noqa: Y015
+
+@_typing.final
+class VerifyPairRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    repair: _builtins.bool
+    """mark mismatching tracks pending so a resync fixes them"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        repair: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyPairRequest: _TypeAlias = VerifyPairRequest  # noqa: Y015
+
+@_typing.final
+class VerifyReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    TRACKS_CHECKED_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    tracks_checked: _builtins.int
+    repaired: _builtins.bool
+    algorithm: _builtins.str
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """track numbers"""
+
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        tracks_checked: _builtins.int = ...,
+        mismatches: _abc.Iterable[_builtins.int] | None = ...,
+        repaired: _builtins.bool = ...,
+        algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "mismatches", b"mismatches", "pair", b"pair", "repaired", b"repaired", "tracks_checked", b"tracks_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyReply: _TypeAlias = VerifyReply  # noqa: Y015
 
 @_typing.final
 class PairList(_message.Message):

@@ -99,6 +99,16 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.Empty.FromString,
                 _registered_method=True)
+        self.SetPairMode = channel.unary_unary(
+                '/splitmirror.v1.HostApi/SetPairMode',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.SetPairModeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
+        self.VerifyPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/VerifyPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/splitmirror.v1.HostApi/GetStats',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.StatsRequest.SerializeToString,
@@ -187,6 +197,18 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPairMode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyPair(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -260,6 +282,16 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.DeletePair,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.Empty.SerializeToString,
+            ),
+            'SetPairMode': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPairMode,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.SetPairModeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
+            ),
+            'VerifyPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -618,6 +650,60 @@ class HostApi:
             '/splitmirror.v1.HostApi/DeletePair',
             splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPairMode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/SetPairMode',
+            splitmirror_dot_v1_dot_host__pb2.SetPairModeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/VerifyPair',
+            splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,8 @@ class HostApiStub:
     SplitPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.PairList]
     ResyncPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.ResyncPairRequest, _host_pb2.PairList]
     DeletePair: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]
+    SetPairMode: _grpc.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]
+    VerifyPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]
     GetStats: _grpc.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]
 
 @_typing.type_check_only
@@ -62,6 +64,8 @@ class HostApiAsyncStub(HostApiStub):
     SplitPair: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.PairList]  # type: ignore[assignment]
     ResyncPair: _aio.UnaryUnaryMultiCallable[_host_pb2.ResyncPairRequest, _host_pb2.PairList]  # type: ignore[assignment]
     DeletePair: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]  # type: ignore[assignment]
+    SetPairMode: _aio.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]  # type: ignore[assignment]
+    VerifyPair: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]  # type: ignore[assignment]
 
 class HostApiServicer(metaclass=_abc_1.ABCMeta):
@@ -155,6 +159,20 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         request: _host_pb2.PairRef,
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.Empty, _abc.Awaitable[_host_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPairMode(
+        self,
+        request: _host_pb2.SetPairModeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]: ...
+
+    @_abc_1.abstractmethod
+    def VerifyPair(
+        self,
+        request: _host_pb2.VerifyPairRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.VerifyReply, _abc.Awaitable[_host_pb2.VerifyReply]]: ...
 
     @_abc_1.abstractmethod
     def GetStats(

@@ -61,6 +61,54 @@ PAIR_OP_SET_MODE: PairOp.ValueType  # 8
 Global___PairOp: _TypeAlias = PairOp  # noqa: Y015
 
 @_typing.final
+class TrackDigestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    FIRST_TRACK_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    first_track: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        first_track: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackDigestsRequest: _TypeAlias = TrackDigestsRequest  # noqa: Y015
+
+@_typing.final
+class TrackDigestsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    algorithm: _builtins.str
+    digests: _builtins.bytes
+    """8 bytes (xxh3-64, big endian) per track"""
+    def __init__(
+        self,
+        *,
+        algorithm: _builtins.str = ...,
+        digests: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "digests", b"digests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackDigestsReply: _TypeAlias = TrackDigestsReply  # noqa: Y015
+
+@_typing.final
 class HelloRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -245,7 +293,10 @@ class WriteEntry(_message.Message):
     flush: _builtins.bool
     """fdatasync after applying everything before it"""
     resync: _builtins.bool
-    """Resync track: counted separately, may clear the target's bits."""
+    """Resync track: counted separately, may clear the target's bits.
+    An entry with no data, no zero_length and no flush is a barrier: it is
+    acknowledged once everything before it is applied.
+    """
     def __init__(
         self,
         *,

@@ -59,6 +59,11 @@ class InterconnectStub:
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ReadTracksRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackData.FromString,
                 _registered_method=True)
+        self.TrackDigests = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/TrackDigests',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsReply.FromString,
+                _registered_method=True)
 
 
 class InterconnectServicer:
@@ -101,6 +106,13 @@ class InterconnectServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrackDigests(self, request, context):
+        """Online verify: one digest per track of the mirror end, no data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InterconnectServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_InterconnectServicer_to_server(servicer, server):
                     servicer.ReadTracks,
                     request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ReadTracksRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackData.SerializeToString,
+            ),
+            'TrackDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrackDigests,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +282,33 @@ class Interconnect:
             '/splitmirror.v1.Interconnect/ReadTracks',
             splitmirror_dot_v1_dot_interconnect__pb2.ReadTracksRequest.SerializeToString,
             splitmirror_dot_v1_dot_interconnect__pb2.TrackData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrackDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/TrackDigests',
+            splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,8 @@ class InterconnectStub:
     """
     ReadTracks: _grpc.UnaryStreamMultiCallable[_interconnect_pb2.ReadTracksRequest, _interconnect_pb2.TrackData]
     """Reverse copy: tracks read from the secondary end."""
+    TrackDigests: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.TrackDigestsRequest, _interconnect_pb2.TrackDigestsReply]
+    """Online verify: one digest per track of the mirror end, no data."""
 
 @_typing.type_check_only
 class InterconnectAsyncStub(InterconnectStub):
@@ -67,6 +69,8 @@ class InterconnectAsyncStub(InterconnectStub):
     """
     ReadTracks: _aio.UnaryStreamMultiCallable[_interconnect_pb2.ReadTracksRequest, _interconnect_pb2.TrackData]  # type: ignore[assignment]
     """Reverse copy: tracks read from the secondary end."""
+    TrackDigests: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.TrackDigestsRequest, _interconnect_pb2.TrackDigestsReply]  # type: ignore[assignment]
+    """Online verify: one digest per track of the mirror end, no data."""
 
 class InterconnectServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -112,5 +116,13 @@ class InterconnectServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_interconnect_pb2.TrackData], _abc.AsyncIterator[_interconnect_pb2.TrackData]]:
         """Reverse copy: tracks read from the secondary end."""
+
+    @_abc_1.abstractmethod
+    def TrackDigests(
+        self,
+        request: _interconnect_pb2.TrackDigestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.TrackDigestsReply, _abc.Awaitable[_interconnect_pb2.TrackDigestsReply]]:
+        """Online verify: one digest per track of the mirror end, no data."""
 
 def add_InterconnectServicer_to_server(servicer: InterconnectServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
