@@ -25,8 +25,11 @@ from splitmirror.v1 import host_pb2
 
 from .library import DEFAULT_CHUNK, Client, ClientError
 from .render import (
+    backup_json,
     format_eta,
     format_rate,
+    generation_json,
+    generations_table,
     pair_row_json,
     pairs_table,
     progress_json,
@@ -129,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = pair_cmds.add_parser("set-mode", parents=[common], help="switch a live pair between sync and async")
     p.add_argument("name", metavar="NAME")
     p.add_argument("mode", choices=("sync", "async"))
+
+    p = commands.add_parser("backup", parents=[common],
+                            help="point-in-time backup of a remote pair into a generation at the secondary")
+    p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="", help="back up every remote pair of this consistency group at one point")
+    p.add_argument("--generation", default="", metavar="LOCAL_PAIR",
+                   help="generation to use (default: the one whose backup is oldest)")
+    p.add_argument("--wait", action="store_true",
+                   help="return once the generation is split (default: once the backup point is fixed)")
+    p = commands.add_parser("backups", parents=[common], help="list the backup generations of a remote pair")
+    p.add_argument("name", metavar="REMOTE_PAIR")
 
     p = commands.add_parser("verify", parents=[common],
                             help="compare per-track digests of both ends of a pair (no data is sent)")
@@ -448,6 +462,29 @@ async def _verify(client: Client, args: argparse.Namespace, out: Output) -> None
         out.text("marked pending; resync started" if reply.repaired else "run with --repair to resync them")
 
 
+async def _backup(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if not args.name and not args.group:
+        raise SplitmirrorError("backup: name a remote pair or give --group")
+    reply = await client.backup(args.name, group=args.group, generation=args.generation, wait=args.wait)
+    if out.as_json:
+        out.json({"latency_seconds": reply.latency_seconds, "prepare_seconds": reply.prepare_seconds,
+                  "backups": [backup_json(b) for b in reply.backups]})
+        return
+    for b in reply.backups:
+        out.text(f"pair {b.pair}: backup {b.state} in generation {b.generation} (SVOL {b.svol}) at {b.backup_time}"
+                 f"{f', #{b.sequence}' if b.sequence else ''}; {b.resynced_tracks} tracks resynced first")
+    out.text(f"latency {reply.latency_seconds * 1000:.0f} ms (bringing generations in sync: "
+             f"{reply.prepare_seconds * 1000:.0f} ms)")
+
+
+async def _backups(client: Client, args: argparse.Namespace, out: Output) -> None:
+    gens = await client.list_backups(args.name)
+    if out.as_json:
+        out.json([generation_json(g) for g in gens])
+    else:
+        out.show(generations_table(gens))
+
+
 async def _stats(client: Client, args: argparse.Namespace, out: Output) -> None:
     stats = await client.stats()
     if out.as_json:
@@ -468,6 +505,8 @@ COMMANDS: dict[str, _Handler] = {
     "pair": _pair,
     "stats": _stats,
     "verify": _verify,
+    "backup": _backup,
+    "backups": _backups,
 }
 
 

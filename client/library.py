@@ -282,6 +282,16 @@ class Client:
         reply: host_pb2.VerifyReply = await self._call(lambda s: s.VerifyPair, req)
         return reply
 
+    async def backup(self, pair: str = "", *, group: str = "", generation: str = "",
+                     wait: bool = True) -> host_pb2.BackupReply:
+        req = host_pb2.BackupRequest(pair=pair, group=group, generation=generation, wait=wait)
+        reply: host_pb2.BackupReply = await self._call(lambda s: s.Backup, req)
+        return reply
+
+    async def list_backups(self, pair: str) -> list[host_pb2.Generation]:
+        reply = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
+        return list(reply.generations)
+
     async def delete_pair(self, name: str) -> None:
         await self._call(lambda s: s.DeletePair, host_pb2.PairRef(name=name))
 

@@ -209,3 +209,22 @@ def stats_tables(stats: host_pb2.Stats) -> list[Table]:
             )
         tables.append(pairs)
     return tables
+
+
+def backup_json(b: host_pb2.BackupResult) -> JsonObject:
+    return {"pair": b.pair, "generation": b.generation, "svol": b.svol, "backup_time": b.backup_time,
+            "resynced_tracks": int(b.resynced_tracks), "state": b.state, "sequence": int(b.sequence)}
+
+
+def generation_json(g: host_pb2.Generation) -> JsonObject:
+    return {"remote_pair": g.remote_pair, "local_pair": g.local_pair, "svol": g.svol, "status": g.status,
+            "backup_time": g.backup_time or None, "changed_tracks": int(g.changed_tracks),
+            "sequence": int(g.sequence)}
+
+
+def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
+    table = _table("GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#", "CHANGED SINCE", right=("#", "CHANGED SINCE"))
+    for g in gens:
+        table.add_row(g.local_pair, g.svol, g.status, g.backup_time or "-", str(g.sequence) if g.sequence else "-",
+                      f"{g.changed_tracks} tracks" if g.backup_time else "-")
+    return table

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     split_time TEXT,
     reason TEXT NOT NULL DEFAULT '',
     direction TEXT NOT NULL DEFAULT 'forward',
+    backup_time TEXT,
+    backup_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, volume)
 );
 CREATE TABLE IF NOT EXISTS bitmaps (
@@ -93,6 +95,8 @@ class PairRow:
     split_time: str | None = None
     reason: str = ""
     direction: str = "forward"
+    backup_time: str | None = None  # generations: when their backup was taken
+    backup_seq: int = 0             # generations: how many backups they held
 
     @property
     def key(self) -> tuple[str, str]:
@@ -185,10 +189,11 @@ class CopyTable:
         def q(db: sqlite3.Connection) -> list[PairRow]:
             rows = db.execute(
                 "SELECT name, volume, copy_type, pair_system_id, mirror_volume, is_primary, status,"
-                " mode, grp, split_time, reason, direction FROM pairs ORDER BY name, is_primary DESC")
+                " mode, grp, split_time, reason, direction, backup_time, backup_seq FROM pairs"
+                " ORDER BY name, is_primary DESC")
             return [
                 PairRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), PairStatus(r[6]), r[7], r[8], r[9],
-                        r[10], r[11])
+                        r[10], r[11], r[12], r[13])
                 for r in rows
             ]
 
@@ -197,11 +202,11 @@ class CopyTable:
     async def save_pair(self, row: PairRow) -> None:
         values = (row.name, row.volume, row.copy_type, row.pair_system_id, row.mirror_volume,
                   int(row.primary), row.status.value, row.mode, row.group, row.split_time, row.reason,
-                  row.direction)
+                  row.direction, row.backup_time, row.backup_seq)
         await self._call(lambda db: db.execute(
             "INSERT OR REPLACE INTO pairs(name, volume, copy_type, pair_system_id, mirror_volume,"
-            " is_primary, status, mode, grp, split_time, reason, direction)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
+            " is_primary, status, mode, grp, split_time, reason, direction, backup_time, backup_seq)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
 
     async def remove_pair(self, name: str, volume: str) -> None:
         def q(db: sqlite3.Connection) -> None:

@@ -161,6 +161,14 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                               algorithm="xxh3-64")
 
     @refusals
+    async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
+        return await self.manager.backups.backup(request.pair, request.group, request.generation, request.wait)
+
+    @refusals
+    async def ListBackups(self, request: pb.PairRef, context: Context) -> pb.GenerationList:
+        return await self.manager.backups.list_backups(request.name)
+
+    @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:
         stats = pb.Stats(system_id=self.system.system_id, role=self.system.role,
                          interconnect_bytes_sent=self.system.bytes_sent,

@@ -125,6 +125,30 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             await self._guard(context, exc)
             raise
 
+    async def PrepareBackup(self, request: ic.PrepareBackupRequest,
+                            context: grpc.aio.ServicerContext[object, object]) -> ic.PrepareBackupReply:
+        try:
+            return await self.manager.backups.prepare(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
+    async def FinishBackup(self, request: ic.FinishBackupRequest,
+                           context: grpc.aio.ServicerContext[object, object]) -> ic.FinishBackupReply:
+        try:
+            return await self.manager.backups.finish(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
+    async def ListGenerations(self, request: ic.ListGenerationsRequest,
+                              context: grpc.aio.ServicerContext[object, object]) -> ic.ListGenerationsReply:
+        try:
+            return await self.manager.backups.list_generations(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.TrackData]:
         try:

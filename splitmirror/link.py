@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from .replication import Entry, ReplicationQueue
+from .replication import BackupMarker, Entry, ReplicationQueue
 from .v1 import interconnect_pb2 as ic
 from .v1 import interconnect_pb2_grpc as ic_grpc
 
@@ -149,7 +149,7 @@ class ReplicationStream:
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False) -> asyncio.Future[bool]:
+             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
         """Queue one entry now (its sequence number is taken here).
 
         The future resolves True once the peer applied it, False when the
@@ -157,7 +157,7 @@ class ReplicationStream:
         """
         if not self.queue.unacked:
             self._last_progress = time.monotonic()
-        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync)
+        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
         self._wakeup.set()
@@ -210,8 +210,12 @@ class ReplicationStream:
                 msg = ic.ReplicateBatch(pair=self.pair if first else "")
                 first = False
                 for e in batch:
-                    msg.entries.add(seq=e.seq, offset=e.offset, data=e.data, zero_length=e.zero_length,
-                                    flush=e.flush, resync=e.resync)
+                    wire = msg.entries.add(seq=e.seq, offset=e.offset, data=e.data, zero_length=e.zero_length,
+                                           flush=e.flush, resync=e.resync)
+                    if e.marker is not None:
+                        wire.backup_marker = e.marker.marker
+                        wire.backup_generation = e.marker.generation
+                        wire.backup_time = e.marker.backup_time
                 await call.write(msg)
 
     async def _receive(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:

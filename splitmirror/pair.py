@@ -10,6 +10,7 @@ from typing import Protocol
 from .bitmap import TrackBitmap
 from .copytable import PairRow
 from .link import Counters, PeerLink, ReplicationStream
+from .replication import BackupMarker
 from .status import PairStatus
 from .volume import Volume
 
@@ -18,7 +19,7 @@ class MirrorChannel(Protocol):
     """How the primary end sends ordered entries to the mirror end."""
 
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False) -> asyncio.Future[bool]: ...
+             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]: ...
 
     async def close(self) -> None: ...
 
@@ -75,6 +76,7 @@ class Pair:
         self.counters = Counters()
         self.copy_task: asyncio.Task[None] | None = None
         self.apply_lock = asyncio.Lock()     # mirror end: one Replicate stream at a time
+        self.backup_running = False
 
     @property
     def ends(self) -> list[PairEnd]:
@@ -111,8 +113,8 @@ class RemoteChannel:
         self.stream = stream
 
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False) -> asyncio.Future[bool]:
-        return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync)
+             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
+        return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
 
     async def close(self) -> None:
         await self.stream.close()

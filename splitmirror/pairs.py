@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from .backup import BackupManager
 from .bitmap import TrackBitmap
 from .copytable import PairRow
 from .errors import (
@@ -33,7 +34,7 @@ from .errors import (
 )
 from .link import PeerLink, ReplicationStream
 from .pair import Pair, PairEnd, RemoteChannel
-from .replication import Entry
+from .replication import BackupMarker, Entry
 from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
 from .status import MIRRORING, PairOp, PairStatus, transition
 from .system import StorageSystem, WriteOp, check_name, mark, utc_now
@@ -62,7 +63,9 @@ class LocalChannel:
         self.pair = pair
 
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False) -> asyncio.Future[bool]:
+             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
+        if marker is not None:
+            raise FailedPrecondition(f"pair {self.pair.name!r} is a local pair; backups are taken of remote pairs")
         # Tasks start in creation order, and write_ops takes its place in the
         # mirror volume's range order on its first step: order is kept.
         return asyncio.ensure_future(self._apply(offset, data, zero_length, flush))
@@ -103,6 +106,7 @@ class PairManager:
         self.links = links
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        self.backups = BackupManager(self)
         system.async_queue_bytes = settings.async_queue_bytes
         system.on_overflow = self._on_overflow
 
@@ -691,6 +695,12 @@ class PairManager:
         vol = pair.mirror.volume
         ops: list[WriteOp] = []
         for e in entries:
+            if e.backup_marker:
+                if ops:
+                    await self.system.write_ops(vol, ops)
+                    ops = []
+                await self.backups.apply_marker(pair, e)
+                continue
             if e.flush:
                 if ops:
                     await self.system.write_ops(vol, ops)

@@ -14,6 +14,15 @@ import dataclasses
 import time
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackupMarker:
+    """Split ``generation`` at the mirror end at this point of the write order."""
+
+    marker: str
+    generation: str
+    backup_time: str
+
+
 @dataclasses.dataclass(slots=True)
 class Entry:
     seq: int
@@ -23,6 +32,7 @@ class Entry:
     flush: bool = False
     resync: bool = False
     queued_at: float = 0.0
+    marker: BackupMarker | None = None
 
     @property
     def length(self) -> int:
@@ -48,8 +58,8 @@ class ReplicationQueue:
         self.queued_bytes = 0  # unacknowledged payload bytes (unsent + in flight)
 
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False) -> Entry:
-        entry = Entry(self.next_seq, offset, data, zero_length, flush, resync, time.monotonic())
+             resync: bool = False, marker: BackupMarker | None = None) -> Entry:
+        entry = Entry(self.next_seq, offset, data, zero_length, flush, resync, time.monotonic(), marker)
         self.next_seq += 1
         self._unsent.append(entry)
         self.queued_bytes += len(data)

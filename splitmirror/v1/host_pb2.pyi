@@ -530,6 +530,166 @@ class VerifyPairRequest(_message.Message):
 Global___VerifyPairRequest: _TypeAlias = VerifyPairRequest  # noqa: Y015
 
 @_typing.final
+class BackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    """a remote pair, or empty with group"""
+    group: _builtins.str
+    """every remote pair of this consistency group"""
+    generation: _builtins.str
+    """local pair at the secondary; empty: the oldest"""
+    wait: _builtins.bool
+    """return once the generation is split (else once the point is fixed)"""
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        group: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "pair", b"pair", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupRequest: _TypeAlias = BackupRequest  # noqa: Y015
+
+@_typing.final
+class BackupResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    RESYNCED_TRACKS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    generation: _builtins.str
+    """the local pair split for this backup"""
+    svol: _builtins.str
+    backup_time: _builtins.str
+    resynced_tracks: _builtins.int
+    """tracks the generation needed before the split"""
+    state: _builtins.str
+    """done or pending"""
+    sequence: _builtins.int
+    """backup number of this generation"""
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        resynced_tracks: _builtins.int = ...,
+        state: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "generation", b"generation", "pair", b"pair", "resynced_tracks", b"resynced_tracks", "sequence", b"sequence", "state", b"state", "svol", b"svol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupResult: _TypeAlias = BackupResult  # noqa: Y015
+
+@_typing.final
+class BackupReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUPS_FIELD_NUMBER: _builtins.int
+    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    PREPARE_SECONDS_FIELD_NUMBER: _builtins.int
+    latency_seconds: _builtins.float
+    """command to split"""
+    prepare_seconds: _builtins.float
+    """of which bringing generations in sync"""
+    @_builtins.property
+    def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackupResult]: ...
+    def __init__(
+        self,
+        *,
+        backups: _abc.Iterable[Global___BackupResult] | None = ...,
+        latency_seconds: _builtins.float = ...,
+        prepare_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupReply: _TypeAlias = BackupReply  # noqa: Y015
+
+@_typing.final
+class Generation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOTE_PAIR_FIELD_NUMBER: _builtins.int
+    LOCAL_PAIR_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    remote_pair: _builtins.str
+    local_pair: _builtins.str
+    svol: _builtins.str
+    status: _builtins.str
+    backup_time: _builtins.str
+    """empty: never used"""
+    changed_tracks: _builtins.int
+    """SPVOL tracks written since the backup"""
+    sequence: _builtins.int
+    def __init__(
+        self,
+        *,
+        remote_pair: _builtins.str = ...,
+        local_pair: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        status: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        changed_tracks: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "local_pair", b"local_pair", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Generation: _TypeAlias = Generation  # noqa: Y015
+
+@_typing.final
+class GenerationList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Generation]: ...
+    def __init__(
+        self,
+        *,
+        generations: _abc.Iterable[Global___Generation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationList: _TypeAlias = GenerationList  # noqa: Y015
+
+@_typing.final
 class VerifyReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -109,6 +109,16 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/splitmirror.v1.HostApi/Backup',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupReply.FromString,
+                _registered_method=True)
+        self.ListBackups = channel.unary_unary(
+                '/splitmirror.v1.HostApi/ListBackups',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/splitmirror.v1.HostApi/GetStats',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.StatsRequest.SerializeToString,
@@ -209,6 +219,22 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Point-in-time backup of a remote pair (or of every remote pair of a
+        consistency group) into a backup generation at the secondary, without
+        leaving DUPLEX.  Issued at the primary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackups(self, request, context):
+        """Backup generations of a remote pair (at the primary: asked of the peer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -292,6 +318,16 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.VerifyPair,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.BackupReply.SerializeToString,
+            ),
+            'ListBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackups,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -704,6 +740,60 @@ class HostApi:
             '/splitmirror.v1.HostApi/VerifyPair',
             splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/Backup',
+            splitmirror_dot_v1_dot_host__pb2.BackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.BackupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/ListBackups',
+            splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,13 @@ class HostApiStub:
     DeletePair: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]
     SetPairMode: _grpc.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]
     VerifyPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]
+    Backup: _grpc.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]
+    """Point-in-time backup of a remote pair (or of every remote pair of a
+    consistency group) into a backup generation at the secondary, without
+    leaving DUPLEX.  Issued at the primary.
+    """
+    ListBackups: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]
+    """Backup generations of a remote pair (at the primary: asked of the peer)."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]
 
 @_typing.type_check_only
@@ -66,6 +73,13 @@ class HostApiAsyncStub(HostApiStub):
     DeletePair: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]  # type: ignore[assignment]
     SetPairMode: _aio.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     VerifyPair: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]  # type: ignore[assignment]
+    Backup: _aio.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]  # type: ignore[assignment]
+    """Point-in-time backup of a remote pair (or of every remote pair of a
+    consistency group) into a backup generation at the secondary, without
+    leaving DUPLEX.  Issued at the primary.
+    """
+    ListBackups: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]  # type: ignore[assignment]
+    """Backup generations of a remote pair (at the primary: asked of the peer)."""
     GetStats: _aio.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]  # type: ignore[assignment]
 
 class HostApiServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +187,25 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         request: _host_pb2.VerifyPairRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.VerifyReply, _abc.Awaitable[_host_pb2.VerifyReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Backup(
+        self,
+        request: _host_pb2.BackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.BackupReply, _abc.Awaitable[_host_pb2.BackupReply]]:
+        """Point-in-time backup of a remote pair (or of every remote pair of a
+        consistency group) into a backup generation at the secondary, without
+        leaving DUPLEX.  Issued at the primary.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBackups(
+        self,
+        request: _host_pb2.PairRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.GenerationList, _abc.Awaitable[_host_pb2.GenerationList]]:
+        """Backup generations of a remote pair (at the primary: asked of the peer)."""
 
     @_abc_1.abstractmethod
     def GetStats(

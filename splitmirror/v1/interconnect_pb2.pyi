@@ -61,6 +61,186 @@ PAIR_OP_SET_MODE: PairOp.ValueType  # 8
 Global___PairOp: _TypeAlias = PairOp  # noqa: Y015
 
 @_typing.final
+class PrepareBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    generation: _builtins.str
+    """empty: the ring's oldest"""
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareBackupRequest: _TypeAlias = PrepareBackupRequest  # noqa: Y015
+
+@_typing.final
+class PrepareBackupReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    RESYNCED_TRACKS_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    svol: _builtins.str
+    resynced_tracks: _builtins.int
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        resynced_tracks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "resynced_tracks", b"resynced_tracks", "svol", b"svol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareBackupReply: _TypeAlias = PrepareBackupReply  # noqa: Y015
+
+@_typing.final
+class FinishBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    MARKER_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    marker: _builtins.str
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        marker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["marker", b"marker", "pair", b"pair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishBackupRequest: _TypeAlias = FinishBackupRequest  # noqa: Y015
+
+@_typing.final
+class FinishBackupReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DONE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELD_NUMBER: _builtins.int
+    done: _builtins.bool
+    """the marker was applied and the generation split"""
+    error: _builtins.str
+    """why not, when known"""
+    generation: _builtins.str
+    backup_time: _builtins.str
+    sequence: _builtins.int
+    known: _builtins.bool
+    """false: the marker has not arrived (yet)"""
+    def __init__(
+        self,
+        *,
+        done: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        known: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "done", b"done", "error", b"error", "generation", b"generation", "known", b"known", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishBackupReply: _TypeAlias = FinishBackupReply  # noqa: Y015
+
+@_typing.final
+class ListGenerationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pair", b"pair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGenerationsRequest: _TypeAlias = ListGenerationsRequest  # noqa: Y015
+
+@_typing.final
+class GenerationInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCAL_PAIR_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    local_pair: _builtins.str
+    svol: _builtins.str
+    status: _builtins.str
+    backup_time: _builtins.str
+    changed_tracks: _builtins.int
+    sequence: _builtins.int
+    def __init__(
+        self,
+        *,
+        local_pair: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        status: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        changed_tracks: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "local_pair", b"local_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationInfo: _TypeAlias = GenerationInfo  # noqa: Y015
+
+@_typing.final
+class ListGenerationsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generations(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerationInfo]: ...
+    def __init__(
+        self,
+        *,
+        generations: _abc.Iterable[Global___GenerationInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGenerationsReply: _TypeAlias = ListGenerationsReply  # noqa: Y015
+
+@_typing.final
 class TrackDigestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -285,6 +465,9 @@ class WriteEntry(_message.Message):
     ZERO_LENGTH_FIELD_NUMBER: _builtins.int
     FLUSH_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
+    BACKUP_MARKER_FIELD_NUMBER: _builtins.int
+    BACKUP_GENERATION_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
@@ -293,10 +476,15 @@ class WriteEntry(_message.Message):
     flush: _builtins.bool
     """fdatasync after applying everything before it"""
     resync: _builtins.bool
-    """Resync track: counted separately, may clear the target's bits.
-    An entry with no data, no zero_length and no flush is a barrier: it is
+    """Resync track: counted separately, may clear the target's bits."""
+    backup_marker: _builtins.str
+    """An entry with no data, no zero_length and no flush is a barrier: it is
     acknowledged once everything before it is applied.
+    Backup marker: split this generation (local pair) here, at exactly this
+    point of the write order.
     """
+    backup_generation: _builtins.str
+    backup_time: _builtins.str
     def __init__(
         self,
         *,
@@ -306,10 +494,13 @@ class WriteEntry(_message.Message):
         zero_length: _builtins.int = ...,
         flush: _builtins.bool = ...,
         resync: _builtins.bool = ...,
+        backup_marker: _builtins.str = ...,
+        backup_generation: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "flush", b"flush", "offset", b"offset", "resync", b"resync", "seq", b"seq", "zero_length", b"zero_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_generation", b"backup_generation", "backup_marker", b"backup_marker", "backup_time", b"backup_time", "data", b"data", "flush", b"flush", "offset", b"offset", "resync", b"resync", "seq", b"seq", "zero_length", b"zero_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

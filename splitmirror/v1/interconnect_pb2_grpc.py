@@ -64,6 +64,21 @@ class InterconnectStub:
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsReply.FromString,
                 _registered_method=True)
+        self.PrepareBackup = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/PrepareBackup',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.PrepareBackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.PrepareBackupReply.FromString,
+                _registered_method=True)
+        self.FinishBackup = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/FinishBackup',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.FinishBackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.FinishBackupReply.FromString,
+                _registered_method=True)
+        self.ListGenerations = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/ListGenerations',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.FromString,
+                _registered_method=True)
 
 
 class InterconnectServicer:
@@ -113,6 +128,25 @@ class InterconnectServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareBackup(self, request, context):
+        """Backups: pick and sync a generation; report the outcome of a marker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishBackup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGenerations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InterconnectServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +179,21 @@ def add_InterconnectServicer_to_server(servicer, server):
                     servicer.TrackDigests,
                     request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsReply.SerializeToString,
+            ),
+            'PrepareBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareBackup,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.PrepareBackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.PrepareBackupReply.SerializeToString,
+            ),
+            'FinishBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishBackup,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.FinishBackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.FinishBackupReply.SerializeToString,
+            ),
+            'ListGenerations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGenerations,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +358,87 @@ class Interconnect:
             '/splitmirror.v1.Interconnect/TrackDigests',
             splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsRequest.SerializeToString,
             splitmirror_dot_v1_dot_interconnect__pb2.TrackDigestsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/PrepareBackup',
+            splitmirror_dot_v1_dot_interconnect__pb2.PrepareBackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.PrepareBackupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/FinishBackup',
+            splitmirror_dot_v1_dot_interconnect__pb2.FinishBackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.FinishBackupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGenerations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/ListGenerations',
+            splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.FromString,
             options,
             channel_credentials,
             insecure,

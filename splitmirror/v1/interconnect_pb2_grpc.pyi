@@ -51,6 +51,10 @@ class InterconnectStub:
     """Reverse copy: tracks read from the secondary end."""
     TrackDigests: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.TrackDigestsRequest, _interconnect_pb2.TrackDigestsReply]
     """Online verify: one digest per track of the mirror end, no data."""
+    PrepareBackup: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.PrepareBackupRequest, _interconnect_pb2.PrepareBackupReply]
+    """Backups: pick and sync a generation; report the outcome of a marker."""
+    FinishBackup: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.FinishBackupRequest, _interconnect_pb2.FinishBackupReply]
+    ListGenerations: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.ListGenerationsRequest, _interconnect_pb2.ListGenerationsReply]
 
 @_typing.type_check_only
 class InterconnectAsyncStub(InterconnectStub):
@@ -71,6 +75,10 @@ class InterconnectAsyncStub(InterconnectStub):
     """Reverse copy: tracks read from the secondary end."""
     TrackDigests: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.TrackDigestsRequest, _interconnect_pb2.TrackDigestsReply]  # type: ignore[assignment]
     """Online verify: one digest per track of the mirror end, no data."""
+    PrepareBackup: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.PrepareBackupRequest, _interconnect_pb2.PrepareBackupReply]  # type: ignore[assignment]
+    """Backups: pick and sync a generation; report the outcome of a marker."""
+    FinishBackup: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.FinishBackupRequest, _interconnect_pb2.FinishBackupReply]  # type: ignore[assignment]
+    ListGenerations: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.ListGenerationsRequest, _interconnect_pb2.ListGenerationsReply]  # type: ignore[assignment]
 
 class InterconnectServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -124,5 +132,27 @@ class InterconnectServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_interconnect_pb2.TrackDigestsReply, _abc.Awaitable[_interconnect_pb2.TrackDigestsReply]]:
         """Online verify: one digest per track of the mirror end, no data."""
+
+    @_abc_1.abstractmethod
+    def PrepareBackup(
+        self,
+        request: _interconnect_pb2.PrepareBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.PrepareBackupReply, _abc.Awaitable[_interconnect_pb2.PrepareBackupReply]]:
+        """Backups: pick and sync a generation; report the outcome of a marker."""
+
+    @_abc_1.abstractmethod
+    def FinishBackup(
+        self,
+        request: _interconnect_pb2.FinishBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.FinishBackupReply, _abc.Awaitable[_interconnect_pb2.FinishBackupReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ListGenerations(
+        self,
+        request: _interconnect_pb2.ListGenerationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.ListGenerationsReply, _abc.Awaitable[_interconnect_pb2.ListGenerationsReply]]: ...
 
 def add_InterconnectServicer_to_server(servicer: InterconnectServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

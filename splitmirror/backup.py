@@ -1,0 +1,293 @@
+"""Point-in-time backups at the remote site without leaving DUPLEX.
+
+A backup generation is a local pair at the secondary whose primary end is
+the SPVOL of a remote pair (a cascade: PVOL -> SPVOL -> SVOL).  A backup:
+
+1. *prepare* (at the secondary): pick the generation (the named one, or the
+   ring's oldest), and bring it to DUPLEX by a bitmap resync from the SPVOL;
+2. *mark* (at the primary): push a backup marker on the remote pair's
+   ordered write stream - for a consistency group on every pair's stream in
+   one step of the event loop, i.e. at one single point of the write order;
+3. *split* (at the secondary): when the stream reaches the marker, every
+   write before it has been applied to the SPVOL and to the generation, so
+   splitting the generation right there freezes exactly the image as of the
+   marker; later writes flow on and are tracked in the generation's bitmap.
+
+Hosts are never held: the marker is one more entry in the stream, and the
+remote pair stays DUPLEX (sync) or streaming (async) throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
+from .pair import Pair
+from .replication import BackupMarker
+from .status import PairOp, PairStatus
+from .system import utc_now
+from .v1 import host_pb2 as pb
+from .v1 import interconnect_pb2 as ic
+
+if TYPE_CHECKING:
+    from .pairs import PairManager
+
+log = logging.getLogger("splitmirror.backup")
+
+
+class BackupManager:
+    def __init__(self, manager: PairManager) -> None:
+        self.manager = manager
+        self.system = manager.system
+        #: mirror end: marker id -> outcome (and the SVOL flush in progress)
+        self._outcomes: dict[str, ic.FinishBackupReply] = {}
+        self._flushes: dict[str, asyncio.Task[None]] = {}
+
+    # -- the secondary's side ---------------------------------------------------
+    def generations(self, pair: Pair) -> list[Pair]:
+        """Local pairs that copy from the mirror end (SPVOL) of ``pair``."""
+        assert pair.mirror is not None
+        gens = [p for p in self.system.pairs_from(pair.mirror.volume) if not p.remote]
+        return sorted(gens, key=lambda p: p.name)
+
+    def _ring_next(self, gens: list[Pair]) -> Pair:
+        """Never-used generations first, then the one whose backup is oldest."""
+        return min(gens, key=lambda p: (p.row.backup_time is not None, p.row.backup_time or "", p.name))
+
+    async def prepare(self, peer: int, req: ic.PrepareBackupRequest) -> ic.PrepareBackupReply:
+        pair = self.manager._mirror_pair(peer, req.pair)
+        gens = self.generations(pair)
+        assert pair.mirror is not None
+        spvol = pair.mirror.volume.name
+        sid = self.system.system_id
+        if not gens:
+            raise FailedPrecondition(
+                f"pair {pair.name!r} has no backup generation on system {sid}: create local pairs from "
+                f"SPVOL {spvol!r} there (splitmirror pair create GEN --pvol {spvol} --svol SVOL)")
+        if req.generation:
+            chosen = next((g for g in gens if g.name == req.generation), None)
+            if chosen is None:
+                names = ", ".join(g.name for g in gens)
+                raise NotFound(f"generation {req.generation!r} is not a local pair of SPVOL {spvol!r} on "
+                               f"system {sid} (generations: {names})")
+        else:
+            chosen = self._ring_next(gens)
+        resynced = await self._bring_to_duplex(chosen)
+        assert chosen.mirror is not None
+        return ic.PrepareBackupReply(generation=chosen.name, svol=chosen.mirror.volume.name,
+                                     resynced_tracks=resynced)
+
+    async def _bring_to_duplex(self, gen: Pair) -> int:
+        """Resync a generation from the SPVOL by bitmap; returns tracks copied."""
+        assert gen.primary is not None
+        if gen.status is PairStatus.DUPLEX:
+            return 0
+        pending = len(gen.primary.bitmap) + (len(gen.mirror.bitmap) if gen.mirror else 0)
+        if gen.status in (PairStatus.SPLIT, PairStatus.SUSPENDED):
+            log.info("generation %s: resyncing %d tracks before the backup", gen.name, pending)
+            await self.manager.resync(gen.name, reverse=False)
+        # The generation no longer holds its old backup from here on.
+        for end in gen.ends:
+            end.row.backup_time = None
+        await self.system.save_rows(gen)
+        if gen.copy_task is not None:
+            await asyncio.shield(gen.copy_task)
+        if not _duplex(gen):  # re-read: the copy task changed it
+            raise FailedPrecondition(f"generation {gen.name!r} could not be brought in sync ({gen.status.value}"
+                                     f"{': ' + gen.row.reason if gen.row.reason else ''})")
+        return pending
+
+    async def apply_marker(self, pair: Pair, entry: ic.WriteEntry) -> None:
+        """Split the generation here: everything before the marker is applied."""
+        gen = self.system.pairs.get(entry.backup_generation)
+        outcome = ic.FinishBackupReply(known=True, generation=entry.backup_generation)
+        self._outcomes[entry.backup_marker] = outcome
+        if gen is None or gen.remote or gen.primary is None or pair.mirror is None \
+                or gen.primary.volume is not pair.mirror.volume:
+            outcome.error = f"generation {entry.backup_generation!r} is not a local pair of pair {pair.name!r}"
+        elif gen.status is not PairStatus.DUPLEX:
+            outcome.error = (f"generation {gen.name!r} is {gen.status.value}, not DUPLEX, when the backup point "
+                             "arrived; the previous generations are untouched")
+        if outcome.error:
+            log.warning("backup of pair %s failed: %s", pair.name, outcome.error)
+            return
+        assert gen is not None
+        self.manager._set_status(gen, PairOp.SPLIT)  # no await before: the next entry is tracked
+        for end in gen.ends:
+            end.row.split_time = entry.backup_time
+            end.row.backup_time = entry.backup_time
+            end.row.backup_seq += 1
+        outcome.done = True
+        outcome.backup_time = entry.backup_time
+        outcome.sequence = gen.row.backup_seq
+        log.info("backup of pair %s taken in generation %s (#%d) at %s", pair.name, gen.name, outcome.sequence,
+                 entry.backup_time)
+        # Persist and make the SVOL durable without holding the stream.
+        self._flushes[entry.backup_marker] = asyncio.create_task(self._settle(gen))
+
+    async def _settle(self, gen: Pair) -> None:
+        await self.system.save_rows(gen)
+        if gen.mirror is not None:
+            await gen.mirror.volume.flush()
+
+    async def finish(self, peer: int, req: ic.FinishBackupRequest) -> ic.FinishBackupReply:
+        self.manager._mirror_pair(peer, req.pair)
+        flush = self._flushes.pop(req.marker, None)
+        if flush is not None:
+            await flush
+        outcome = self._outcomes.pop(req.marker, None)
+        return outcome if outcome is not None else ic.FinishBackupReply(known=False)
+
+    def list_local(self, pair: Pair) -> list[ic.GenerationInfo]:
+        infos = []
+        for gen in self.generations(pair):
+            assert gen.primary is not None and gen.mirror is not None
+            infos.append(ic.GenerationInfo(
+                local_pair=gen.name, svol=gen.mirror.volume.name, status=gen.status.value,
+                backup_time=gen.row.backup_time or "",
+                changed_tracks=len(gen.primary.bitmap) if gen.row.backup_time else 0,
+                sequence=gen.row.backup_seq))
+        return infos
+
+    async def list_generations(self, peer: int, req: ic.ListGenerationsRequest) -> ic.ListGenerationsReply:
+        pair = self.manager._mirror_pair(peer, req.pair)
+        return ic.ListGenerationsReply(generations=self.list_local(pair))
+
+    # -- the primary's side ---------------------------------------------------------
+    def _targets(self, name: str, group: str) -> list[Pair]:
+        if bool(name) == bool(group):
+            raise InvalidArgument("name a remote pair or a consistency group (--group), not both")
+        if name:
+            pairs = [self.manager.pair(name)]
+        else:
+            pairs = [p for _, p in sorted(self.system.pairs.items())
+                     if p.primary is not None and p.remote and p.row.group == group]
+            if not pairs:
+                raise NotFound(f"consistency group {group!r} has no remote pair on system {self.system.system_id}")
+        for pair in pairs:
+            if pair.primary is None or not pair.remote:
+                raise FailedPrecondition(
+                    f"pair {pair.name!r} is not a remote pair whose primary is on system {self.system.system_id}; "
+                    "backups are issued at the primary of a remote pair")
+        return pairs
+
+    def _check_ready(self, pairs: list[Pair]) -> None:
+        for pair in pairs:
+            if pair.status is not PairStatus.DUPLEX:
+                raise FailedPrecondition(
+                    f"pair {pair.name!r} is {pair.status.value}; a backup needs the remote pair DUPLEX")
+            assert pair.link is not None
+            if not pair.link.up:
+                raise Unavailable(f"pair {pair.name!r}: peer system {pair.peer_id} is unreachable; no backup taken")
+
+    async def _rpc(self, pair: Pair, method: str, request: object, timeout: float | None) -> object:
+        assert pair.link is not None
+        try:
+            return await getattr(pair.link.stub, method)(request, metadata=pair.link.metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            from .pairs import relay
+
+            raise relay(exc, pair.peer_id) from None
+
+    async def backup(self, name: str, group: str, generation: str, wait: bool) -> pb.BackupReply:
+        pairs = self._targets(name, group)
+        if generation and len(pairs) > 1:
+            raise InvalidArgument("--generation names one local pair; a group backup picks each pair's oldest")
+        self._check_ready(pairs)
+        busy = [p.name for p in pairs if p.backup_running]
+        if busy:
+            raise FailedPrecondition(f"a backup of pair {busy[0]!r} is already running")
+        started = time.monotonic()
+        for pair in pairs:
+            pair.backup_running = True
+        try:
+            prepared: list[ic.PrepareBackupReply] = []
+            for pair in pairs:
+                reply = await self._rpc(pair, "PrepareBackup",
+                                        ic.PrepareBackupRequest(pair=pair.name, generation=generation), None)
+                assert isinstance(reply, ic.PrepareBackupReply)
+                prepared.append(reply)
+            prepare_seconds = time.monotonic() - started
+            self._check_ready(pairs)
+            # One step of the event loop, no await: one point of the write order.
+            backup_time = utc_now()
+            markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
+            futures = []
+            for pair, marker in zip(pairs, markers, strict=True):
+                assert pair.channel is not None
+                futures.append(pair.channel.push(0, marker=marker))
+            log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
+            results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
+                                       backup_time=backup_time, resynced_tracks=prep.resynced_tracks,
+                                       state="pending")
+                       for p, prep in zip(pairs, prepared, strict=True)]
+            completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results))
+            if wait:
+                await completion
+            else:
+                completion.add_done_callback(_log_outcome)
+            return pb.BackupReply(backups=results, latency_seconds=time.monotonic() - started,
+                                  prepare_seconds=prepare_seconds)
+        finally:
+            for pair in pairs:
+                pair.backup_running = False
+
+    async def _complete(self, pairs: list[Pair], markers: list[BackupMarker], futures: list[asyncio.Future[bool]],
+                        results: list[pb.BackupResult]) -> None:
+        delivered = await asyncio.gather(*futures)
+        errors = []
+        for pair, marker, ok, result in zip(pairs, markers, delivered, results, strict=True):
+            try:
+                outcome = await self._rpc(pair, "FinishBackup",
+                                          ic.FinishBackupRequest(pair=pair.name, marker=marker.marker), 30.0)
+            except SplitmirrorError as exc:
+                errors.append(f"pair {pair.name!r}: outcome unknown ({exc.message}); "
+                              "see 'splitmirror backups' once the peer is back")
+                continue
+            assert isinstance(outcome, ic.FinishBackupReply)
+            if outcome.done:
+                result.state = "done"
+                result.sequence = outcome.sequence
+            elif not ok or not outcome.known:
+                errors.append(f"pair {pair.name!r}: the link failed before the backup point reached system "
+                              f"{pair.peer_id}; no backup taken, the pair keeps tracking")
+            else:
+                errors.append(f"pair {pair.name!r}: {outcome.error}")
+        if errors:
+            raise FailedPrecondition("backup failed: " + "; ".join(errors))
+
+    async def list_backups(self, name: str) -> pb.GenerationList:
+        pair = self.manager.pair(name)
+        if pair.mirror is not None and pair.remote:
+            infos = self.list_local(pair)
+        elif pair.primary is not None and pair.remote:
+            reply = await self._rpc(pair, "ListGenerations", ic.ListGenerationsRequest(pair=name), 30.0)
+            assert isinstance(reply, ic.ListGenerationsReply)
+            infos = list(reply.generations)
+        else:
+            raise FailedPrecondition(f"pair {name!r} is a local pair; generations belong to remote pairs")
+        return pb.GenerationList(generations=[
+            pb.Generation(remote_pair=name, local_pair=i.local_pair, svol=i.svol, status=i.status,
+                          backup_time=i.backup_time, changed_tracks=i.changed_tracks, sequence=i.sequence)
+            for i in infos])
+
+
+def _duplex(pair: Pair) -> bool:
+    return pair.status is PairStatus.DUPLEX
+
+
+def _log_outcome(task: asyncio.Future[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, SplitmirrorError):
+        log.warning("%s", exc.message)
+    elif exc is not None:
+        log.error("backup completion failed", exc_info=exc)
+
