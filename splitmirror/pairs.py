@@ -76,9 +76,9 @@ class LocalChannel:
             return False
         vol = mirror.volume
         if flush or not (data or zero_length):  # flush, or a barrier
-            async with self.system.order(vol).hold(0, vol.size):
-                if flush:
-                    await self.system.flush_volume(vol)
+            await self.system.order(vol).drain()  # the writes pushed before it are applied
+            if flush:
+                await self.system.flush_volume(vol)
         else:
             await self.system.write_ops(vol, [WriteOp(offset, data, zero_length)])
         return True

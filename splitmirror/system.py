@@ -238,7 +238,7 @@ class StorageSystem:
         """Durable here and on every mirror end that receives this volume."""
         waits = [p.channel.push(0, flush=True) for p in self.pairs_from(vol)
                  if p.channel is not None and p.status in MIRRORING and p.row.direction == "forward"]
-        await vol.flush()
+        await asyncio.gather(vol.flush(), self.table.sync())
         if waits:
             await asyncio.gather(*waits)
 
@@ -308,8 +308,10 @@ class StorageSystem:
 
     # -- copy table -----------------------------------------------------------
     async def save_rows(self, pair: Pair) -> None:
+        """Persist status rows, durably: a status change is never lost."""
         for end in pair.ends:
             await self.table.save_pair(end.row)
+        await self.table.sync()
 
     async def save_bitmaps(self, pair: Pair) -> None:
         for end in pair.ends:
