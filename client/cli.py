@@ -23,6 +23,7 @@ from splitmirror.errors import SplitmirrorError
 from splitmirror.sizes import format_size, parse_size
 from splitmirror.v1 import host_pb2
 
+from .agent import AgentError
 from .library import DEFAULT_CHUNK, Client, ClientError
 from .render import (
     backup_json,
@@ -142,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="return once the generation is split (default: once the backup point is fixed)")
     p = commands.add_parser("backups", parents=[common], help="list the backup generations of a remote pair")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+
+    restore = commands.add_parser("restore", help="restore files or a whole volume from a backup generation "
+                                                  "(issued at the secondary, on host B)")
+    restore_cmds = restore.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = restore_cmds.add_parser("files", parents=[common], help="copy files back from a generation")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+    p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="absolute paths inside the filesystem ('/' = all)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = restore_cmds.add_parser("volume", parents=[common], help="bring the whole PVOL back to a generation")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+    p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = restore_cmds.add_parser("abort", parents=[common],
+                                help="undo an interrupted restore: resync the mirror back and unfence")
     p.add_argument("name", metavar="REMOTE_PAIR")
 
     p = commands.add_parser("verify", parents=[common],
@@ -485,6 +502,24 @@ async def _backups(client: Client, args: argparse.Namespace, out: Output) -> Non
         out.show(generations_table(gens))
 
 
+async def _restore(client: Client, args: argparse.Namespace, out: Output) -> None:
+    from . import restore_cmd
+
+    if args.action == "abort":
+        report = await client.abort_restore(args.name)
+        result: dict[str, object] = {"pair": report.pair, "aborted": True, "warning": report.warning or None}
+        lines = [f"restore of {args.name} aborted; the PVOL is unfenced and unchanged"]
+    else:
+        handler = restore_cmd.restore_files if args.action == "files" else restore_cmd.restore_volume
+        result = await handler(client, args, out.as_json)
+        lines = restore_cmd.render_report(result)
+    if out.as_json:
+        out.json(result)
+    else:
+        for line in lines:
+            out.text(line)
+
+
 async def _stats(client: Client, args: argparse.Namespace, out: Output) -> None:
     stats = await client.stats()
     if out.as_json:
@@ -507,6 +542,7 @@ COMMANDS: dict[str, _Handler] = {
     "verify": _verify,
     "backup": _backup,
     "backups": _backups,
+    "restore": _restore,
 }
 
 
@@ -556,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "read" and args.length == 0:
             raise SplitmirrorError("--length: must be greater than 0")
         asyncio.run(run(args, out))
-    except (ClientError, SplitmirrorError, OSError) as err:
+    except (ClientError, SplitmirrorError, AgentError, OSError) as err:
         if isinstance(err, BrokenPipeError):
             # The reader of our stdout went away (e.g. "| head"): stop quietly.
             _silence_stdout()

@@ -292,6 +292,24 @@ class Client:
         reply = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
         return list(reply.generations)
 
+    async def begin_restore(self, pair: str, generation: str) -> host_pb2.RestoreSession:
+        reply: host_pb2.RestoreSession = await self._call(
+            lambda s: s.BeginRestore, host_pb2.RestoreRequest(pair=pair, generation=generation))
+        return reply
+
+    async def finish_restore(self, pair: str) -> host_pb2.RestoreReport:
+        reply: host_pb2.RestoreReport = await self._call(lambda s: s.FinishRestore, host_pb2.PairRef(name=pair))
+        return reply
+
+    async def abort_restore(self, pair: str) -> host_pb2.RestoreReport:
+        reply: host_pb2.RestoreReport = await self._call(lambda s: s.AbortRestore, host_pb2.PairRef(name=pair))
+        return reply
+
+    async def restore_volume(self, pair: str, generation: str) -> host_pb2.RestoreReport:
+        reply: host_pb2.RestoreReport = await self._call(
+            lambda s: s.RestoreVolume, host_pb2.RestoreRequest(pair=pair, generation=generation))
+        return reply
+
     async def delete_pair(self, name: str) -> None:
         await self._call(lambda s: s.DeletePair, host_pb2.PairRef(name=name))
 

@@ -28,6 +28,8 @@ class DaemonConfig:
     link_timeout: float = 5.0
     auto_resync: bool = True
     async_queue_bytes: int = 256 << 20
+    pre_restore_hook: str = ""
+    post_restore_hook: str = ""
     log_level: str = "INFO"
 
 
@@ -58,6 +60,10 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--auto-resync", choices=["on", "off"], help="resync suspended pairs when the peer returns")
     parser.add_argument("--async-queue", metavar="SIZE",
                         help="bytes an async pair may queue before it suspends (default 256M)")
+    parser.add_argument("--pre-restore-hook", metavar="COMMAND",
+                        help="shell command run before a restore fences a PVOL (e.g. stop the application)")
+    parser.add_argument("--post-restore-hook", metavar="COMMAND",
+                        help="shell command run after a restore unfences a PVOL (e.g. restart, recover)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--config", help="TOML file with the same settings (flags win)")
     return parser
@@ -128,5 +134,7 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         link_timeout=timeout,
         auto_resync=pick("auto_resync", args.auto_resync, bool, True),
         async_queue_bytes=queue_bytes,
+        pre_restore_hook=pick("pre_restore_hook", args.pre_restore_hook, str, ""),
+        post_restore_hook=pick("post_restore_hook", args.post_restore_hook, str, ""),
         log_level=pick("log_level", args.log_level, str, "INFO"),
     )

@@ -190,6 +190,16 @@ class CopyTable:
         await self._call(lambda db: db.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)))
 
+    async def delete_meta(self, key: str) -> None:
+        await self._call(lambda db: db.execute("DELETE FROM meta WHERE key=?", (key,)))
+
+    async def meta_items(self, prefix: str) -> dict[str, str]:
+        def q(db: sqlite3.Connection) -> dict[str, str]:
+            rows = db.execute("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+            return {str(k): str(v) for k, v in rows}
+
+        return await self._call(q)
+
     # -- volumes --------------------------------------------------------
     async def load_volumes(self) -> list[VolumeRow]:
         def q(db: sqlite3.Connection) -> list[VolumeRow]:

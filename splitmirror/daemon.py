@@ -36,7 +36,9 @@ class Daemon:
         self.links: dict[int, PeerLink] = {}
         self.manager = PairManager(self.system, self.links,
                                    Settings(link_timeout=config.link_timeout, auto_resync=config.auto_resync,
-                                            async_queue_bytes=config.async_queue_bytes))
+                                            async_queue_bytes=config.async_queue_bytes,
+                                            pre_restore_hook=config.pre_restore_hook,
+                                            post_restore_hook=config.post_restore_hook))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.host_server = grpc.aio.server(options=SERVER_OPTIONS)
         self.peer_server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -80,6 +82,7 @@ class Daemon:
 
         server, port = await start_nbd(self.system, self.config.nbd)
         self.nbd = server
+        self.system.nbd_port = port
         return f", NBD port {port}"
 
     async def _set_health(self, service: str, status: int) -> None:

@@ -109,6 +109,11 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                          status=row.status.value, mode=row.mode, group=row.group,
                          pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
                          direction=row.direction)
+        fence = self.system.fences.get(row.volume)
+        if fence:
+            msg.reason = f"fenced: {fence}"
+        elif self.manager.restores.describe(row.name):
+            msg.reason = self.manager.restores.describe(row.name)
         if row.primary and row.mode == "async":
             msg.queue_bytes = pair.queued_bytes()
             msg.lag_seconds = pair.lag_seconds()
@@ -169,9 +174,29 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         return await self.manager.backups.list_backups(request.name)
 
     @refusals
+    async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:
+        return await self.manager.restores.begin(request.pair, request.generation)
+
+    @refusals
+    async def FinishRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
+        return await self.manager.restores.finish(request.name)
+
+    @refusals
+    async def AbortRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
+        return await self.manager.restores.abort(request.name)
+
+    @refusals
+    async def RestoreVolume(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreReport:
+        return await self.manager.restores.restore_volume(request.pair, request.generation)
+
+    @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:
-        stats = pb.Stats(system_id=self.system.system_id, role=self.system.role,
-                         interconnect_bytes_sent=self.system.bytes_sent,
+        # Replicated host writes are counted per pair; copies and reverse
+        # copies by the system as they happen.
+        replicated = sum(p.counters.replicated_bytes for p in self.system.pairs.values()
+                         if p.remote and p.primary is not None)
+        stats = pb.Stats(system_id=self.system.system_id, role=self.system.role, nbd_port=self.system.nbd_port,
+                         interconnect_bytes_sent=self.system.bytes_sent + replicated,
                          interconnect_bytes_received=self.system.bytes_received)
         for name, pair in sorted(self.system.pairs.items()):
             c = pair.counters

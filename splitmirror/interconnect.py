@@ -149,6 +149,14 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             await self._guard(context, exc)
             raise
 
+    async def RestoreControl(self, request: ic.RestoreControlRequest,
+                             context: grpc.aio.ServicerContext[object, object]) -> ic.RestoreControlReply:
+        try:
+            return await self.manager.restores.control(self._peer(context), request)
+        except SplitmirrorError as exc:
+            await self._guard(context, exc)
+            raise
+
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.TrackData]:
         try:

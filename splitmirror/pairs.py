@@ -35,6 +35,7 @@ from .errors import (
 from .link import PeerLink, ReplicationStream
 from .pair import Pair, PairEnd, RemoteChannel
 from .replication import BackupMarker, Entry
+from .restore import RestoreManager
 from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
 from .status import MIRRORING, PairOp, PairStatus, transition
 from .system import StorageSystem, WriteOp, check_name, mark, utc_now
@@ -53,6 +54,8 @@ class Settings:
     auto_resync: bool = True
     max_batch_bytes: int = 4 << 20
     async_queue_bytes: int = 256 << 20
+    pre_restore_hook: str = ""
+    post_restore_hook: str = ""
 
 
 class LocalChannel:
@@ -107,6 +110,7 @@ class PairManager:
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self.backups = BackupManager(self)
+        self.restores = RestoreManager(self, settings.pre_restore_hook, settings.post_restore_hook)
         system.async_queue_bytes = settings.async_queue_bytes
         system.on_overflow = self._on_overflow
 

@@ -122,8 +122,12 @@ async def read_tracks(system: StorageSystem, pair: Pair, tracks: bytes) -> Async
     vol = pair.mirror.volume
     ts = vol.track_size
     bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
+    progress = CopyProgress("reverse", len(bitmap), ts)
+    pair.progress = progress  # shown at the mirror end while it is the source
     for first, count in bitmap.runs(max(1, RUN_BYTES // ts)):
         if first + count > vol.tracks:
             break
         data = await vol.read(first * ts, count * ts)
         yield first, count, b"" if is_zero(data) else data
+        progress.done_tracks += count
+        progress.bytes_moved += len(data)

@@ -74,6 +74,7 @@ class StorageSystem:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.clean_start = True
+        self.nbd_port = 0
         #: Async pairs: bytes the queue may hold before the pair suspends.
         self.async_queue_bytes = 256 << 20
         #: Called (synchronously) when an async pair's queue would overflow.
@@ -103,6 +104,8 @@ class StorageSystem:
                 pair.primary = end
             else:
                 pair.mirror = end
+        for key, reason in (await self.table.meta_items("fence:")).items():
+            self.fences[key.removeprefix("fence:")] = reason
         log.info("system %d (%s): %d volumes, %d pairs loaded from %s (%s start)", self.system_id, self.role,
                  len(self.volumes), len(self.pairs), self.data_dir, "clean" if self.clean_start else "unclean")
 
@@ -198,6 +201,20 @@ class StorageSystem:
             if p.status is PairStatus.COPY and p.row.direction == "reverse":
                 return f"volume {vol.name!r} is the target of a reverse resync of pair {p.name!r}"
         return None
+
+    async def fence(self, name: str, reason: str) -> None:
+        """Refuse host I/O (gRPC and NBD, connected clients too) on a volume."""
+        self.volume(name)
+        self.fences[name] = reason
+        await self.table.set_meta(f"fence:{name}", reason)
+        await self.table.sync()
+        log.warning("volume %s fenced: %s", name, reason)
+
+    async def unfence(self, name: str) -> None:
+        if self.fences.pop(name, None) is not None:
+            await self.table.delete_meta(f"fence:{name}")
+            await self.table.sync()
+            log.info("volume %s unfenced", name)
 
     # -- host I/O -------------------------------------------------------------
     async def host_read(self, name: str, offset: int, length: int) -> bytes:

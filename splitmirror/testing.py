@@ -39,6 +39,7 @@ class Site:
         self.link_timeout = link_timeout
         self.auto_resync = auto_resync
         self.async_queue = async_queue
+        self.extra_args: list[str] = []
         self.peers: dict[int, int] = {}
         #: Where this site reaches each peer (a fault-injection proxy may sit between).
         self.peer_addresses: dict[int, str] = {}
@@ -66,6 +67,7 @@ class Site:
             argv += ["--peer", f"{sid}={self.peer_addresses.get(sid, f'127.0.0.1:{port}')}"]
         if self.async_queue:
             argv += ["--async-queue", self.async_queue]
+        argv += self.extra_args
         if self.nbd_port:
             argv += ["--nbd", f"127.0.0.1:{self.nbd_port}"]
         return argv

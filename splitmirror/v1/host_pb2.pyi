@@ -690,6 +690,115 @@ class GenerationList(_message.Message):
 Global___GenerationList: _TypeAlias = GenerationList  # noqa: Y015
 
 @_typing.final
+class RestoreRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    """the remote pair"""
+    generation: _builtins.str
+    """the local pair holding the backup"""
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        paths: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "paths", b"paths"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreRequest: _TypeAlias = RestoreRequest  # noqa: Y015
+
+@_typing.final
+class RestoreSession(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    SPVOL_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    generation: _builtins.str
+    svol: _builtins.str
+    spvol: _builtins.str
+    phase: _builtins.str
+    resumed: _builtins.bool
+    """an interrupted restore of the same generation goes on"""
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        spvol: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        resumed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "phase", b"phase", "resumed", b"resumed", "spvol", b"spvol", "svol", b"svol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreSession: _TypeAlias = RestoreSession  # noqa: Y015
+
+@_typing.final
+class RestoreReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    TRACKS_SENT_FIELD_NUMBER: _builtins.int
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    VOLUME_SIZE_FIELD_NUMBER: _builtins.int
+    TRACK_SIZE_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    LOCAL_TRACKS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    generation: _builtins.str
+    tracks_sent: _builtins.int
+    """tracks that crossed the interconnect to the PVOL"""
+    bytes_sent: _builtins.int
+    volume_size: _builtins.int
+    track_size: _builtins.int
+    seconds: _builtins.float
+    local_tracks: _builtins.int
+    """restore volume: tracks copied SVOL -> SPVOL"""
+    warning: _builtins.str
+    """e.g. a post_restore_hook that failed"""
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        tracks_sent: _builtins.int = ...,
+        bytes_sent: _builtins.int = ...,
+        volume_size: _builtins.int = ...,
+        track_size: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        local_tracks: _builtins.int = ...,
+        warning: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent", b"bytes_sent", "generation", b"generation", "local_tracks", b"local_tracks", "pair", b"pair", "seconds", b"seconds", "track_size", b"track_size", "tracks_sent", b"tracks_sent", "volume_size", b"volume_size", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreReport: _TypeAlias = RestoreReport  # noqa: Y015
+
+@_typing.final
 class VerifyReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -804,11 +913,14 @@ class Stats(_message.Message):
     INTERCONNECT_BYTES_SENT_FIELD_NUMBER: _builtins.int
     INTERCONNECT_BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     PAIRS_FIELD_NUMBER: _builtins.int
+    NBD_PORT_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
     interconnect_bytes_sent: _builtins.int
     """Bytes of payload this system sent to / received from peers."""
     interconnect_bytes_received: _builtins.int
+    nbd_port: _builtins.int
+    """0: no NBD server"""
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairCounters]: ...
     def __init__(
@@ -819,10 +931,11 @@ class Stats(_message.Message):
         interconnect_bytes_sent: _builtins.int = ...,
         interconnect_bytes_received: _builtins.int = ...,
         pairs: _abc.Iterable[Global___PairCounters] | None = ...,
+        nbd_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interconnect_bytes_received", b"interconnect_bytes_received", "interconnect_bytes_sent", b"interconnect_bytes_sent", "pairs", b"pairs", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interconnect_bytes_received", b"interconnect_bytes_received", "interconnect_bytes_sent", b"interconnect_bytes_sent", "nbd_port", b"nbd_port", "pairs", b"pairs", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

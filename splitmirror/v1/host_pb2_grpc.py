@@ -119,6 +119,26 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
                 _registered_method=True)
+        self.BeginRestore = channel.unary_unary(
+                '/splitmirror.v1.HostApi/BeginRestore',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.RestoreSession.FromString,
+                _registered_method=True)
+        self.FinishRestore = channel.unary_unary(
+                '/splitmirror.v1.HostApi/FinishRestore',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.RestoreReport.FromString,
+                _registered_method=True)
+        self.AbortRestore = channel.unary_unary(
+                '/splitmirror.v1.HostApi/AbortRestore',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.RestoreReport.FromString,
+                _registered_method=True)
+        self.RestoreVolume = channel.unary_unary(
+                '/splitmirror.v1.HostApi/RestoreVolume',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.RestoreReport.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/splitmirror.v1.HostApi/GetStats',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.StatsRequest.SerializeToString,
@@ -235,6 +255,34 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginRestore(self, request, context):
+        """Restores, issued at the secondary (host B).  Files: BeginRestore fences
+        the PVOL and splits the remote pair, the restore agent copies files into
+        the SPVOL, FinishRestore resyncs the PVOL from the SPVOL by bitmap and
+        unfences.  RestoreVolume does a whole volume in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishRestore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRestore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -328,6 +376,26 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.ListBackups,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.SerializeToString,
+            ),
+            'BeginRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginRestore,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RestoreRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreSession.SerializeToString,
+            ),
+            'FinishRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRestore,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreReport.SerializeToString,
+            ),
+            'AbortRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRestore,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreReport.SerializeToString,
+            ),
+            'RestoreVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreVolume,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RestoreRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreReport.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -794,6 +862,114 @@ class HostApi:
             '/splitmirror.v1.HostApi/ListBackups',
             splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/BeginRestore',
+            splitmirror_dot_v1_dot_host__pb2.RestoreRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.RestoreSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/FinishRestore',
+            splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.RestoreReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/AbortRestore',
+            splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.RestoreReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/RestoreVolume',
+            splitmirror_dot_v1_dot_host__pb2.RestoreRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.RestoreReport.FromString,
             options,
             channel_credentials,
             insecure,

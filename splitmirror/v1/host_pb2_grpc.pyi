@@ -53,6 +53,15 @@ class HostApiStub:
     """
     ListBackups: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    BeginRestore: _grpc.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreSession]
+    """Restores, issued at the secondary (host B).  Files: BeginRestore fences
+    the PVOL and splits the remote pair, the restore agent copies files into
+    the SPVOL, FinishRestore resyncs the PVOL from the SPVOL by bitmap and
+    unfences.  RestoreVolume does a whole volume in one call.
+    """
+    FinishRestore: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.RestoreReport]
+    AbortRestore: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.RestoreReport]
+    RestoreVolume: _grpc.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreReport]
     GetStats: _grpc.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]
 
 @_typing.type_check_only
@@ -80,6 +89,15 @@ class HostApiAsyncStub(HostApiStub):
     """
     ListBackups: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]  # type: ignore[assignment]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    BeginRestore: _aio.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreSession]  # type: ignore[assignment]
+    """Restores, issued at the secondary (host B).  Files: BeginRestore fences
+    the PVOL and splits the remote pair, the restore agent copies files into
+    the SPVOL, FinishRestore resyncs the PVOL from the SPVOL by bitmap and
+    unfences.  RestoreVolume does a whole volume in one call.
+    """
+    FinishRestore: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.RestoreReport]  # type: ignore[assignment]
+    AbortRestore: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.RestoreReport]  # type: ignore[assignment]
+    RestoreVolume: _aio.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreReport]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]  # type: ignore[assignment]
 
 class HostApiServicer(metaclass=_abc_1.ABCMeta):
@@ -206,6 +224,39 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.GenerationList, _abc.Awaitable[_host_pb2.GenerationList]]:
         """Backup generations of a remote pair (at the primary: asked of the peer)."""
+
+    @_abc_1.abstractmethod
+    def BeginRestore(
+        self,
+        request: _host_pb2.RestoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.RestoreSession, _abc.Awaitable[_host_pb2.RestoreSession]]:
+        """Restores, issued at the secondary (host B).  Files: BeginRestore fences
+        the PVOL and splits the remote pair, the restore agent copies files into
+        the SPVOL, FinishRestore resyncs the PVOL from the SPVOL by bitmap and
+        unfences.  RestoreVolume does a whole volume in one call.
+        """
+
+    @_abc_1.abstractmethod
+    def FinishRestore(
+        self,
+        request: _host_pb2.PairRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.RestoreReport, _abc.Awaitable[_host_pb2.RestoreReport]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortRestore(
+        self,
+        request: _host_pb2.PairRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.RestoreReport, _abc.Awaitable[_host_pb2.RestoreReport]]: ...
+
+    @_abc_1.abstractmethod
+    def RestoreVolume(
+        self,
+        request: _host_pb2.RestoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.RestoreReport, _abc.Awaitable[_host_pb2.RestoreReport]]: ...
 
     @_abc_1.abstractmethod
     def GetStats(

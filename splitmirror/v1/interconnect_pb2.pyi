@@ -23,6 +23,35 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RestoreOp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RestoreOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RestoreOp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESTORE_OP_UNSPECIFIED: _RestoreOp.ValueType  # 0
+    RESTORE_OP_FENCE: _RestoreOp.ValueType  # 1
+    """hook, fence the PVOL, split the remote pair"""
+    RESTORE_OP_RESYNC_REVERSE: _RestoreOp.ValueType  # 2
+    """SPVOL -> PVOL by bitmap, to DUPLEX"""
+    RESTORE_OP_UNFENCE: _RestoreOp.ValueType  # 3
+    """unfence, hook"""
+    RESTORE_OP_ABORT: _RestoreOp.ValueType  # 4
+    """forward resync back to DUPLEX, unfence, hook"""
+
+class RestoreOp(_RestoreOp, metaclass=_RestoreOpEnumTypeWrapper): ...
+
+RESTORE_OP_UNSPECIFIED: RestoreOp.ValueType  # 0
+RESTORE_OP_FENCE: RestoreOp.ValueType  # 1
+"""hook, fence the PVOL, split the remote pair"""
+RESTORE_OP_RESYNC_REVERSE: RestoreOp.ValueType  # 2
+"""SPVOL -> PVOL by bitmap, to DUPLEX"""
+RESTORE_OP_UNFENCE: RestoreOp.ValueType  # 3
+"""unfence, hook"""
+RESTORE_OP_ABORT: RestoreOp.ValueType  # 4
+"""forward resync back to DUPLEX, unfence, hook"""
+Global___RestoreOp: _TypeAlias = RestoreOp  # noqa: Y015
+
 class _PairOp:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -59,6 +88,59 @@ PAIR_OP_RESYNC_DONE: PairOp.ValueType  # 6
 PAIR_OP_DELETE: PairOp.ValueType  # 7
 PAIR_OP_SET_MODE: PairOp.ValueType  # 8
 Global___PairOp: _TypeAlias = PairOp  # noqa: Y015
+
+@_typing.final
+class RestoreControlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    op: Global___RestoreOp.ValueType
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        op: Global___RestoreOp.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "pair", b"pair", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreControlRequest: _TypeAlias = RestoreControlRequest  # noqa: Y015
+
+@_typing.final
+class RestoreControlReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PVOL_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    pvol: _builtins.str
+    tracks: _builtins.int
+    bytes: _builtins.int
+    warning: _builtins.str
+    def __init__(
+        self,
+        *,
+        pvol: _builtins.str = ...,
+        tracks: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        warning: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "pvol", b"pvol", "tracks", b"tracks", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreControlReply: _TypeAlias = RestoreControlReply  # noqa: Y015
 
 @_typing.final
 class PrepareBackupRequest(_message.Message):

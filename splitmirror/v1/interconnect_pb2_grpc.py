@@ -79,6 +79,11 @@ class InterconnectStub:
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.FromString,
                 _registered_method=True)
+        self.RestoreControl = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/RestoreControl',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlReply.FromString,
+                _registered_method=True)
 
 
 class InterconnectServicer:
@@ -147,6 +152,13 @@ class InterconnectServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreControl(self, request, context):
+        """Restores: the secondary asks the primary to fence, resync back, unfence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InterconnectServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +206,11 @@ def add_InterconnectServicer_to_server(servicer, server):
                     servicer.ListGenerations,
                     request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.SerializeToString,
+            ),
+            'RestoreControl': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreControl,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +456,33 @@ class Interconnect:
             '/splitmirror.v1.Interconnect/ListGenerations',
             splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.SerializeToString,
             splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreControl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/RestoreControl',
+            splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlReply.FromString,
             options,
             channel_credentials,
             insecure,

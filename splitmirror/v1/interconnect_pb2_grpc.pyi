@@ -55,6 +55,8 @@ class InterconnectStub:
     """Backups: pick and sync a generation; report the outcome of a marker."""
     FinishBackup: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.FinishBackupRequest, _interconnect_pb2.FinishBackupReply]
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.ListGenerationsRequest, _interconnect_pb2.ListGenerationsReply]
+    RestoreControl: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.RestoreControlRequest, _interconnect_pb2.RestoreControlReply]
+    """Restores: the secondary asks the primary to fence, resync back, unfence."""
 
 @_typing.type_check_only
 class InterconnectAsyncStub(InterconnectStub):
@@ -79,6 +81,8 @@ class InterconnectAsyncStub(InterconnectStub):
     """Backups: pick and sync a generation; report the outcome of a marker."""
     FinishBackup: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.FinishBackupRequest, _interconnect_pb2.FinishBackupReply]  # type: ignore[assignment]
     ListGenerations: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.ListGenerationsRequest, _interconnect_pb2.ListGenerationsReply]  # type: ignore[assignment]
+    RestoreControl: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.RestoreControlRequest, _interconnect_pb2.RestoreControlReply]  # type: ignore[assignment]
+    """Restores: the secondary asks the primary to fence, resync back, unfence."""
 
 class InterconnectServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -154,5 +158,13 @@ class InterconnectServicer(metaclass=_abc_1.ABCMeta):
         request: _interconnect_pb2.ListGenerationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_interconnect_pb2.ListGenerationsReply, _abc.Awaitable[_interconnect_pb2.ListGenerationsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def RestoreControl(
+        self,
+        request: _interconnect_pb2.RestoreControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.RestoreControlReply, _abc.Awaitable[_interconnect_pb2.RestoreControlReply]]:
+        """Restores: the secondary asks the primary to fence, resync back, unfence."""
 
 def add_InterconnectServicer_to_server(servicer: InterconnectServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,192 @@
+"""``splitmirror restore files|volume``: the restore agent on host B.
+
+Talks to the secondary's daemon.  For files it first checks every path
+against the backup (the SVOL mounted read-only, nothing fenced yet), then
+has the daemons fence the PVOL and split the remote pair, copies the files
+into the SPVOL through NBD + FUSE mounts, and has the PVOL resynced from the
+SPVOL by bitmap.  Any failure after the fence aborts the restore, which
+resyncs the mirror back and unfences: the PVOL is never left half restored
+without ``pair display`` saying it is fenced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from splitmirror.errors import FailedPrecondition, SplitmirrorError
+from splitmirror.sizes import format_size
+from splitmirror.v1 import host_pb2
+
+from .agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
+from .library import Client
+
+T = TypeVar("T")
+
+
+class Reporter:
+    """Progress of one step: a bar on a terminal, JSON lines on stderr with --json."""
+
+    def __init__(self, as_json: bool, tty: bool) -> None:
+        self.as_json = as_json
+        self.tty = tty and not as_json
+        self._progress: Progress | None = None
+        self._last = -1.0
+
+    @contextlib.contextmanager
+    def step(self, title: str, total: float) -> Iterator[Reporter]:
+        started = time.monotonic()
+        if self.tty:
+            self._progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), TaskProgressColumn(),
+                                      DownloadColumn(), TimeRemainingColumn(), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(title, total=max(total, 1))
+        self._title, self._total, self._started = title, total, started
+        try:
+            yield self
+        finally:
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
+
+    def update(self, done: float, total: float | None = None) -> None:
+        total = self._total if total is None else total
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=max(total, 1))
+        elif self.as_json and (done - self._last >= total / 20 or done >= total):
+            self._last = done
+            elapsed = time.monotonic() - self._started
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else None
+            print(json.dumps({"step": self._title, "done": done, "total": total,
+                              "progress": round(100.0 * done / total, 1) if total else 100.0,
+                              "rate": round(rate, 1), "eta_seconds": None if eta is None else round(eta, 1)}),
+                  file=sys.stderr, flush=True)
+
+
+async def _watch_resync(client: Client, pair: str, work: Awaitable[T], reporter: Reporter) -> T:
+    """Run ``work`` while showing the remote pair's resync progress."""
+    task = asyncio.ensure_future(work)
+    with reporter.step(f"resync PVOL from SPVOL ({pair})", 100.0):
+        while not task.done():
+            rows = await client.display_pairs(pair)
+            row = rows[0] if rows else None
+            if row is not None and row.has_progress:
+                reporter.update(row.progress, 100.0)
+            await asyncio.wait({task}, timeout=0.25)
+        reporter.update(100.0, 100.0)
+    return task.result()
+
+
+def _confirm(args: argparse.Namespace, what: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise FailedPrecondition(f"{what}; confirm with --yes")
+    answer = input(f"{what}. Continue? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise FailedPrecondition("restore cancelled")
+
+
+def _nbd_url(server: str, port: int, export: str) -> str:
+    host = server.rpartition(":")[0] or "127.0.0.1"
+    return f"nbd://{host}:{port}/{export}"
+
+
+@contextlib.asynccontextmanager
+async def _workdir() -> AsyncIterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="splitmirror-restore-") as tmp:
+        yield Path(tmp)
+
+
+def _is_root(path: str) -> bool:
+    """Does ``path`` name the whole filesystem (``/``, ``//``, ``/.``)? (pure string work)"""
+    return os.path.normpath("/" + path.strip()) == "/"
+
+
+async def restore_files(client: Client, args: argparse.Namespace, as_json: bool) -> dict[str, object]:
+    if any(_is_root(p) for p in args.paths):
+        # The whole filesystem: the whole-volume path is exact and cheaper.
+        return await restore_volume(client, args, as_json)
+    problem = fuse_problem()
+    if problem:
+        raise FailedPrecondition(f"cannot mount volumes on this host: {problem}")
+    stats = await client.stats()
+    if not stats.nbd_port:
+        raise FailedPrecondition(f"the daemon at {args.server} serves no NBD exports (start it with --nbd)")
+    generations = {g.local_pair: g for g in await client.list_backups(args.name)}
+    gen = generations.get(args.generation)
+    if gen is None:
+        raise SplitmirrorError(f"generation {args.generation!r} is not a backup generation of pair {args.name!r} "
+                               f"(generations: {', '.join(generations) or 'none'})")
+    reporter = Reporter(as_json, sys.stderr.isatty())
+    async with _workdir() as work:
+        svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol)
+        async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
+            plan = plan_copy(backup_root, list(args.paths))
+            if plan.missing:
+                raise FailedPrecondition(
+                    f"not in the backup of generation {args.generation!r} ({gen.backup_time}): "
+                    f"{', '.join(plan.missing)}; nothing was changed")
+            _confirm(args, f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
+                           f"({gen.backup_time}): the PVOL is fenced meanwhile")
+            session = await client.begin_restore(args.name, args.generation)
+            try:
+                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol)
+                async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
+                    with reporter.step("copy files", float(plan.total_bytes)):
+                        copied = await copy_plan(plan, backup_root, target,
+                                                 lambda done, total: reporter.update(done, total))
+            except BaseException as exc:
+                await _abort(client, args.name, exc)
+                raise
+    report = await _watch_resync(client, args.name, client.finish_restore(args.name), reporter)
+    return _report_json(report, restored=[str(p) for p in copied.restored], kind="files")
+
+
+async def _abort(client: Client, pair: str, cause: BaseException) -> None:
+    try:
+        await asyncio.shield(client.abort_restore(pair))
+    except Exception as exc:  # the original error is what the user must see
+        print(f"splitmirror: warning: aborting the restore of {pair} failed ({exc}); "
+              f"the PVOL stays fenced: run 'splitmirror restore abort {pair}'", file=sys.stderr)
+    if isinstance(cause, AgentError):
+        raise FailedPrecondition(f"{cause}; the restore was aborted and the PVOL unfenced") from None
+
+
+async def restore_volume(client: Client, args: argparse.Namespace, as_json: bool) -> dict[str, object]:
+    _confirm(args, f"replace the whole PVOL of pair {args.name} with generation {args.generation}")
+    reporter = Reporter(as_json, sys.stderr.isatty())
+    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation), reporter)
+    return _report_json(report, restored=["/"], kind="volume")
+
+
+def _report_json(report: host_pb2.RestoreReport, restored: list[str], kind: str) -> dict[str, object]:
+    return {"pair": report.pair, "generation": report.generation, "kind": kind, "restored": restored,
+            "tracks_sent": int(report.tracks_sent), "bytes_sent": int(report.bytes_sent),
+            "volume_size": int(report.volume_size), "track_size": int(report.track_size),
+            "local_tracks": int(report.local_tracks), "seconds": round(report.seconds, 3),
+            "warning": report.warning or None}
+
+
+def render_report(obj: dict[str, object]) -> list[str]:
+    restored = obj["restored"]
+    assert isinstance(restored, list)
+    sent, size = int(str(obj["bytes_sent"])), int(str(obj["volume_size"]))
+    lines = [f"restored from {obj['generation']} into pair {obj['pair']}: {', '.join(restored)}",
+             f"crossed the interconnect: {obj['tracks_sent']} tracks, {format_size(sent) if sent else '0'} "
+             f"of a {format_size(size)} volume ({100.0 * sent / size:.3f}%)"]
+    if obj.get("warning"):
+        lines.append(f"warning: {obj['warning']}")
+    return lines

@@ -1,0 +1,267 @@
+"""Restores from a backup generation, coordinated from the secondary.
+
+Restore files (the restore agent on host B copies the files):
+
+1. ``begin`` - the primary runs ``pre_restore_hook``, fences the PVOL (host
+   I/O refused, connected NBD clients too) and splits the remote pair, so
+   the SPVOL becomes writable at the secondary;
+2. the agent mounts the SVOL read-only and the SPVOL read-write and copies;
+3. ``finish`` - the primary resyncs the PVOL from the SPVOL by bitmap (the
+   OR of both ends: what the copy wrote plus what the PVOL changed), then
+   unfences and runs ``post_restore_hook``.
+
+Restore volume does the same with a reverse resync SVOL -> SPVOL in place of
+the copy; the generation is split again afterwards, so it keeps its backup.
+
+The restore's phase is kept in the secondary's copy table and the fence in
+the primary's: a restore cut short by a fault is resumed by the same command
+(or undone by ``abort``), and ``pair display`` says the PVOL is fenced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .errors import FailedPrecondition, NotFound
+from .pair import Pair
+from .status import PairStatus
+from .v1 import host_pb2 as pb
+from .v1 import interconnect_pb2 as ic
+
+if TYPE_CHECKING:
+    from .pairs import PairManager
+
+log = logging.getLogger("splitmirror.restore")
+
+HOOK_TIMEOUT = 300.0
+
+
+class RestoreManager:
+    def __init__(self, manager: PairManager, pre_hook: str = "", post_hook: str = "") -> None:
+        self.manager = manager
+        self.system = manager.system
+        self.pre_hook = pre_hook
+        self.post_hook = post_hook
+        self._running: set[str] = set()
+
+    # -- shared ---------------------------------------------------------------
+    async def _state(self, pair: str) -> dict[str, str] | None:
+        raw = await self.system.table.get_meta(f"restore:{pair}")
+        return None if raw is None else dict(json.loads(raw))
+
+    async def _save_state(self, pair: str, state: dict[str, str] | None) -> None:
+        if state is None:
+            await self.system.table.delete_meta(f"restore:{pair}")
+        else:
+            await self.system.table.set_meta(f"restore:{pair}", json.dumps(state))
+        await self.system.table.sync()
+
+    def describe(self, pair: str) -> str:
+        """For ``pair display``: the restore in progress, if any."""
+        return "restore in progress" if pair in self._running else ""
+
+    # -- the secondary: what host B asks ------------------------------------------
+    def _remote_mirror(self, name: str) -> Pair:
+        pair = self.manager.pair(name)
+        if not pair.remote or pair.mirror is None:
+            raise FailedPrecondition(
+                f"pair {name!r} has no SPVOL on system {self.system.system_id}; restores are issued at the "
+                "secondary of a remote pair")
+        return pair
+
+    def _generation(self, pair: Pair, name: str) -> Pair:
+        assert pair.mirror is not None
+        gens = self.manager.backups.generations(pair)
+        gen = next((g for g in gens if g.name == name), None)
+        if gen is None:
+            known = ", ".join(g.name for g in gens) or "none"
+            raise NotFound(f"generation {name!r} is not a backup generation of pair {pair.name!r} "
+                           f"(generations: {known})")
+        if gen.status is not PairStatus.SPLIT or not gen.row.backup_time:
+            raise FailedPrecondition(
+                f"generation {name!r} is {gen.status.value}{'' if gen.row.backup_time else ' and holds no backup'}; "
+                "a restore reads a SPLIT generation holding a backup")
+        return gen
+
+    async def _control(self, pair: Pair, op: int, reason: str = "") -> ic.RestoreControlReply:
+        link = self.manager.links.get(pair.peer_id)
+        if link is None:
+            raise FailedPrecondition(f"peer system {pair.peer_id} is not configured on system {self.system.system_id}")
+        try:
+            reply: ic.RestoreControlReply = await link.stub.RestoreControl(
+                ic.RestoreControlRequest(pair=pair.name, op=op, reason=reason),  # type: ignore[arg-type]
+                metadata=link.metadata)
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            from .pairs import relay
+
+            raise relay(exc, pair.peer_id) from None
+
+    def _claim(self, name: str) -> None:
+        if name in self._running:
+            raise FailedPrecondition(f"a restore of pair {name!r} is already running")
+        self._running.add(name)
+
+    async def begin(self, name: str, generation: str, kind: str = "files") -> pb.RestoreSession:
+        pair = self._remote_mirror(name)
+        gen = self._generation(pair, generation)
+        state = await self._state(name)
+        if state is not None and state["generation"] != generation:
+            raise FailedPrecondition(
+                f"an interrupted restore of pair {name!r} from generation {state['generation']!r} is pending; "
+                "run it again to finish it, or abort it")
+        self._claim(name)
+        try:
+            resumed = state is not None
+            await self._save_state(name, {"generation": generation, "kind": kind, "phase": "fencing"})
+            await self._control(pair, ic.RESTORE_OP_FENCE, f"restore of {kind} from {generation}")
+            await self._save_state(name, {"generation": generation, "kind": kind, "phase": "fenced"})
+        except BaseException:
+            if state is None:
+                await self._save_state(name, None)
+            raise
+        finally:
+            self._running.discard(name)
+        assert pair.mirror is not None and gen.mirror is not None
+        log.info("restore of pair %s from generation %s: PVOL fenced, SPVOL %s writable%s", name, generation,
+                 pair.mirror.volume.name, " (resumed)" if resumed else "")
+        return pb.RestoreSession(pair=name, generation=generation, svol=gen.mirror.volume.name,
+                                 spvol=pair.mirror.volume.name, phase="fenced", resumed=resumed)
+
+    async def finish(self, name: str) -> pb.RestoreReport:
+        pair = self._remote_mirror(name)
+        state = await self._state(name)
+        if state is None:
+            raise FailedPrecondition(f"no restore of pair {name!r} is in progress")
+        self._claim(name)
+        try:
+            started = time.monotonic()
+            await self._save_state(name, {**state, "phase": "resyncing"})
+            moved = await self._control(pair, ic.RESTORE_OP_RESYNC_REVERSE)
+            done = await self._control(pair, ic.RESTORE_OP_UNFENCE)
+            await self._save_state(name, None)
+        finally:
+            self._running.discard(name)
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        log.info("restore of pair %s done: %d tracks (%d bytes) resynced to the PVOL", name, moved.tracks,
+                 moved.bytes)
+        return pb.RestoreReport(pair=name, generation=state["generation"], tracks_sent=moved.tracks,
+                                bytes_sent=moved.bytes, volume_size=vol.size, track_size=vol.track_size,
+                                seconds=time.monotonic() - started, warning=done.warning)
+
+    async def abort(self, name: str) -> pb.RestoreReport:
+        pair = self._remote_mirror(name)
+        state = await self._state(name)
+        self._claim(name)
+        try:
+            reply = await self._control(pair, ic.RESTORE_OP_ABORT)
+            await self._save_state(name, None)
+        finally:
+            self._running.discard(name)
+        log.warning("restore of pair %s aborted; the PVOL was not changed", name)
+        assert pair.mirror is not None
+        return pb.RestoreReport(pair=name, generation=(state or {}).get("generation", ""),
+                                volume_size=pair.mirror.volume.size, track_size=pair.mirror.volume.track_size,
+                                warning=reply.warning)
+
+    async def restore_volume(self, name: str, generation: str) -> pb.RestoreReport:
+        pair = self._remote_mirror(name)
+        gen = self._generation(pair, generation)
+        started = time.monotonic()
+        await self.begin(name, generation, kind="volume")
+        self._claim(name)
+        try:
+            assert gen.primary is not None
+            local = len(gen.primary.bitmap) + (len(gen.mirror.bitmap) if gen.mirror else 0)
+            await self.manager.resync(gen.name, reverse=True)
+            if gen.copy_task is not None:
+                await asyncio.shield(gen.copy_task)
+            if not _duplex(gen):
+                raise FailedPrecondition(f"generation {gen.name!r} could not be copied back ({gen.status.value})")
+            await self.manager.split(gen.name)  # keep the backup image in the generation
+        finally:
+            self._running.discard(name)
+        report = await self.finish(name)
+        report.local_tracks = local
+        report.seconds = time.monotonic() - started
+        return report
+
+    # -- the primary: what the secondary asks ---------------------------------------
+    async def control(self, peer: int, req: ic.RestoreControlRequest) -> ic.RestoreControlReply:
+        pair = self.manager.pair(req.pair)
+        if pair.primary is None or not pair.remote or pair.peer_id != peer:
+            raise NotFound(f"pair {req.pair!r} has no PVOL on system {self.system.system_id} for system {peer}")
+        pvol = pair.primary.volume.name
+        reply = ic.RestoreControlReply(pvol=pvol)
+        if req.op == ic.RESTORE_OP_FENCE:
+            if pvol not in self.system.fences:
+                await self._hook(self.pre_hook, pair, "pre-restore")
+                await self.system.fence(pvol, req.reason or "restore")
+            if pair.status is PairStatus.DUPLEX:
+                await self.manager.split(pair.name)
+            elif pair.status is PairStatus.COPY:
+                await self.system.unfence(pvol)
+                raise FailedPrecondition(f"pair {pair.name!r} is copying; restore once it is DUPLEX")
+        elif req.op == ic.RESTORE_OP_RESYNC_REVERSE:
+            before = (pair.counters.resync_tracks_received, pair.counters.resync_bytes_received)
+            await self._resync(pair, reverse=True)
+            reply.tracks = pair.counters.resync_tracks_received - before[0]
+            reply.bytes = pair.counters.resync_bytes_received - before[1]
+        elif req.op == ic.RESTORE_OP_UNFENCE:
+            await self.system.unfence(pvol)
+            reply.warning = await self._hook(self.post_hook, pair, "post-restore", fatal=False)
+        elif req.op == ic.RESTORE_OP_ABORT:
+            await self._resync(pair, reverse=False)
+            await self.system.unfence(pvol)
+            reply.warning = await self._hook(self.post_hook, pair, "post-restore", fatal=False)
+        else:
+            raise FailedPrecondition(f"unknown restore operation {req.op}")
+        return reply
+
+    async def _resync(self, pair: Pair, reverse: bool) -> None:
+        if pair.status is not PairStatus.DUPLEX:
+            if pair.status is not PairStatus.COPY:
+                await self.manager.resync(pair.name, reverse=reverse, force=True)
+            if pair.copy_task is not None:
+                await asyncio.shield(pair.copy_task)
+        if not _duplex(pair):
+            raise FailedPrecondition(f"pair {pair.name!r} did not return to DUPLEX ({pair.status.value}"
+                                     f"{': ' + pair.row.reason if pair.row.reason else ''}); the PVOL stays fenced")
+
+    async def _hook(self, command: str, pair: Pair, phase: str, fatal: bool = True) -> str:
+        if not command:
+            return ""
+        assert pair.primary is not None
+        env = dict(os.environ, SPLITMIRROR_PAIR=pair.name, SPLITMIRROR_VOLUME=pair.primary.volume.name,
+                   SPLITMIRROR_PHASE=phase, SPLITMIRROR_SYSTEM_ID=str(self.system.system_id))
+        proc = await asyncio.create_subprocess_shell(command, env=env, stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            problem = f"{phase} hook timed out after {HOOK_TIMEOUT:g}s"
+        else:
+            if proc.returncode == 0:
+                log.info("%s hook for pair %s ran: %s", phase, pair.name, out.decode(errors="replace").strip()[:200])
+                return ""
+            problem = (f"{phase} hook exited with {proc.returncode}: "
+                       f"{out.decode(errors='replace').strip().splitlines()[-1:] or ''}")
+        log.error("pair %s: %s", pair.name, problem)
+        if fatal:
+            raise FailedPrecondition(f"pair {pair.name!r}: {problem}; restore not started")
+        return problem
+
+
+def _duplex(pair: Pair) -> bool:
+    return pair.status is PairStatus.DUPLEX
+
