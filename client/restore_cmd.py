@@ -131,9 +131,19 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
         raise SplitmirrorError(f"generation {args.generation!r} is not a backup generation of pair {args.name!r} "
                                f"(generations: {', '.join(generations) or 'none'})")
     reporter = Reporter(as_json, sys.stderr.isatty())
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round(now - mark, 3)
+        mark = now
+
     async with _workdir() as work:
         svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol)
         async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
+            lap("mount_backup")
             plan = plan_copy(backup_root, list(args.paths))
             if plan.missing:
                 raise FailedPrecondition(
@@ -142,17 +152,24 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
             _confirm(args, f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
                            f"({gen.backup_time}): the PVOL is fenced meanwhile")
             session = await client.begin_restore(args.name, args.generation)
+            lap("fence_and_split")
             try:
                 spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol)
                 async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
+                    lap("mount_target")
                     with reporter.step("copy files", float(plan.total_bytes)):
                         copied = await copy_plan(plan, backup_root, target,
                                                  lambda done, total: reporter.update(done, total))
+                    lap("copy")
+                lap("sync_and_unmount")
             except BaseException as exc:
                 await _abort(client, args.name, exc)
                 raise
     report = await _watch_resync(client, args.name, client.finish_restore(args.name), reporter)
-    return _report_json(report, restored=[str(p) for p in copied.restored], kind="files")
+    lap("resync_and_unfence")
+    result = _report_json(report, restored=[str(p) for p in copied.restored], kind="files")
+    result["phase_seconds"] = phases
+    return result
 
 
 async def _abort(client: Client, pair: str, cause: BaseException) -> None:

@@ -52,6 +52,7 @@ class Daemon:
         for peer, address in cfg.peers.items():
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
                                         self.manager.on_peer_up, self.manager.on_peer_down)
+            self.links[peer].on_hello = self.manager.on_hello
         await self.manager.start()
 
         host_pb2_grpc.add_HostApiServicer_to_server(HostApiServicer(self.manager), self.host_server)

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .copytable import CopyTable
 
@@ -32,8 +32,11 @@ class _Extent:
 
 
 class IntentLog:
-    def __init__(self, table: CopyTable, extent_size: int = DEFAULT_EXTENT, idle_seconds: float = 2.0) -> None:
+    def __init__(self, table: CopyTable, extent_size: int = DEFAULT_EXTENT, idle_seconds: float = 2.0,
+                 before_clear: Callable[[], Awaitable[None]] | None = None) -> None:
         self.table = table
+        #: Runs before extents are forgotten: what they protect must be durable.
+        self.before_clear = before_clear
         self.extent_size = extent_size
         self.idle_seconds = idle_seconds
         # volume -> extent -> its state while hot
@@ -119,6 +122,10 @@ class IntentLog:
         limit = self.idle_seconds if idle_seconds is None else idle_seconds
         now = time.monotonic()
         cleared = 0
+        if self.before_clear is not None and any(
+                s.inflight == 0 and now - s.last_use >= limit and s.recorded.done()
+                for hot in self._hot.values() for s in hot.values()):
+            await self.before_clear()
         for volume, hot in list(self._hot.items()):
             cold = [e for e, s in hot.items()
                     if s.inflight == 0 and now - s.last_use >= limit and s.recorded.done()]

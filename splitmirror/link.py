@@ -68,6 +68,8 @@ class PeerLink:
         self.reason = ""
         self._on_up = on_up
         self._on_down = on_down
+        #: Called with every keepalive answer (the peer's view of our pairs).
+        self.on_hello: Callable[[PeerLink, ic.HelloReply], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_ok = time.monotonic()
         self._callbacks: set[asyncio.Task[None]] = set()
@@ -102,8 +104,8 @@ class PeerLink:
         self._last_ok = time.monotonic()
         while True:
             try:
-                await self.stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
-                                      metadata=self.metadata, timeout=interval * 2)
+                reply = await self.stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
+                                              metadata=self.metadata, timeout=interval * 2)
             except grpc.aio.AioRpcError as exc:
                 if self.up is not False and time.monotonic() - self._last_ok >= self.timeout:
                     self.up = False
@@ -117,6 +119,8 @@ class PeerLink:
                     self.up = True
                     log.info("peer %d at %s connected", self.peer_id, self.address)
                     self._notify(self._on_up)
+                elif self.on_hello is not None:
+                    self.on_hello(self, reply)
             await asyncio.sleep(interval)
 
     async def command(self, request: ic.PairCommandRequest) -> ic.MirrorState:

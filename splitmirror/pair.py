@@ -77,6 +77,7 @@ class Pair:
         self.copy_task: asyncio.Task[None] | None = None
         self.apply_lock = asyncio.Lock()     # mirror end: one Replicate stream at a time
         self.backup_running = False
+        self.reconciling = False
 
     @property
     def ends(self) -> list[PairEnd]:

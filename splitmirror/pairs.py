@@ -37,7 +37,7 @@ from .pair import Pair, PairEnd, RemoteChannel
 from .replication import BackupMarker, Entry
 from .restore import RestoreManager
 from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
-from .status import MIRRORING, PairOp, PairStatus, transition
+from .status import MIRRORING, TRACKING, PairOp, PairStatus, transition
 from .system import StorageSystem, WriteOp, check_name, mark, utc_now
 from .v1 import interconnect_pb2 as ic
 from .volume import Volume
@@ -154,19 +154,23 @@ class PairManager:
             vol = self.system.volumes.get(volume)
             if vol is None:
                 continue
-            for pair in self.system.pairs_from(vol):
-                assert pair.primary is not None
-                runs = []
-                for e in sorted(extents):
-                    first, stop = self.system.intent.tracks_of(e, vol.track_size, vol.tracks)
-                    pair.primary.bitmap.add_range(first, stop)
-                    runs.append((first, stop - first))
-                await self.system.table.add_runs(pair.name, vol.name, runs)
-                if pair.status in MIRRORING:
+            runs = [(first, stop - first) for e in sorted(extents)
+                    for first, stop in [self.system.intent.tracks_of(e, vol.track_size, vol.tracks)]]
+            for pair in self.system.pairs_of(vol):
+                # The copy source may have missed its mirror; a suspended
+                # SPVOL may have taken host writes whose bits were not saved.
+                ends = [e for e in pair.ends if e.volume is vol and
+                        (e is pair.primary or (pair.remote and pair.status in TRACKING))]
+                for end in ends:
+                    for first, count in runs:
+                        end.bitmap.add_range(first, first + count)
+                    await self.system.table.add_runs(pair.name, vol.name, runs)
+                if pair.primary is not None and pair.primary.volume is vol and pair.status in MIRRORING:
                     self._set_status(pair, PairOp.FAULT, "crash-recovery")
                     await self.system.save_rows(pair)
-                log.warning("pair %s: unclean stop, %d write-intent extents (%d tracks) marked for resync",
-                            pair.name, len(extents), sum(c for _, c in runs))
+                if ends:
+                    log.warning("pair %s: unclean stop, %d write-intent extents (%d tracks) of %s marked pending",
+                                pair.name, len(extents), sum(c for _, c in runs), vol.name)
         await self.system.table.remove_intent_all()
 
     def _attach_remote(self, pair: Pair, link: PeerLink) -> None:
@@ -579,6 +583,25 @@ class PairManager:
             except SplitmirrorError as exc:
                 log.warning("pair %s: reconnect handling failed: %s", pair.name, exc)
 
+    def on_hello(self, link: PeerLink, reply: ic.HelloReply) -> None:
+        """The peer's view of our pairs, every keepalive: catch a mirror end
+        that suspended itself while we saw no fault (it lost us briefly)."""
+        for state in reply.mirrors:
+            pair = self.system.pairs.get(state.pair)
+            if (pair is not None and pair.primary is not None and pair.remote and pair.peer_id == link.peer_id
+                    and pair.status is PairStatus.DUPLEX and state.status == PairStatus.SUSPENDED.value
+                    and not pair.reconciling):
+                pair.reconciling = True
+                self._spawn(self._reconcile_once(pair), f"reconcile-{pair.name}")
+
+    async def _reconcile_once(self, pair: Pair) -> None:
+        try:
+            await self._reconcile(pair)
+        except SplitmirrorError as exc:
+            log.warning("pair %s: reconcile failed: %s", pair.name, exc.message)
+        finally:
+            pair.reconciling = False
+
     async def _reconcile(self, pair: Pair) -> None:
         """After a reconnect: bring both ends back to agreement."""
         state = await self._command(pair, ic.PAIR_OP_STATUS)
@@ -711,18 +734,19 @@ class PairManager:
                     ops = []
                 await self.system.flush_volume(vol)
                 continue
-            length = e.zero_length or len(e.data)
+            data = e.data  # each access to a bytes field copies it: once only
+            length = e.zero_length or len(data)
             if not length:
                 continue  # a barrier: acknowledged with the batch
             vol.check_range(e.offset, length)
-            ops.append(WriteOp(e.offset, e.data, e.zero_length))
-            self.system.bytes_received += len(e.data)
+            ops.append(WriteOp(e.offset, data, e.zero_length))
+            self.system.bytes_received += len(data)
             if e.resync:
                 pair.counters.resync_tracks_received += length // vol.track_size
-                pair.counters.resync_bytes_received += len(e.data)
+                pair.counters.resync_bytes_received += len(data)
             else:
                 pair.counters.replicated_writes += 1
-                pair.counters.replicated_bytes += len(e.data)
+                pair.counters.replicated_bytes += len(data)
         if ops:
             await self.system.write_ops(vol, ops)
 

@@ -66,7 +66,8 @@ class StorageSystem:
         self.data_dir = data_dir
         self.volume_dir = data_dir / "volumes"
         self.table = CopyTable(data_dir / "copytable.sqlite")
-        self.intent = IntentLog(self.table)
+        self.intent = IntentLog(self.table, before_clear=self.persist_bitmaps)
+        self._dirty: set[tuple[str, str]] = set()  # (pair, volume) bitmaps changed since saved
         self.volumes: dict[str, Volume] = {}
         self.pairs: dict[str, Pair] = {}
         self.fences: dict[str, str] = {}
@@ -265,11 +266,13 @@ class StorageSystem:
         start = min(op.offset for op in ops)
         end = max(op.offset + op.length for op in ops)
         length = end - start
-        if not any(p.status in MIRRORING for p in self.pairs_from(vol)):
+        if not self.pairs_of(vol):
             async with self._order[vol.name].hold(start, length):
-                await self._track(vol, ops)
                 await vol.apply([(op.offset, op.data, op.zero_length) for op in ops])
             return
+        # The extent is durable in the write-intent log before any pending
+        # bit is set in memory or any byte is mirrored: after a crash, its
+        # tracks are where the ends may differ.
         async with self.intent.covering(vol.name, start, length):
             waits: list[asyncio.Future[bool]] = []
             async with self._order[vol.name].hold(start, length):
@@ -278,7 +281,7 @@ class StorageSystem:
                     if pair.row.mode == "async" and self.on_overflow is not None \
                             and pair.queued_bytes() + payload > self.async_queue_bytes:
                         self.on_overflow(pair)  # the pair is SUSPENDED now: tracked below
-                await self._track(vol, ops)
+                self._track(vol, ops)
                 # No await from here to the pushes: the statuses seen are current.
                 for pair in self._mirroring(vol):
                     assert pair.channel is not None
@@ -300,25 +303,30 @@ class StorageSystem:
         return [p for p in self.pairs_from(vol)
                 if p.channel is not None and p.status in MIRRORING and p.row.direction == "forward"]
 
-    async def _track(self, vol: Volume, ops: Iterable[WriteOp]) -> None:
+    def _track(self, vol: Volume, ops: Iterable[WriteOp]) -> None:
         """Mark pending bits of suspended pairs on either end of ``vol``.
 
-        Loops until no tracking pair is left unmarked, so a pair suspended
-        while a commit was awaited is not missed.
+        In memory only (no await, so no status change can slip between the
+        check and the mark): the write-intent extent held around the write
+        covers these tracks until the bitmap is persisted, which happens
+        before the extent is cleared (see :meth:`persist_bitmaps`).
         """
-        done: set[str] = set()
-        while True:
-            todo = [p for p in self.pairs_of(vol) if p.status in TRACKING and p.name not in done]
-            if not todo:
-                return
-            for pair in todo:
-                done.add(pair.name)
-                for end in pair.ends:
-                    if end.volume is not vol:
-                        continue
-                    runs = [r for op in ops if (r := mark(end.bitmap, op.offset, op.length, vol.track_size))]
-                    if runs:
-                        await self.table.add_runs(end.row.name, end.row.volume, runs)
+        for pair in self.pairs_of(vol):
+            if pair.status not in TRACKING:
+                continue
+            for end in pair.ends:
+                if end.volume is vol and any([mark(end.bitmap, op.offset, op.length, vol.track_size)
+                                              for op in ops]):
+                    self._dirty.add((pair.name, vol.name))
+
+    async def persist_bitmaps(self) -> None:
+        """Save the bitmaps changed since the last save (before intent is cleared)."""
+        dirty, self._dirty = self._dirty, set()
+        for pair_name, volume in sorted(dirty):
+            pair = self.pairs.get(pair_name)
+            for end in pair.ends if pair else []:
+                if end.volume.name == volume:
+                    await self.table.save_bitmap(pair_name, volume, end.bitmap)
 
     def order(self, vol: Volume) -> RangeOrder:
         return self._order[vol.name]
