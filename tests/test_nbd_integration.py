@@ -348,6 +348,8 @@ def _unmount(path: Path, proc: subprocess.Popen[bytes] | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="/dev/fuse is missing: cannot run nbdfuse/fuse2fs")
