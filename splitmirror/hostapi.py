@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from .access import AccessPolicy
 from .errors import InvalidArgument, SplitmirrorError
 from .pair import Pair, PairEnd
 from .pairs import PairManager
@@ -27,11 +28,14 @@ MAX_IO = 32 << 20
 
 
 def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
-    """Turn user errors into their gRPC status; log internal ones with context."""
+    """Check the caller's role and rate; turn user errors into their gRPC status;
+    log internal ones with context."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: Context) -> Rep:
         try:
+            volume = getattr(request, "volume", None) or getattr(request, "name", None)
+            self.policy.check(method.__name__, context, volume if isinstance(volume, str) else None)
             return await method(self, request, context)
         except SplitmirrorError as exc:
             await context.abort(exc.code, exc.message)
@@ -46,8 +50,9 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 
 
 class HostApiServicer(pb_grpc.HostApiServicer):
-    def __init__(self, manager: PairManager) -> None:
+    def __init__(self, manager: PairManager, policy: AccessPolicy | None = None) -> None:
         self.manager = manager
+        self.policy = policy or AccessPolicy(tls=False)
         self.system = manager.system
 
     # -- volumes ------------------------------------------------------------
