@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from .access import AccessPolicy, load_tokens
 from .config import DaemonConfig, load_config
 from .errors import SplitmirrorError
-from .hostapi import HostApiServicer
+from .hostapi import HostApiServicer, MalformedRequests
 from .interconnect import InterconnectServicer
 from .link import CHANNEL_OPTIONS, PeerLink, message_options
 from .pairs import PairManager, Settings
@@ -56,7 +56,8 @@ class Daemon:
             log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")
         self.policy = AccessPolicy(self.tls is not None, tokens, config.host_volumes, config.rate_limit,
                                    config.rate_burst)
-        self.host_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        self.host_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                                           interceptors=[MalformedRequests()])
         self.peer_server = grpc.aio.server(options=options)
         self.nbd: object | None = None
         self.stopping = asyncio.Event()
