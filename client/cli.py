@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, BinaryIO, NoReturn
 
@@ -43,6 +44,9 @@ from .render import (
 
 PROG = "splitmirror"
 ENV_SERVER = "SPLITMIRROR_SERVER"
+ENV_TLS_DIR = "SPLITMIRROR_TLS_DIR"
+ENV_IDENTITY = "SPLITMIRROR_IDENTITY"
+ENV_TOKEN = "SPLITMIRROR_TOKEN"
 #: Host I/O of the CLI moves the file through the client in windows of this
 #: many bytes, so memory stays bounded whatever the file size.
 IO_WINDOW = 16 * DEFAULT_CHUNK
@@ -68,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server", metavar="HOST:PORT", default=os.environ.get(ENV_SERVER) or None,
         help=f"host API address of primaryd/secondaryd (default: ${ENV_SERVER})",
+    )
+    parser.add_argument(
+        "--tls-dir", metavar="DIR", default=os.environ.get(ENV_TLS_DIR) or None,
+        help=f"mutual TLS with the certificates of 'certs init' (default: ${ENV_TLS_DIR})",
+    )
+    parser.add_argument(
+        "--identity", metavar="NAME", default=os.environ.get(ENV_IDENTITY) or "admin",
+        help=f"with --tls-dir: use client-NAME.pem/.key (default: ${ENV_IDENTITY} or admin)",
+    )
+    parser.add_argument(
+        "--token-file", metavar="FILE",
+        help=f"send the bearer token read from FILE (default: ${ENV_TOKEN}, if set)",
     )
     parser.add_argument("--json", action="store_true", default=False, help="machine-readable output")
     # Also accept --json after the command ("splitmirror pair display --json").
@@ -167,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="mark mismatching tracks pending and resync them")
 
     commands.add_parser("stats", parents=[common], help="replication and interconnect counters")
+
+    certs = commands.add_parser("certs", help="make the certificates for mutual TLS (no server needed)")
+    certs_cmds = certs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = certs_cmds.add_parser("init", parents=[common], help="create a CA and certificates in DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--systems", required=True, metavar="ID[,ID...]", help="system ids, one daemon certificate each")
+    p.add_argument("--clients", default="admin,host,viewer", metavar="NAME[:ROLE][,...]",
+                   help="client certificates (role admin, host or viewer; default admin,host,viewer)")
+    p.add_argument("--hosts", default="", metavar="NAME[,NAME...]",
+                   help="extra DNS names or addresses for the daemon certificates")
     return parser
 
 
@@ -190,7 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; usage errors exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.server:
+    if not args.server and args.command != "certs":
         parser.error(f"no server: pass --server HOST:PORT or set {ENV_SERVER}")
     return args
 
@@ -546,8 +572,27 @@ COMMANDS: dict[str, _Handler] = {
 }
 
 
+def _certs(args: argparse.Namespace, out: Output) -> None:
+    from splitmirror import tls
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    written = tls.init_dir(Path(args.dir), tls.parse_systems(args.systems), tls.parse_clients(args.clients), hosts)
+    if out.as_json:
+        out.json([str(p) for p in written])
+    else:
+        for path in written:
+            out.stdout.write(f"{path}\n")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        with open(args.token_file) as fh:
+            return fh.read().strip() or None
+    return os.environ.get(ENV_TOKEN) or None
+
+
 async def run(args: argparse.Namespace, out: Output) -> None:
-    async with Client(args.server) as client:
+    async with Client(args.server, tls_dir=args.tls_dir, identity=args.identity, token=_token(args)) as client:
         await COMMANDS[args.command](client, args, out)
 
 
@@ -591,7 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_sizes(args)
         if args.command == "read" and args.length == 0:
             raise SplitmirrorError("--length: must be greater than 0")
-        asyncio.run(run(args, out))
+        if args.command == "certs":
+            _certs(args, out)
+        else:
+            asyncio.run(run(args, out))
     except (ClientError, SplitmirrorError, AgentError, OSError) as err:
         if isinstance(err, BrokenPipeError):
             # The reader of our stdout went away (e.g. "| head"): stop quietly.

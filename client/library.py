@@ -12,8 +12,10 @@ is the server's details string.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -24,6 +26,8 @@ from splitmirror.v1 import host_pb2, host_pb2_grpc
 
 __all__ = ["DEFAULT_CHUNK", "MAX_MESSAGE", "Client", "ClientError", "ProgressCallback"]
 
+#: The name every daemon certificate carries (see ``splitmirror.tls``).
+SERVER_NAME = "splitmirror"
 #: Largest gRPC message either side accepts.
 MAX_MESSAGE = 64 << 20
 #: Default payload of one Write/Read RPC.
@@ -67,12 +71,20 @@ class Client:
     :meth:`connect` / :meth:`close`); methods also connect lazily.
 
     ``timeout`` is the deadline in seconds of each RPC (``None``: no deadline).
+    ``tls_dir`` (made by ``splitmirror certs init``) turns on mutual TLS with
+    the certificate ``client-<identity>.pem``; ``token`` is sent as a bearer
+    token (for servers that take tokens instead of client certificates).
     ``connect_timeout`` bounds how long the first connection attempt may take
     (a refused connection fails at once with ``UNAVAILABLE``).
     """
 
-    def __init__(self, server: str, *, timeout: float | None = None, connect_timeout: float = 10.0) -> None:
+    def __init__(self, server: str, *, timeout: float | None = None, connect_timeout: float = 10.0,
+                 tls_dir: str | os.PathLike[str] | None = None, identity: str = "admin",
+                 token: str | None = None) -> None:
         self.server = server
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.identity = identity
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._channel: grpc.aio.Channel | None = None
@@ -135,9 +147,24 @@ class Client:
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
             ]
-            self._channel = grpc.aio.insecure_channel(self.server, options=options)
+            if self.tls_dir is None:
+                self._channel = grpc.aio.insecure_channel(self.server, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.server, self._credentials(), options=[
+                    *options, ("grpc.ssl_target_name_override", SERVER_NAME)])
             self._stub = host_pb2_grpc.HostApiStub(self._channel)
         return self._stub
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        assert self.tls_dir is not None
+        d = self.tls_dir
+        files = [d / "ca.pem", d / f"client-{self.identity}.key", d / f"client-{self.identity}.pem"]
+        try:
+            ca, key, cert = (f.read_bytes() for f in files)
+        except OSError as exc:
+            raise ClientError("INVALID_ARGUMENT", f"TLS identity {self.identity!r}: {exc.filename}: "
+                                                  f"{exc.strerror}") from None
+        return grpc.ssl_channel_credentials(ca, key, cert)
 
     async def _call(
         self,
@@ -148,7 +175,8 @@ class Client:
             await self.connect()
         stub = self._get_stub()
         try:
-            return await method(stub)(request, timeout=self.timeout, wait_for_ready=False)
+            return await method(stub)(request, timeout=self.timeout, wait_for_ready=False,
+                                      metadata=self._metadata or None)
         except grpc.aio.AioRpcError as err:
             raise _from_rpc_error(err) from None
 

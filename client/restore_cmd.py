@@ -99,8 +99,11 @@ def _confirm(args: argparse.Namespace, what: str) -> None:
         raise FailedPrecondition("restore cancelled")
 
 
-def _nbd_url(server: str, port: int, export: str) -> str:
+def _nbd_url(server: str, port: int, export: str, tls_dir: str | None = None, identity: str = "admin") -> str:
+    """With TLS: ``nbds://`` and the identity's client certificates (made by ``certs init``)."""
     host = server.rpartition(":")[0] or "127.0.0.1"
+    if tls_dir:
+        return f"nbds://{host}:{port}/{export}?tls-certificates={Path(tls_dir).resolve() / f'nbd-{identity}'}"
     return f"nbd://{host}:{port}/{export}"
 
 
@@ -141,7 +144,8 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
         mark = now
 
     async with _workdir() as work:
-        svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol)
+        svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, getattr(args, "tls_dir", None),
+                            getattr(args, "identity", "admin"))
         async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
             lap("mount_backup")
             plan = plan_copy(backup_root, list(args.paths))
@@ -154,7 +158,8 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
             session = await client.begin_restore(args.name, args.generation)
             lap("fence_and_split")
             try:
-                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol)
+                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol,
+                                     getattr(args, "tls_dir", None), getattr(args, "identity", "admin"))
                 async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
                     lap("mount_target")
                     with reporter.step("copy files", float(plan.total_bytes)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,21 @@ class DaemonConfig:
     pre_restore_hook: str = ""
     post_restore_hook: str = ""
     log_level: str = "INFO"
+    #: Directory made by ``splitmirror certs init``; "" runs without TLS.
+    tls_dir: str = ""
+    #: ``NAME ROLE TOKEN`` lines: bearer tokens for clients without certificates.
+    token_file: str = ""
+    #: Largest gRPC message received or sent (checked on the length prefix, before allocation).
+    max_message_bytes: int = 64 << 20
+    #: Host API requests per second per client (0: unlimited), and the burst allowed.
+    rate_limit: float = 10_000.0
+    rate_burst: float = 20_000.0
+    #: Host API calls served at once (more are refused with RESOURCE_EXHAUSTED).
+    max_concurrent_rpcs: int = 1024
+    #: Export name (or "*") -> client networks allowed to attach it over NBD.
+    nbd_allow: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: Host identity -> volume name patterns it may do I/O on (absent: any).
+    host_volumes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def parse_address(setting: str, value: str) -> str:
@@ -38,6 +54,49 @@ def parse_address(setting: str, value: str) -> str:
     if not sep or not host or not port.isdecimal() or not 0 <= int(port) < 65536:
         raise InvalidArgument(f"{setting}: {value!r} is not HOST:PORT")
     return value
+
+
+def parse_nbd_address(value: str) -> str:
+    """``PORT`` alone means loopback: NBD is not exposed unless asked."""
+    if value.isdecimal():
+        value = f"127.0.0.1:{value}"
+    return parse_address("nbd", value)
+
+
+def parse_networks(setting: str, value: str) -> tuple[str, list[str]]:
+    """``NAME=CIDR[,CIDR...]`` -> (name, networks), each network checked."""
+    name, sep, nets = value.partition("=")
+    if not sep or not name.strip():
+        raise InvalidArgument(f"{setting}: {value!r} is not NAME=ADDRESS[,ADDRESS...]")
+    out = [n.strip() for n in nets.split(",") if n.strip()]
+    for net in out:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise InvalidArgument(f"{setting}: {net!r} is not an address or network") from None
+    return name.strip(), out
+
+
+def _patterns(setting: str, value: str) -> tuple[str, list[str]]:
+    name, sep, pats = value.partition("=")
+    if not sep or not name.strip():
+        raise InvalidArgument(f"{setting}: {value!r} is not NAME=PATTERN[,PATTERN...]")
+    return name.strip(), [p.strip() for p in pats.split(",") if p.strip()]
+
+
+def _table(name: str, raw: Any, parse: Any) -> dict[str, list[str]]:
+    """A TOML table of NAME = [values] (or "a,b"), through ``parse``."""
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"setting {name!r}: expected a table of NAME = [...], got {raw!r}")
+    out: dict[str, list[str]] = {}
+    for key, values in raw.items():
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise InvalidArgument(f"setting {name!r}: {key!r} must be a list of strings")
+        k, v = parse(name, f"{key}={','.join(values)}")
+        out[k] = v
+    return out
 
 
 def parse_peer(value: str) -> tuple[int, str]:
@@ -64,6 +123,21 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="shell command run before a restore fences a PVOL (e.g. stop the application)")
     parser.add_argument("--post-restore-hook", metavar="COMMAND",
                         help="shell command run after a restore unfences a PVOL (e.g. restart, recover)")
+    parser.add_argument("--tls-dir", metavar="DIR",
+                        help="mutual TLS on the interconnect, host API and NBD with the certificates "
+                             "made by 'splitmirror certs init DIR'")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="bearer tokens for host API clients without certificates (NAME ROLE TOKEN lines)")
+    parser.add_argument("--max-message", metavar="SIZE", help="largest gRPC message accepted (default 64M)")
+    parser.add_argument("--rate-limit", type=float, metavar="N",
+                        help="host API requests per second per client, 0 for no limit (default 10000)")
+    parser.add_argument("--rate-burst", type=float, metavar="N", help="requests a client may burst (default 2x rate)")
+    parser.add_argument("--max-concurrent-rpcs", type=int, metavar="N",
+                        help="host API calls served at once (default 1024)")
+    parser.add_argument("--nbd-allow", action="append", default=[], metavar="EXPORT=NET[,NET]",
+                        help="client addresses allowed to attach an NBD export ('*' for every export; repeatable)")
+    parser.add_argument("--host-volumes", action="append", default=[], metavar="NAME=PATTERN[,PATTERN]",
+                        help="volumes a host identity may do I/O on (repeatable)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--config", help="TOML file with the same settings (flags win)")
     return parser
@@ -77,7 +151,8 @@ def _from_file(path: str) -> dict[str, Any]:
         raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config file {path}: {exc}") from None
-    known = ({f.name for f in dataclasses.fields(DaemonConfig)} | {"async_queue"}) - {"role", "async_queue_bytes"}
+    known = ({f.name for f in dataclasses.fields(DaemonConfig)} | {"async_queue", "max_message"}) - {
+        "role", "async_queue_bytes", "max_message_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidArgument(f"config file {path}: unknown setting {unknown[0]!r}")
@@ -123,6 +198,25 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     queue_bytes = parse_size(queue)
     if queue_bytes <= 0:
         raise InvalidArgument(f"setting 'async_queue': must be positive, got {queue!r}")
+    max_message = parse_size(pick("max_message", args.max_message, str, "64M"))
+    if not 4096 <= max_message <= (1 << 31) - 1:
+        raise InvalidArgument(f"setting 'max_message': must be between 4K and 2G-1, got {max_message}")
+    rate = pick("rate_limit", args.rate_limit, float, 10_000.0)
+    burst = pick("rate_burst", args.rate_burst, float, max(rate * 2, 1.0))
+    if rate < 0 or burst < 1:
+        raise InvalidArgument(f"settings 'rate_limit'/'rate_burst': must be >= 0 and >= 1, got {rate}/{burst}")
+    concurrent = pick("max_concurrent_rpcs", args.max_concurrent_rpcs, int, 1024)
+    if concurrent < 1:
+        raise InvalidArgument(f"setting 'max_concurrent_rpcs': must be positive, got {concurrent}")
+    tls_dir = pick("tls_dir", args.tls_dir, str, "")
+    if tls_dir:
+        from .tls import TlsFiles
+
+        TlsFiles.load(Path(tls_dir), str(system_id))  # a missing file is a setting mistake: say so now
+    nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)
+    nbd_allow.update(parse_networks("--nbd-allow", v) for v in args.nbd_allow)
+    host_volumes = _table("host_volumes", file.get("host_volumes", {}), _patterns)
+    host_volumes.update(_patterns("--host-volumes", v) for v in args.host_volumes)
     return DaemonConfig(
         role=role,
         system_id=system_id,
@@ -130,11 +224,19 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         listen=parse_address("listen", pick("listen", args.listen, str)),
         interconnect=parse_address("interconnect", pick("interconnect", args.interconnect, str)),
         peers=peers,
-        nbd=parse_address("nbd", nbd) if nbd else "",
+        nbd=parse_nbd_address(nbd) if nbd else "",
         link_timeout=timeout,
         auto_resync=pick("auto_resync", args.auto_resync, bool, True),
         async_queue_bytes=queue_bytes,
         pre_restore_hook=pick("pre_restore_hook", args.pre_restore_hook, str, ""),
         post_restore_hook=pick("post_restore_hook", args.post_restore_hook, str, ""),
         log_level=pick("log_level", args.log_level, str, "INFO"),
+        tls_dir=tls_dir,
+        token_file=pick("token_file", args.token_file, str, ""),
+        max_message_bytes=max_message,
+        rate_limit=rate,
+        rate_burst=burst,
+        max_concurrent_rpcs=concurrent,
+        nbd_allow=nbd_allow,
+        host_volumes=host_volumes,
     )

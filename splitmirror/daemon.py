@@ -10,23 +10,32 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .access import AccessPolicy, load_tokens
 from .config import DaemonConfig, load_config
 from .errors import SplitmirrorError
-from .hostapi import HostApiServicer
+from .hostapi import HostApiServicer, MalformedRequests
 from .interconnect import InterconnectServicer
-from .link import CHANNEL_OPTIONS, PeerLink
+from .link import CHANNEL_OPTIONS, PeerLink, message_options
 from .pairs import PairManager, Settings
 from .system import StorageSystem
+from .tls import TlsFiles
 from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 
 log = logging.getLogger("splitmirror.daemon")
 
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+def server_options(max_message: int) -> list[tuple[str, int]]:
+    """Limits every server applies before it allocates a message."""
+    return [*message_options(max_message), *CHANNEL_OPTIONS[2:], ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", 1024), ("grpc.max_metadata_size", 16 << 10)]
 
 
 class Daemon:
@@ -40,8 +49,16 @@ class Daemon:
                                             pre_restore_hook=config.pre_restore_hook,
                                             post_restore_hook=config.post_restore_hook))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.host_server = grpc.aio.server(options=SERVER_OPTIONS)
-        self.peer_server = grpc.aio.server(options=SERVER_OPTIONS)
+        options = server_options(config.max_message_bytes)
+        self.tls = TlsFiles.load(Path(config.tls_dir), str(config.system_id)) if config.tls_dir else None
+        tokens = load_tokens(Path(config.token_file)) if config.token_file else {}
+        if tokens and self.tls is None:
+            log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")
+        self.policy = AccessPolicy(self.tls is not None, tokens, config.host_volumes, config.rate_limit,
+                                   config.rate_burst)
+        self.host_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                                           interceptors=[MalformedRequests()])
+        self.peer_server = grpc.aio.server(options=options)
         self.nbd: object | None = None
         self.stopping = asyncio.Event()
 
@@ -51,20 +68,31 @@ class Daemon:
         await self.system.open()
         for peer, address in cfg.peers.items():
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
-                                        self.manager.on_peer_up, self.manager.on_peer_down)
+                                        self.manager.on_peer_up, self.manager.on_peer_down, tls=self.tls,
+                                        max_message=cfg.max_message_bytes)
             self.links[peer].on_hello = self.manager.on_hello
         await self.manager.start()
 
-        host_pb2_grpc.add_HostApiServicer_to_server(HostApiServicer(self.manager), self.host_server)
+        host_pb2_grpc.add_HostApiServicer_to_server(HostApiServicer(self.manager, self.policy),
+                                                  self.host_server)
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, cfg.role), self.peer_server)
+            InterconnectServicer(self.manager, cfg.role, tls=self.tls is not None), self.peer_server)
         for server, service in ((self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"]),
                                 (self.peer_server, interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"])):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             reflection.enable_server_reflection(
                 (service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        listen_port = self.host_server.add_insecure_port(cfg.listen)
-        peer_port = self.peer_server.add_insecure_port(cfg.interconnect)
+        if self.tls is None:
+            listen_port = self.host_server.add_insecure_port(cfg.listen)
+            peer_port = self.peer_server.add_insecure_port(cfg.interconnect)
+        else:
+            pair = [(self.tls.key, self.tls.cert)]
+            # Clients with a bearer token need no certificate; peers always do.
+            host_creds = grpc.ssl_server_credentials(pair, root_certificates=self.tls.ca,
+                                                     require_client_auth=not self.policy.tokens)
+            peer_creds = grpc.ssl_server_credentials(pair, root_certificates=self.tls.ca, require_client_auth=True)
+            listen_port = self.host_server.add_secure_port(cfg.listen, host_creds)
+            peer_port = self.peer_server.add_secure_port(cfg.interconnect, peer_creds)
         await self.peer_server.start()
         await self.host_server.start()
         for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
@@ -74,14 +102,16 @@ class Daemon:
             nbd_text = await self._start_nbd()
         for link in self.links.values():
             link.start()
-        log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s", cfg.role,
+        log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s, %s", cfg.role,
                  cfg.system_id, listen_port, peer_port, nbd_text,
-                 ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none")
+                 ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none",
+                 f"mutual TLS from {cfg.tls_dir}" if self.tls else "no TLS")
 
     async def _start_nbd(self) -> str:
         from .nbdexport import start_nbd
 
-        server, port = await start_nbd(self.system, self.config.nbd)
+        server, port = await start_nbd(self.system, self.config.nbd, tls=self.tls,
+                                       allow=self.config.nbd_allow)
         self.nbd = server
         self.system.nbd_port = port
         return f", NBD port {port}"

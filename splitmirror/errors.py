@@ -43,10 +43,14 @@ class PermissionDenied(SplitmirrorError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class ResourceExhausted(SplitmirrorError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[SplitmirrorError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, OutOfRange, Unavailable,
-                PermissionDenied)
+                PermissionDenied, ResourceExhausted)
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from .access import AccessPolicy
 from .errors import InvalidArgument, SplitmirrorError
 from .pair import Pair, PairEnd
 from .pairs import PairManager
@@ -27,11 +28,14 @@ MAX_IO = 32 << 20
 
 
 def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
-    """Turn user errors into their gRPC status; log internal ones with context."""
+    """Check the caller's role and rate; turn user errors into their gRPC status;
+    log internal ones with context."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: Context) -> Rep:
         try:
+            volume = getattr(request, "volume", None) or getattr(request, "name", None)
+            self.policy.check(method.__name__, context, volume if isinstance(volume, str) else None)
             return await method(self, request, context)
         except SplitmirrorError as exc:
             await context.abort(exc.code, exc.message)
@@ -45,9 +49,39 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
     return wrapper
 
 
+_MALFORMED = object()
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """A request that does not parse gets INVALID_ARGUMENT (gRPC's own answer
+    would be UNKNOWN with a traceback in the log)."""
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception:
+                return _MALFORMED
+
+        async def guarded(request: Any, context: Context) -> Any:
+            if request is _MALFORMED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=deserialize,
+                                                   response_serializer=handler.response_serializer)
+
+
 class HostApiServicer(pb_grpc.HostApiServicer):
-    def __init__(self, manager: PairManager) -> None:
+    def __init__(self, manager: PairManager, policy: AccessPolicy | None = None) -> None:
         self.manager = manager
+        self.policy = policy or AccessPolicy(tls=False)
         self.system = manager.system
 
     # -- volumes ------------------------------------------------------------

@@ -12,16 +12,30 @@ import grpc
 from .errors import PermissionDenied, SplitmirrorError
 from .link import SYSTEM_ID_KEY
 from .pairs import PairManager
+from .tls import SYSTEM_OU, cert_subject
 from .v1 import interconnect_pb2 as ic
 from .v1 import interconnect_pb2_grpc as ic_grpc
 
 log = logging.getLogger("splitmirror.interconnect")
 
 
-def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int], own: int) -> int:
-    """The calling system's id, refused unless it is a configured peer."""
+def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int], own: int,
+            tls: bool = False) -> int:
+    """The calling system's id, refused unless it is a configured peer.
+
+    With TLS the id is the one the verified certificate names; a metadata
+    claim that differs from it is refused too.
+    """
     metadata = dict(context.invocation_metadata() or ())
     raw = metadata.get(SYSTEM_ID_KEY, "")
+    if tls:
+        subject = cert_subject(context)
+        cert_id = subject.name if subject is not None and subject.kind == SYSTEM_OU else ""
+        if not cert_id or (raw and raw != cert_id):
+            who = f"certificate {subject.kind} {subject.name!r}" if subject else "no system certificate"
+            log.warning("refused interconnect call from %s (%s) claiming system id %r", context.peer(), who, raw)
+            raise PermissionDenied(f"caller ({who}) is not a configured peer of system {own}")
+        raw = cert_id
     try:
         caller = int(raw)
     except (TypeError, ValueError):
@@ -34,13 +48,14 @@ def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int]
 
 
 class InterconnectServicer(ic_grpc.InterconnectServicer):
-    def __init__(self, manager: PairManager, role: str) -> None:
+    def __init__(self, manager: PairManager, role: str, tls: bool = False) -> None:
         self.manager = manager
+        self.tls = tls
         self.system = manager.system
         self.role = role
 
     def _peer(self, context: grpc.aio.ServicerContext[object, object]) -> int:
-        return peer_id(context, set(self.manager.links), self.system.system_id)
+        return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
 
     async def _guard(self, context: grpc.aio.ServicerContext[object, object], exc: SplitmirrorError) -> None:
         await context.abort(exc.code, exc.message)

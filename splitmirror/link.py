@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from .replication import BackupMarker, Entry, ReplicationQueue
+from .tls import TlsFiles, system_host_name
 from .v1 import interconnect_pb2 as ic
 from .v1 import interconnect_pb2_grpc as ic_grpc
 
@@ -48,6 +49,10 @@ class Counters:
     resync_bytes_received: int = 0
 
 
+def message_options(max_message: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
+
+
 PeerCallback = Callable[["PeerLink"], Coroutine[Any, Any, None]]
 
 
@@ -55,14 +60,23 @@ class PeerLink:
     """Channel and keepalive to one peer storage system."""
 
     def __init__(self, own_id: int, role: str, peer_id: int, address: str, timeout: float,
-                 on_up: PeerCallback, on_down: PeerCallback) -> None:
+                 on_up: PeerCallback, on_down: PeerCallback, tls: TlsFiles | None = None,
+                 max_message: int = MAX_MESSAGE) -> None:
         self.own_id = own_id
         self.role = role
         self.peer_id = peer_id
         self.address = address
         self.timeout = timeout
         self.metadata = ((SYSTEM_ID_KEY, str(own_id)),)
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        options: list[tuple[str, Any]] = [*message_options(max_message), *CHANNEL_OPTIONS[2:]]
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            # The peer must prove it is system ``peer_id``: its certificate
+            # carries that system's name, which we verify instead of the address.
+            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            options.append(("grpc.ssl_target_name_override", system_host_name(peer_id)))
+            self.channel = grpc.aio.secure_channel(address, creds, options=options)
         self.stub = ic_grpc.InterconnectStub(self.channel)
         self.up: bool | None = None  # None: not known yet
         self.reason = ""

@@ -9,12 +9,15 @@ change that revokes write access reaches connected clients at once.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+from collections.abc import Mapping
 
 from .config import parse_address
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from .nbd import ExportError, NbdServer
 from .system import StorageSystem
+from .tls import TlsFiles, subject_from_der
 from .volume import Volume
 
 log = logging.getLogger("splitmirror.nbd")
@@ -125,8 +128,38 @@ class VolumeCatalog:
         return VolumeExport(self.system, vol)
 
 
-async def start_nbd(system: StorageSystem, address: str) -> tuple[NbdServer, int]:
+class Admission:
+    """Who may attach which export: client networks per export (``*``: every
+    export; no entry: any address), and with TLS a ``host`` or ``admin``
+    client certificate."""
+
+    def __init__(self, allow: Mapping[str, list[str]], tls: bool) -> None:
+        self.allow = {name: [ipaddress.ip_network(n, strict=False) for n in nets] for name, nets in allow.items()}
+        self.tls = tls
+
+    def __call__(self, export: str, address: str, cert: bytes | None) -> str | None:
+        nets = self.allow.get(export, self.allow.get("*"))
+        if nets is not None:
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return f"client address {address} is not allowed to attach export {export!r}"
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not any(ip.version == n.version and ip in n for n in nets):
+                return f"client address {address} is not allowed to attach export {export!r}"
+        if self.tls:
+            subject = subject_from_der(cert) if cert else None
+            if subject is None or subject.kind not in ("host", "admin"):
+                return f"a host or admin client certificate is needed to attach export {export!r}"
+        return None
+
+
+async def start_nbd(system: StorageSystem, address: str, tls: TlsFiles | None = None,
+                    allow: Mapping[str, list[str]] | None = None) -> tuple[NbdServer, int]:
     host, _, port = parse_address("nbd", address).rpartition(":")
-    server = NbdServer(VolumeCatalog(system), host.strip("[]"), int(port), logger=log)
+    admit = Admission(allow or {}, tls is not None)
+    server = NbdServer(VolumeCatalog(system), host.strip("[]"), int(port), logger=log,
+                       tls=tls.server_ssl_context() if tls is not None else None, admit=admit)
     await server.start()
     return server, server.bound_port

@@ -29,7 +29,8 @@ class Site:
     """One storage daemon process with its data directory and ports."""
 
     def __init__(self, role: str, system_id: int, base: Path, link_timeout: float = 2.0,
-                 auto_resync: bool = True, nbd: bool = False, async_queue: str = "") -> None:
+                 auto_resync: bool = True, nbd: bool = False, async_queue: str = "",
+                 tls_dir: Path | None = None, identity: str = "admin") -> None:
         self.role = role
         self.system_id = system_id
         self.data_dir = base / f"{role}-{system_id}"
@@ -39,6 +40,10 @@ class Site:
         self.link_timeout = link_timeout
         self.auto_resync = auto_resync
         self.async_queue = async_queue
+        #: Mutual TLS (a directory made by ``splitmirror certs init``) and the
+        #: client identity :meth:`cli` and the health check use.
+        self.tls_dir = tls_dir
+        self.identity = identity
         self.extra_args: list[str] = []
         self.peers: dict[int, int] = {}
         #: Where this site reaches each peer (a fault-injection proxy may sit between).
@@ -67,6 +72,8 @@ class Site:
             argv += ["--peer", f"{sid}={self.peer_addresses.get(sid, f'127.0.0.1:{port}')}"]
         if self.async_queue:
             argv += ["--async-queue", self.async_queue]
+        if self.tls_dir is not None:
+            argv += ["--tls-dir", str(self.tls_dir)]
         argv += self.extra_args
         if self.nbd_port:
             argv += ["--nbd", f"127.0.0.1:{self.nbd_port}"]
@@ -79,7 +86,7 @@ class Site:
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         deadline = started + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -92,6 +99,17 @@ class Site:
                     pass
                 time.sleep(0.05)
         raise TimeoutError(f"{self.role}d did not become healthy:\n{self.log()}")
+
+    def channel(self, identity: str | None = None) -> grpc.Channel:
+        """A blocking channel to the host API (TLS with ``identity``'s certificate when configured)."""
+        if self.tls_dir is None:
+            return grpc.insecure_channel(self.address)
+        who = identity or self.identity
+        stem = who if who.isdecimal() else f"client-{who}"
+        creds = grpc.ssl_channel_credentials((self.tls_dir / "ca.pem").read_bytes(),
+                                             (self.tls_dir / f"{stem}.key").read_bytes(),
+                                             (self.tls_dir / f"{stem}.pem").read_bytes())
+        return grpc.secure_channel(self.address, creds, options=[("grpc.ssl_target_name_override", "splitmirror")])
 
     def stop(self) -> int:
         """SIGTERM and wait (a clean shutdown)."""
@@ -118,6 +136,8 @@ class Site:
 
     def cli(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, SPLITMIRROR_SERVER=self.address)
+        if self.tls_dir is not None:
+            env.update(SPLITMIRROR_TLS_DIR=str(self.tls_dir), SPLITMIRROR_IDENTITY=self.identity)
         result = subprocess.run([sys.executable, "-m", "client", *args], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=120, input=input)
         if check and result.returncode != 0:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from .backend import Export, ExportCatalog, ExportError
@@ -38,7 +39,10 @@ from .constants import (
     TransmissionFlag,
 )
 
-__all__ = ["NbdServer"]
+__all__ = ["Admission", "NbdServer"]
+
+#: (export name, client address, DER client certificate or None) -> why refused, or None.
+Admission = Callable[[str, str, bytes | None], str | None]
 
 DEFAULT_MAX_IN_FLIGHT: Final = 64
 _READ_CHUNK: Final = 1024 * 1024
@@ -58,7 +62,8 @@ _BASE_FLAGS: Final = (
 
 
 class NbdServer:
-    """Serves the exports of ``catalog`` over NBD (fixed newstyle, no TLS)."""
+    """Serves the exports of ``catalog`` over NBD (fixed newstyle; TLS by
+    NBD_OPT_STARTTLS, required when ``tls`` is given)."""
 
     def __init__(
         self,
@@ -69,6 +74,8 @@ class NbdServer:
         max_request: int = DEFAULT_MAX_REQUEST,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         logger: logging.Logger | None = None,
+        tls: ssl.SSLContext | None = None,
+        admit: Admission | None = None,
     ) -> None:
         NbdCodec(max_request=max_request)  # raises ValueError for a bad max_request
         if max_in_flight < 1:
@@ -78,6 +85,10 @@ class NbdServer:
         self.port = port
         self.max_request = max_request
         self.max_in_flight = max_in_flight
+        #: With a context, TLS is required (NBD_OPT_STARTTLS before anything else).
+        self.tls = tls
+        #: Asked before an export is opened or listed: (export, client address, TLS peer certificate).
+        self.admit = admit
         self.log = logger or logging.getLogger("splitmirror.nbd")
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -208,6 +219,10 @@ class _Connection:
         self._slots = asyncio.Semaphore(server.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._broken = False
+        self._tls_done = False
+        self._peer_cert: bytes | None = None
+        peer = writer.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
     async def serve(self) -> None:
         self.log.info("nbd %s: connection opened", self.peer)
@@ -291,7 +306,14 @@ class _Connection:
 
     # ---------------------------------------------------------------- options
 
+    def _refusal(self, name: str) -> str | None:
+        admit = self.server.admit
+        return None if admit is None else admit(name, self.address, self._peer_cert)
+
     def _open(self, name: str) -> Export | ExportError:
+        refusal = self._refusal(name)
+        if refusal is not None:
+            return ExportError(Errno.EPERM, refusal)
         try:
             return self.server.catalog.open_export(name)
         except ExportError as exc:
@@ -323,6 +345,15 @@ class _Connection:
                 return "invalid NBD_OPT_EXPORT_NAME"
             await self._send(codec.send_option_error(option, OptionReply.ERR_INVALID, request.invalid))
             return None
+        if option == Option.STARTTLS:
+            return await self._starttls()
+        if self.server.tls is not None and not self._tls_done:
+            if option == Option.EXPORT_NAME:
+                self.log.warning("nbd %s: NBD_OPT_EXPORT_NAME without TLS refused", self.peer)
+                return "TLS required"
+            if option != Option.ABORT:
+                await self._send(codec.send_option_error(option, OptionReply.ERR_TLS_REQD, "TLS is required"))
+                return None
         match option:
             case Option.EXPORT_NAME:
                 export = self._open(request.name)
@@ -334,7 +365,7 @@ class _Connection:
             case Option.INFO | Option.GO:
                 await self._info_or_go(request)
             case Option.LIST:
-                names = self.server.catalog.export_names()
+                names = [n for n in self.server.catalog.export_names() if self._refusal(n) is None]
                 out = [codec.send_server_entry(name) for name in names]
                 out.append(codec.send_option_ack(option))
                 await self._send(b"".join(out))
@@ -350,6 +381,29 @@ class _Connection:
                 await self._send(
                     codec.send_option_error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
                 )
+        return None
+
+    async def _starttls(self) -> str | None:
+        codec = self.codec
+        tls = self.server.tls
+        if tls is None:
+            await self._send(codec.send_option_error(Option.STARTTLS, OptionReply.ERR_UNSUP, "TLS is not configured"))
+            return None
+        if self._tls_done:
+            await self._send(codec.send_option_error(Option.STARTTLS, OptionReply.ERR_INVALID, "TLS already on"))
+            return None
+        await self._send(codec.send_option_ack(Option.STARTTLS))
+        try:
+            async with self._write_lock:
+                await self.writer.start_tls(tls)
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            self.log.warning("nbd %s: TLS handshake failed: %s", self.peer, exc)
+            self._broken = True
+            return "TLS handshake failed"
+        self._tls_done = True
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        self._peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.log.debug("nbd %s: TLS on", self.peer)
         return None
 
     async def _info_or_go(self, request: OptionRequest) -> None:

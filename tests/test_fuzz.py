@@ -1,0 +1,188 @@
+"""Hypothesis fuzzing: every host API method against a running daemon, and config parsing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor as _d
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from splitmirror.config import load_config
+from splitmirror.errors import InvalidArgument
+from splitmirror.testing import Site
+from splitmirror.v1 import host_pb2
+
+SERVICE = host_pb2.DESCRIPTOR.services_by_name["HostApi"]
+#: A daemon must answer any input with one of these, never INTERNAL/UNKNOWN or a crash.
+EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+NAMES = st.one_of(st.sampled_from(["", "fz", "fz-r", "../fz", "/etc/passwd", "a" * 65, "a" * 4096, ".x", "fz\0",
+                                   "fz/../../x", "CON", "fz.vol", "é"]), st.text(max_size=80))
+_INT_BOUNDS = {
+    _d.FieldDescriptor.TYPE_INT64: [0, 1, -1, 4095, 4096, 8192, 1 << 20, 1 << 40, -(1 << 63), (1 << 63) - 1],
+    _d.FieldDescriptor.TYPE_UINT64: [0, 1, 4096, 8192, 1 << 20, 1 << 40, 1 << 62, (1 << 64) - 1],
+    _d.FieldDescriptor.TYPE_INT32: [0, 1, -1, 1001, 2001, -(1 << 31), (1 << 31) - 1],
+    _d.FieldDescriptor.TYPE_UINT32: [0, 1, 1001, 2001, (1 << 32) - 1],
+}
+_INT_RANGES = {
+    _d.FieldDescriptor.TYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+    _d.FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
+    _d.FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+    _d.FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+}
+
+
+def _scalar(field: _d.FieldDescriptor) -> st.SearchStrategy[Any]:
+    t = field.type
+    if t == _d.FieldDescriptor.TYPE_STRING:
+        if field.name == "mode":
+            return st.one_of(st.sampled_from(["", "sync", "async", "SYNC"]), st.text(max_size=10))
+        return NAMES
+    if t == _d.FieldDescriptor.TYPE_BYTES:
+        return st.one_of(st.binary(max_size=64), st.sampled_from([b"\0" * 8192, b"\xff" * 4097]))
+    if t == _d.FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if t in _INT_BOUNDS:
+        lo, hi = _INT_RANGES[t]
+        return st.one_of(st.sampled_from(_INT_BOUNDS[t]), st.integers(lo, hi))
+    if t == _d.FieldDescriptor.TYPE_ENUM:
+        return st.sampled_from([v.number for v in field.enum_type.values])
+    if t in (_d.FieldDescriptor.TYPE_DOUBLE, _d.FieldDescriptor.TYPE_FLOAT):
+        return st.floats(allow_nan=False, width=32)
+    raise NotImplementedError(field.full_name)
+
+
+def messages(descriptor: _d.Descriptor, cls: type[Message]) -> st.SearchStrategy[Message]:
+    fields: dict[str, st.SearchStrategy[Any]] = {}
+    for field in descriptor.fields:
+        if field.type == _d.FieldDescriptor.TYPE_MESSAGE:
+            continue  # host API requests are flat
+        strategy = _scalar(field)
+        if getattr(field, "is_repeated", False) or getattr(field, "label", 1) == 3:  # LABEL_REPEATED
+            strategy = st.lists(strategy, max_size=4)
+        fields[field.name] = strategy
+    return st.fixed_dictionaries({}, optional=fields).map(lambda kw: cls(**kw))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, grpc.Channel]]:
+    base = tmp_path_factory.mktemp("fuzz")
+    site = Site("primary", 1001, base, link_timeout=0.5)
+    site.peers[2001] = 1  # a configured peer that is never there
+    site.start()
+    site.cli("volume", "create", "fz", "--size", "1M")
+    with site.channel() as channel:
+        yield site, channel
+    assert site.proc is not None and site.proc.poll() is None, "the daemon died under fuzzing"
+    site.kill()
+    assert "Traceback" not in site.log(), site.log()[-3000:]
+
+
+@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+def test_fuzz_host_api_method(daemon: tuple[Site, grpc.Channel], method: str) -> None:
+    site, channel = daemon
+    desc = SERVICE.methods_by_name[method]
+    request_cls = getattr(host_pb2, desc.input_type.name)
+    reply_cls = getattr(host_pb2, desc.output_type.name)
+    call = channel.unary_unary(f"/{SERVICE.full_name}/{method}", request_serializer=request_cls.SerializeToString,
+                               response_deserializer=reply_cls.FromString)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(messages(desc.input_type, request_cls))
+    def run(request: Message) -> None:
+        try:
+            call(request, timeout=15)
+        except grpc.RpcError as exc:
+            assert exc.code() in EXPECTED, (method, request, exc.code(), exc.details())
+
+    run()
+    # Garbage bytes that are not a valid message at all.
+    raw = channel.unary_unary(f"/{SERVICE.full_name}/{method}", request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+    for junk in (b"\xff" * 64, b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x80\x80\x80\x80\x08"):
+        try:
+            raw(junk, timeout=15)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, junk, exc.code())
+    with site.channel() as fresh:
+        probe = fresh.unary_unary(f"/{SERVICE.full_name}/GetStats",
+                                  request_serializer=host_pb2.StatsRequest.SerializeToString,
+                                  response_deserializer=host_pb2.Stats.FromString)
+        assert probe(host_pb2.StatsRequest(), timeout=5).system_id == 1001
+
+
+# ---------------------------------------------------------------------- config
+
+SETTINGS = ["system_id", "data_dir", "listen", "interconnect", "nbd", "link_timeout", "auto_resync", "async_queue",
+            "log_level", "tls_dir", "token_file", "max_message", "rate_limit", "rate_burst", "max_concurrent_rpcs",
+            "pre_restore_hook", "post_restore_hook", "peers", "nbd_allow", "host_volumes", "bogus"]
+TOML_SCALARS = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.booleans(), st.floats(allow_nan=False,
+                         allow_infinity=False), st.text(max_size=30),
+                         st.sampled_from(["127.0.0.1:7001", "10809", "64M", "0", "-1", "1G", "on", "DEBUG",
+                                          "10.0.0.0/8", "::1", "[::1]:7001", ":", "a:b"]))
+TOML_VALUES = st.one_of(TOML_SCALARS, st.lists(TOML_SCALARS, max_size=3),
+                        st.dictionaries(st.sampled_from(["2001", "db", "*", "x y", "host"]),
+                                        st.one_of(TOML_SCALARS, st.lists(st.text(max_size=12), max_size=3)),
+                                        max_size=3))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+
+
+FLAGS = ["--system-id", "--data-dir", "--listen", "--interconnect", "--peer", "--nbd", "--link-timeout",
+         "--auto-resync", "--async-queue", "--tls-dir", "--token-file", "--max-message", "--rate-limit",
+         "--rate-burst", "--max-concurrent-rpcs", "--nbd-allow", "--host-volumes", "--log-level"]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.dictionaries(st.sampled_from(SETTINGS), TOML_VALUES, max_size=8),
+       st.lists(st.tuples(st.sampled_from(FLAGS), st.one_of(st.text(max_size=20), st.sampled_from(
+           ["1001", "127.0.0.1:1", "2001=h:1", "db=10.0.0.0/8", "x=", "1e9", "-5", "nan", "inf"]))), max_size=4))
+def test_fuzz_config_parsing(tmp_path_factory: pytest.TempPathFactory, table: dict[str, Any],
+                             flags: list[tuple[str, str]]) -> None:
+    path = tmp_path_factory.mktemp("cfg") / "c.toml"
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items()))
+    argv = ["--config", str(path)] + [f"{f}={v}" for f, v in flags]
+    try:
+        config = load_config("primary", argv)
+    except InvalidArgument as exc:
+        assert exc.message and "\n" not in exc.message.strip()
+    except SystemExit as exc:  # argparse refused a flag (usage error, exit 2)
+        assert exc.code == 2
+    else:
+        assert config.system_id > 0 and config.link_timeout > 0 and config.max_message_bytes >= 4096
+        assert config.rate_limit >= 0 and config.max_concurrent_rpcs >= 1
+
+
+def test_config_reads_security_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('system_id = 1\ndata_dir = "/d"\nlisten = "127.0.0.1:1"\ninterconnect = "127.0.0.1:2"\n'
+                    'nbd = "10809"\nmax_message = "8M"\nrate_limit = 50\n'
+                    '[nbd_allow]\ndb = ["10.0.0.0/8", "127.0.0.1"]\n[host_volumes]\nhostA = ["db*"]\n')
+    config = load_config("primary", ["--config", str(path)])
+    assert config.nbd == "127.0.0.1:10809"
+    assert config.max_message_bytes == 8 << 20 and config.rate_limit == 50.0 and config.rate_burst == 100.0
+    assert config.nbd_allow == {"db": ["10.0.0.0/8", "127.0.0.1"]} and config.host_volumes == {"hostA": ["db*"]}
+    with pytest.raises(InvalidArgument, match="TLS"):
+        load_config("primary", ["--config", str(path), "--tls-dir", str(tmp_path / "none")])
+    with pytest.raises(InvalidArgument, match="nbd-allow"):
+        load_config("primary", ["--config", str(path), "--nbd-allow", "db=not-a-net"])

@@ -1,0 +1,322 @@
+"""Mutual TLS, roles, NBD TLS and allow-lists, hostile input (real daemons)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from splitmirror import tls
+from splitmirror.link import SYSTEM_ID_KEY
+from splitmirror.testing import Site, free_port, wait_status
+from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls")
+    tls.init_dir(directory, [1001, 2001, 3001], tls.parse_clients("admin,host,viewer,fenced:host"))
+    return directory
+
+
+@pytest.fixture
+def tls_sites(tmp_path: Path, tls_dir: Path) -> Iterator[tuple[Site, Site]]:
+    primary = Site("primary", 1001, tmp_path, tls_dir=tls_dir, nbd=True)
+    secondary = Site("secondary", 2001, tmp_path, tls_dir=tls_dir)
+    primary.peer_with(secondary)
+    primary.extra_args += ["--host-volumes", "fenced=db*"]
+    secondary.start()
+    primary.start()
+    yield primary, secondary
+    for site in (primary, secondary):
+        site.kill()
+
+
+def _channel_with(site: Site, stem: str, port: int, target: str = "splitmirror") -> grpc.Channel:
+    assert site.tls_dir is not None
+    d = site.tls_dir
+    creds = grpc.ssl_channel_credentials((d / "ca.pem").read_bytes(), (d / f"{stem}.key").read_bytes(),
+                                         (d / f"{stem}.pem").read_bytes())
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", target)])
+
+
+def test_certs_init_makes_a_ca_system_and_client_certificates(tls_dir: Path) -> None:
+    for name in ("ca.pem", "1001.pem", "1001.key", "client-viewer.pem", "nbd-host/client-cert.pem"):
+        assert (tls_dir / name).exists(), name
+    assert (tls_dir / "1001.key").stat().st_mode & 0o077 == 0
+    assert tls.subject_of((tls_dir / "2001.pem").read_bytes()) == tls.Subject("system", "2001")
+    assert tls.subject_of((tls_dir / "client-fenced.pem").read_bytes()) == tls.Subject("host", "fenced")
+    ok = subprocess.run(["openssl", "verify", "-CAfile", str(tls_dir / "ca.pem"), str(tls_dir / "1001.pem")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_pair_over_mutual_tls_and_roles(tls_sites: tuple[Site, Site]) -> None:
+    primary, _ = tls_sites
+    primary.cli("volume", "create", "db", "--size", "16M")
+    primary.cli("pair", "create", "m", "--pvol", "db", "--svol", "db-r", "--peer", "2001", "--wait")
+    assert wait_status(primary, "m", ["DUPLEX"])["status"] == "DUPLEX"
+    # A viewer may look, not split.
+    primary.identity = "viewer"
+    assert primary.cli_json("pair", "display")[0]["status"] == "DUPLEX"
+    refused = primary.cli("pair", "split", "m", check=False)
+    assert refused.returncode == 1 and "permission denied" in refused.stderr
+    audit = [line for line in primary.log().splitlines() if "audit: denied" in line]
+    assert len(audit) == 1 and "who=viewer" in audit[0] and "what=SplitPair" in audit[0] and "when=" in audit[0]
+    # A host does I/O, but not pair management; "fenced" only on db*.
+    primary.identity = "host"
+    with primary.channel("host") as ch:
+        stub = host_pb2_grpc.HostApiStub(ch)
+        stub.Write(host_pb2.WriteRequest(volume="db", offset=0, data=b"x" * 4096), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateVolume(host_pb2.CreateVolumeRequest(name="other", size=1 << 20), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    primary.identity = "admin"
+    primary.cli("volume", "create", "logs", "--size", "1M")
+    with primary.channel("fenced") as ch:
+        stub = host_pb2_grpc.HostApiStub(ch)
+        stub.Read(host_pb2.ReadRequest(volume="db", offset=0, length=4096), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Read(host_pb2.ReadRequest(volume="logs", offset=0, length=4096), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert primary.cli_json("pair", "display", "m")[0]["status"] == "DUPLEX"
+
+
+def test_clients_and_peers_without_the_right_certificate_are_refused(tls_sites: tuple[Site, Site]) -> None:
+    primary, secondary = tls_sites
+    assert secondary.tls_dir is not None
+    # No TLS at all, on both services.
+    for port in (primary.listen_port, secondary.peer_port):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                host_pb2_grpc.HostApiStub(ch).GetStats(host_pb2.StatsRequest(), timeout=3)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # TLS, but no client certificate.
+    creds = grpc.ssl_channel_credentials((secondary.tls_dir / "ca.pem").read_bytes())
+    with grpc.secure_channel(primary.address, creds,
+                             options=[("grpc.ssl_target_name_override", "splitmirror")]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            host_pb2_grpc.HostApiStub(ch).GetStats(host_pb2.StatsRequest(), timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    hello = interconnect_pb2.HelloRequest(system_id=1001, role="primary")
+    # A valid system certificate for a system that is not a peer, claiming a peer's id.
+    with _channel_with(secondary, "3001", secondary.peer_port, tls.system_host_name(2001)) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            interconnect_pb2_grpc.InterconnectStub(ch).Hello(hello, metadata=((SYSTEM_ID_KEY, "1001"),), timeout=3)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A client (admin) certificate on the interconnect.
+    with _channel_with(secondary, "client-admin", secondary.peer_port, tls.system_host_name(2001)) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            interconnect_pb2_grpc.InterconnectStub(ch).Hello(hello, metadata=((SYSTEM_ID_KEY, "1001"),), timeout=3)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The real peer certificate is accepted.
+    with _channel_with(secondary, "1001", secondary.peer_port, tls.system_host_name(2001)) as ch:
+        reply = interconnect_pb2_grpc.InterconnectStub(ch).Hello(hello, metadata=((SYSTEM_ID_KEY, "1001"),),
+                                                                 timeout=3)
+        assert reply.system_id == 2001
+    # A daemon that dials system 2001 but reaches a server with another certificate refuses it.
+    with _channel_with(secondary, "1001", secondary.peer_port, tls.system_host_name(3001)) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            interconnect_pb2_grpc.InterconnectStub(ch).Hello(hello, timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _nbdinfo(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nbdinfo", "--json", url], capture_output=True, text=True, timeout=30)
+
+
+def test_nbd_starttls_with_host_certificates(tls_sites: tuple[Site, Site]) -> None:
+    primary, _ = tls_sites
+    assert primary.tls_dir is not None
+    primary.cli("volume", "create", "disk", "--size", "4M")
+    base = f"127.0.0.1:{primary.nbd_port}/disk"
+    ok = _nbdinfo(f"nbds://{base}?tls-certificates={primary.tls_dir / 'nbd-host'}")
+    assert ok.returncode == 0, ok.stderr
+    assert '"export-size": 4194304' in ok.stdout
+    assert _nbdinfo(f"nbd://{base}").returncode != 0  # TLS is required
+    viewer = _nbdinfo(f"nbds://{base}?tls-certificates={primary.tls_dir / 'nbd-viewer'}")
+    assert viewer.returncode != 0  # a viewer may not attach
+    written = subprocess.run(
+        ["qemu-io", "--object",
+         f"tls-creds-x509,id=tls0,endpoint=client,dir={primary.tls_dir / 'nbd-admin'}",
+         "--image-opts", f"driver=nbd,host=127.0.0.1,port={primary.nbd_port},export=disk,tls-creds=tls0",
+         "-c", "write -P 0x5a 0 64k"], capture_output=True, text=True, timeout=30)
+    if "tls-creds" in written.stderr and "not" in written.stderr.lower():
+        pytest.skip(f"qemu without TLS support: {written.stderr}")
+    assert written.returncode == 0, written.stderr
+    with primary.channel() as ch:
+        data = host_pb2_grpc.HostApiStub(ch).Read(host_pb2.ReadRequest(volume="disk", offset=0, length=65536),
+                                                  timeout=10).data
+    assert data == b"\x5a" * 65536
+    with primary.channel() as ch:
+        data = host_pb2_grpc.HostApiStub(ch).Read(host_pb2.ReadRequest(volume="disk", offset=0, length=65536),
+                                                  timeout=10).data
+    assert data == b"\x5a" * 65536
+
+
+def test_nbd_allow_list_and_loopback_default(tmp_path: Path) -> None:
+    site = Site("primary", 1001, tmp_path)
+    port = free_port()
+    site.extra_args += ["--nbd", str(port), "--nbd-allow", "secret=10.9.0.0/16"]
+    site.start()
+    try:
+        site.cli("volume", "create", "secret", "--size", "1M")
+        site.cli("volume", "create", "open", "--size", "1M")
+        assert _nbdinfo(f"nbd://127.0.0.1:{port}/open").returncode == 0
+        refused = _nbdinfo(f"nbd://127.0.0.1:{port}/secret")
+        assert refused.returncode != 0
+        listed = subprocess.run(["nbdinfo", "--list", f"nbd://127.0.0.1:{port}"], capture_output=True, text=True,
+                                timeout=30)
+        assert "open" in listed.stdout and "secret" not in listed.stdout
+        assert f"NBD port {port}" in site.log()
+        # A bare port binds to loopback only: another local address is not served.
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.2", port), timeout=2):
+            pass
+    finally:
+        site.kill()
+
+
+# ---------------------------------------------------------------------- hostile input
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        assert len(raw) < 127
+        return bytes([len(raw)]) + raw
+
+    return b"\x00" + string(name) + string(value)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def _claim_huge_message(port: int, claim: int = (2 << 30) - 1) -> bytes:
+    """An HTTP/2 gRPC Write call whose message prefix claims ``claim`` bytes."""
+    headers = b"".join(_hpack_literal(n, v) for n, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", "/splitmirror.v1.HostApi/Write"),
+        (":authority", "127.0.0.1"), ("content-type", "application/grpc"), ("te", "trailers")))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+        s.sendall(_frame(1, 0x4, 1, headers))
+        s.sendall(_frame(0, 0, 1, b"\x00" + struct.pack(">I", claim) + b"\xab" * 16000))
+        for _ in range(3):
+            try:
+                s.sendall(_frame(0, 0, 1, b"\xab" * 16384))
+            except OSError:
+                break
+        answer = b""
+        try:
+            while len(answer) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError:
+            pass
+        return answer
+
+
+def test_huge_message_claims_are_refused_before_allocation(tmp_path: Path) -> None:
+    site = Site("primary", 1001, tmp_path)
+    site.start()
+    try:
+        site.cli("volume", "create", "db", "--size", "1M")
+        assert site.proc is not None
+        before = _rss_kib(site.proc.pid)
+        for _ in range(20):
+            _claim_huge_message(site.listen_port)
+        with site.channel() as ch:
+            stub = host_pb2_grpc.HostApiStub(ch)
+            assert stub.GetVolume(host_pb2.VolumeRef(name="db"), timeout=5).size == 1 << 20
+        after = _rss_kib(site.proc.pid)
+        assert after - before < 256 * 1024, f"RSS grew from {before} KiB to {after} KiB"
+    finally:
+        site.kill()
+
+
+def test_request_burst_is_rate_limited_and_others_are_served(tmp_path: Path, tls_dir: Path) -> None:
+    site = Site("primary", 1001, tmp_path, tls_dir=tls_dir)
+    site.extra_args += ["--rate-limit", "200", "--rate-burst", "200"]
+    site.start()
+    assert site.proc is not None
+    before = _rss_kib(site.proc.pid)
+    codes: dict[str, int] = {}
+    done = threading.Event()
+
+    def burst() -> None:
+        with site.channel("host") as ch:
+            stats = host_pb2_grpc.HostApiStub(ch).GetStats
+            deadline = time.monotonic() + 20
+            sent = 0
+            while sent < 100_000 and time.monotonic() < deadline:
+                futures = [stats.future(host_pb2.StatsRequest(), timeout=30) for _ in range(1000)]
+                sent += len(futures)
+                for f in futures:
+                    try:
+                        f.result()
+                        key = "OK"
+                    except grpc.RpcError as exc:
+                        key = exc.code().name
+                    codes[key] = codes.get(key, 0) + 1
+        done.set()
+
+    worker = threading.Thread(target=burst)
+    worker.start()
+    latencies = []
+    try:
+        with site.channel("viewer") as ch:
+            stub = host_pb2_grpc.HostApiStub(ch)
+            while not done.is_set():
+                started = time.monotonic()
+                stub.GetStats(host_pb2.StatsRequest(), timeout=10)
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.2)
+        worker.join()
+        after = _rss_kib(site.proc.pid)
+    finally:
+        site.kill()
+    assert sum(codes.values()) >= 10_000, codes
+    assert codes["RESOURCE_EXHAUSTED"] > codes.get("OK", 0), codes
+    assert codes.get("RESOURCE_EXHAUSTED", 0) > 0, codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert latencies and max(latencies) < 5, latencies
+    assert after - before < 256 * 1024, f"RSS grew from {before} KiB to {after} KiB"
+
+
+def test_bearer_tokens_map_to_roles(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ops admin s3cr3t-admin-token-0001\nwatch viewer s3cr3t-viewer-token-01\n")
+    site = Site("primary", 1001, tmp_path)
+    site.extra_args += ["--token-file", str(tokens)]
+    site.start()
+    try:
+        for token, code in (("s3cr3t-admin-token-0001", None), ("s3cr3t-viewer-token-01", "PERMISSION_DENIED"),
+                            ("wrong-token-wrong-token", "PERMISSION_DENIED"), ("", "PERMISSION_DENIED")):
+            with site.channel() as ch:
+                md = (("authorization", f"Bearer {token}"),) if token else ()
+                try:
+                    host_pb2_grpc.HostApiStub(ch).CreateVolume(
+                        host_pb2.CreateVolumeRequest(name=f"v{len(token)}", size=1 << 20), metadata=md, timeout=5)
+                    got = None
+                except grpc.RpcError as exc:
+                    got = exc.code().name
+            assert got == code, token
+        assert "s3cr3t" not in site.log()
+    finally:
+        site.kill()
