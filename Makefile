@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install deps system-deps proto lint test demo bench clean
+.PHONY: install deps system-deps proto lint test demo bench clean images compose-demo soak
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -29,9 +29,18 @@ test: install lint
 demo: install
 	$(PY) scripts/demo.py
 
+images:
+	bash scripts/build-images.sh
+
+compose-demo: install images
+	$(PY) scripts/compose_demo.py --no-build
+
 bench: install
 	$(PY) bench/write_path.py
 	$(PY) bench/bitmap.py
+	$(PY) bench/nbd.py
+	$(PY) bench/backup.py
+	$(PY) bench/restore.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

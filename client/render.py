@@ -78,6 +78,7 @@ def stats_json(stats: host_pb2.Stats) -> JsonObject:
         "role": stats.role,
         "interconnect_bytes_sent": int(stats.interconnect_bytes_sent),
         "interconnect_bytes_received": int(stats.interconnect_bytes_received),
+        "nbd_port": int(stats.nbd_port) or None,
         "pairs": [
             {
                 "pair": p.pair,

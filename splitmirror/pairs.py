@@ -133,6 +133,9 @@ class PairManager:
                 pair.channel = LocalChannel(self.system, pair)
                 if pair.status is PairStatus.COPY:
                     self._start_copy(pair)
+                elif pair.status is PairStatus.SUSPENDED and self.settings.auto_resync:
+                    # No peer will come back to trigger it: resync right away.
+                    self._spawn(self._auto_resync_local(pair), f"resync-{pair.name}")
         self.system.intent.start()
 
     async def stop(self) -> None:
@@ -565,6 +568,12 @@ class PairManager:
                 pair.link.suspect(reason)
             await self.system.save_rows(pair)
 
+    async def _auto_resync_local(self, pair: Pair) -> None:
+        try:
+            await self.resync(pair.name, reverse=False)
+        except SplitmirrorError as exc:
+            log.warning("pair %s: automatic resync failed: %s", pair.name, exc.message)
+
     async def on_peer_down(self, link: PeerLink) -> None:
         for pair in list(self.system.pairs.values()):
             if not pair.remote or pair.peer_id != link.peer_id or pair.status not in MIRRORING:
@@ -716,9 +725,11 @@ class PairManager:
     async def mirror_apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
         """Apply a batch of the ordered stream to the mirror end, in order."""
         assert pair.mirror is not None
-        if pair.status is PairStatus.SPLIT:
-            raise FailedPrecondition(f"pair {pair.name!r} is SPLIT on system {self.system.system_id}; "
-                                     "writes are not accepted")
+        if pair.status not in MIRRORING:
+            # E.g. a batch delayed by a healed partition, arriving after this
+            # end suspended itself: applying it would fake host writes here.
+            raise FailedPrecondition(f"pair {pair.name!r} is {pair.status.value} on system "
+                                     f"{self.system.system_id}; replicated writes are not accepted")
         vol = pair.mirror.volume
         ops: list[WriteOp] = []
         for e in entries:
