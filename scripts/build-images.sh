@@ -115,7 +115,7 @@ fi
 # ---------------------------------------------------------------------- wheels
 pick_python() {
   local candidate
-  for candidate in ${WHEEL_PYTHON:-} .venv/bin/python python3.11 python3; do
+  for candidate in ${WHEEL_PYTHON:-} "$PWD/.venv/bin/python" python3.11 python3; do
     if command -v "$candidate" >/dev/null 2>&1 &&
        [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = 3.11 ]; then
       echo "$candidate"
