@@ -29,6 +29,9 @@ test: install lint
 demo: install
 	$(PY) scripts/demo.py
 
+soak: install
+	SPLITMIRROR_SOAK_SCHEDULES=1000 $(VENV)/bin/pytest -q -rxf tests/test_faults.py -k test_fault_schedule
+
 images:
 	bash scripts/build-images.sh
 
@@ -41,6 +44,8 @@ bench: install
 	$(PY) bench/nbd.py
 	$(PY) bench/backup.py
 	$(PY) bench/restore.py
+	$(PY) bench/async.py
+	$(PY) bench/resync.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -265,8 +265,13 @@ class ReplicationStream:
     async def _fail(self, reason: str) -> None:
         lost = self.queue.fail()
         waiters, self._waiters = self._waiters, {}
-        if lost:
-            await self._on_failure(lost, reason)
-        for fut in waiters.values():
-            if not fut.done():
-                fut.set_result(False)
+        try:
+            if lost:
+                await self._on_failure(lost, reason)
+        finally:
+            # Even when cancelled meanwhile (the stream closed on peer loss):
+            # no host write may wait forever.  The bits are already set in
+            # memory and the writes' intent extents are still held.
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_result(False)
