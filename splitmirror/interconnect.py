@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -47,6 +49,26 @@ def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int]
     return caller
 
 
+Context = grpc.aio.ServicerContext[object, object]
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+
+def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
+              ) -> Callable[[Any, Req, Context], Awaitable[Rep]]:
+    """Identify the calling peer (refusing strangers) and turn user errors into their status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
+        try:
+            return await method(self, request, context, self._peer(context))
+        except SplitmirrorError as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+
+    return wrapper
+
+
 class InterconnectServicer(ic_grpc.InterconnectServicer):
     def __init__(self, manager: PairManager, role: str, tls: bool = False) -> None:
         self.manager = manager
@@ -73,21 +95,13 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                 reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
         return reply
 
-    async def AttachMirror(self, request: ic.AttachMirrorRequest,
-                           context: grpc.aio.ServicerContext[object, object]) -> ic.MirrorState:
-        try:
-            return await self.manager.mirror_attach(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def AttachMirror(self, request: ic.AttachMirrorRequest, context: Context, peer: int) -> ic.MirrorState:
+        return await self.manager.mirror_attach(peer, request)
 
-    async def PairCommand(self, request: ic.PairCommandRequest,
-                          context: grpc.aio.ServicerContext[object, object]) -> ic.MirrorState:
-        try:
-            return await self.manager.mirror_command(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def PairCommand(self, request: ic.PairCommandRequest, context: Context, peer: int) -> ic.MirrorState:
+        return await self.manager.mirror_command(peer, request)
 
     async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
                         context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.ReplicateAck]:
@@ -132,45 +146,28 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def TrackDigests(self, request: ic.TrackDigestsRequest,
-                           context: grpc.aio.ServicerContext[object, object]) -> ic.TrackDigestsReply:
-        try:
-            return await self.manager.mirror_digests(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def TrackDigests(self, request: ic.TrackDigestsRequest, context: Context, peer: int) -> ic.TrackDigestsReply:
+        return await self.manager.mirror_digests(peer, request)
 
-    async def PrepareBackup(self, request: ic.PrepareBackupRequest,
-                            context: grpc.aio.ServicerContext[object, object]) -> ic.PrepareBackupReply:
-        try:
-            return await self.manager.backups.prepare(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def PrepareBackup(self, request: ic.PrepareBackupRequest, context: Context,
+                            peer: int) -> ic.PrepareBackupReply:
+        return await self.manager.backups.prepare(peer, request)
 
-    async def FinishBackup(self, request: ic.FinishBackupRequest,
-                           context: grpc.aio.ServicerContext[object, object]) -> ic.FinishBackupReply:
-        try:
-            return await self.manager.backups.finish(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def FinishBackup(self, request: ic.FinishBackupRequest, context: Context, peer: int) -> ic.FinishBackupReply:
+        return await self.manager.backups.finish(peer, request)
 
-    async def ListGenerations(self, request: ic.ListGenerationsRequest,
-                              context: grpc.aio.ServicerContext[object, object]) -> ic.ListGenerationsReply:
-        try:
-            return await self.manager.backups.list_generations(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def ListGenerations(self, request: ic.ListGenerationsRequest, context: Context,
+                              peer: int) -> ic.ListGenerationsReply:
+        return await self.manager.backups.list_generations(peer, request)
 
-    async def RestoreControl(self, request: ic.RestoreControlRequest,
-                             context: grpc.aio.ServicerContext[object, object]) -> ic.RestoreControlReply:
-        try:
-            return await self.manager.restores.control(self._peer(context), request)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def RestoreControl(self, request: ic.RestoreControlRequest, context: Context,
+                             peer: int) -> ic.RestoreControlReply:
+        return await self.manager.restores.control(peer, request)
 
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.TrackData]:
