@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .bitmap import TrackBitmap
+from .intent import replicated_scope
 from .status import PairStatus
 
 T = TypeVar("T")
@@ -216,7 +217,7 @@ class CopyTable:
     async def remove_volume(self, name: str) -> None:
         def q(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM volumes WHERE name=?", (name,))
-            db.execute("DELETE FROM intent WHERE volume=?", (name,))
+            db.execute("DELETE FROM intent WHERE volume IN (?, ?)", (name, replicated_scope(name)))
 
         await self._call(q)
 

@@ -6,6 +6,13 @@ write into it has been in flight for a while.  After an unclean stop the
 recorded extents are exactly the places where a mirror may have missed a
 write, so recovery re-copies those tracks instead of the whole volume (the
 same idea as DRBD's activity log).
+
+Extents are recorded per *scope*: a volume's own writes (from hosts, or
+copies into it) use the volume's name; the writes a remote mirror end
+applies for its primary use :func:`replicated_scope`.  They mean different
+things after a crash: a mirror end's hot host extents may hold writes its
+primary never saw, while its replicated writes were either acknowledged
+(the primary knows them) or not (the primary marked them pending).
 """
 
 from __future__ import annotations
@@ -16,12 +23,27 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from .copytable import CopyTable
+if TYPE_CHECKING:  # the copy table uses this module's scopes
+    from .copytable import CopyTable
 
 log = logging.getLogger("splitmirror.intent")
 
 DEFAULT_EXTENT = 4 << 20
+_REPLICATED = "/replicated"  # '/' never occurs in a volume name
+
+
+def replicated_scope(volume: str) -> str:
+    """The intent scope of the writes a remote mirror end applies to ``volume``."""
+    return volume + _REPLICATED
+
+
+def parse_scope(scope: str) -> tuple[str, bool]:
+    """``(volume, replicated)`` of an intent scope."""
+    if scope.endswith(_REPLICATED):
+        return scope[:-len(_REPLICATED)], True
+    return scope, False
 
 
 @dataclasses.dataclass(slots=True)
@@ -146,3 +168,4 @@ class IntentLog:
 
     def forget_volume(self, volume: str) -> None:
         self._hot.pop(volume, None)
+        self._hot.pop(replicated_scope(volume), None)

@@ -32,6 +32,7 @@ from .errors import (
     Unavailable,
     from_status,
 )
+from .intent import parse_scope
 from .link import PeerLink, ReplicationStream
 from .pair import Pair, PairEnd, RemoteChannel
 from .replication import BackupMarker, Entry
@@ -152,18 +153,26 @@ class PairManager:
         await self.system.intent.clear_idle(0)
 
     async def _recover_intent(self) -> None:
+        """After an unclean stop: mark the tracks of hot write-intent extents pending.
+
+        A copy source may have missed its mirror in any hot extent.  A remote
+        mirror end that was tracking may have taken host writes whose bits
+        were not saved, but only in extents its own (not replicated) writes
+        made hot: a replicated write was either acknowledged, so the primary
+        knows it, or not, so the primary marked it pending.  Marking those
+        would fake host writes on the SPVOL, i.e. a split brain.
+        """
         hot = await self.system.table.load_intent()
-        for volume, extents in hot.items():
+        for scope, extents in hot.items():
+            volume, replicated = parse_scope(scope)
             vol = self.system.volumes.get(volume)
             if vol is None:
                 continue
             runs = [(first, stop - first) for e in sorted(extents)
                     for first, stop in [self.system.intent.tracks_of(e, vol.track_size, vol.tracks)]]
             for pair in self.system.pairs_of(vol):
-                # The copy source may have missed its mirror; a suspended
-                # SPVOL may have taken host writes whose bits were not saved.
                 ends = [e for e in pair.ends if e.volume is vol and
-                        (e is pair.primary or (pair.remote and pair.status in TRACKING))]
+                        (e is pair.primary or (pair.remote and not replicated and pair.status in TRACKING))]
                 for end in ends:
                     for first, count in runs:
                         end.bitmap.add_range(first, first + count)
@@ -735,13 +744,13 @@ class PairManager:
         for e in entries:
             if e.backup_marker:
                 if ops:
-                    await self.system.write_ops(vol, ops)
+                    await self.system.write_ops(vol, ops, replicated=True)
                     ops = []
                 await self.backups.apply_marker(pair, e)
                 continue
             if e.flush:
                 if ops:
-                    await self.system.write_ops(vol, ops)
+                    await self.system.write_ops(vol, ops, replicated=True)
                     ops = []
                 await self.system.flush_volume(vol)
                 continue
@@ -759,7 +768,7 @@ class PairManager:
                 pair.counters.replicated_writes += 1
                 pair.counters.replicated_bytes += len(data)
         if ops:
-            await self.system.write_ops(vol, ops)
+            await self.system.write_ops(vol, ops, replicated=True)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         pair = self._mirror_pair(peer, name)

@@ -23,7 +23,7 @@ from pathlib import Path
 from .bitmap import TrackBitmap
 from .copytable import CopyTable, VolumeRow
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .intent import IntentLog
+from .intent import IntentLog, replicated_scope
 from .ordering import RangeOrder
 from .pair import Pair, PairEnd
 from .status import MIRRORING, TRACKING, PairStatus
@@ -261,8 +261,12 @@ class StorageSystem:
             await asyncio.gather(*waits)
 
     # -- the write path -------------------------------------------------------
-    async def write_ops(self, vol: Volume, ops: list[WriteOp]) -> None:
-        """Apply ``ops`` in order to ``vol`` and to everything mirrored from it."""
+    async def write_ops(self, vol: Volume, ops: list[WriteOp], *, replicated: bool = False) -> None:
+        """Apply ``ops`` in order to ``vol`` and to everything mirrored from it.
+
+        ``replicated`` marks the writes a remote mirror end applies for its
+        primary: their write-intent extents are kept apart from host writes.
+        """
         start = min(op.offset for op in ops)
         end = max(op.offset + op.length for op in ops)
         length = end - start
@@ -273,7 +277,8 @@ class StorageSystem:
         # The extent is durable in the write-intent log before any pending
         # bit is set in memory or any byte is mirrored: after a crash, its
         # tracks are where the ends may differ.
-        async with self.intent.covering(vol.name, start, length):
+        scope = replicated_scope(vol.name) if replicated else vol.name
+        async with self.intent.covering(scope, start, length):
             waits: list[asyncio.Future[bool]] = []
             async with self._order[vol.name].hold(start, length):
                 payload = sum(len(op.data) for op in ops)
@@ -289,7 +294,7 @@ class StorageSystem:
                     if pair.row.mode == "async":
                         # Acknowledged after the local write; the extent stays
                         # recorded until the mirror has applied the write.
-                        release = self.intent.pin(vol.name, start, length)
+                        release = self.intent.pin(scope, start, length)
                         futs[-1].add_done_callback(functools.partial(_call_release, release))
                     else:
                         waits.extend(futs)
