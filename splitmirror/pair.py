@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from .bitmap import TrackBitmap
 from .copytable import PairRow
@@ -63,6 +63,26 @@ class CopyProgress:
         return remaining / rate if rate > 0 else 0.0
 
 
+@dataclasses.dataclass
+class RetryBackoff:
+    """When a failed automatic resync may be tried again: after the link
+    timeout, then twice as long each time, at most :attr:`MAX_DELAY`."""
+
+    MAX_DELAY: ClassVar[float] = 30.0
+    delay: float = 0.0
+    not_before: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.not_before
+
+    def failed(self, now: float, first_delay: float) -> None:
+        self.delay = min(self.MAX_DELAY, self.delay * 2 if self.delay else first_delay)
+        self.not_before = now + self.delay
+
+    def reset(self) -> None:
+        self.delay = self.not_before = 0.0
+
+
 class Pair:
     """One pair as held by this storage system: one or both of its ends."""
 
@@ -78,6 +98,7 @@ class Pair:
         self.apply_lock = asyncio.Lock()     # mirror end: one Replicate stream at a time
         self.backup_running = False
         self.reconciling = False
+        self.retry = RetryBackoff()           # primary end: automatic resync attempts
 
     @property
     def ends(self) -> list[PairEnd]:

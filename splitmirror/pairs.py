@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -593,22 +594,27 @@ class PairManager:
                 await pair.channel.stream.close()
 
     async def on_peer_up(self, link: PeerLink) -> None:
-        for pair in list(self.system.pairs.values()):
-            if pair.primary is None or not pair.remote or pair.peer_id != link.peer_id:
-                continue
-            try:
-                await self._reconcile(pair)
-            except SplitmirrorError as exc:
-                log.warning("pair %s: reconnect handling failed: %s", pair.name, exc)
+        for pair in self.pairs_with(link.peer_id):
+            if pair.primary is not None and not pair.reconciling:
+                pair.reconciling = True
+                await self._reconcile_once(pair)
 
     def on_hello(self, link: PeerLink, reply: ic.HelloReply) -> None:
-        """The peer's view of our pairs, every keepalive: catch a mirror end
-        that suspended itself while we saw no fault (it lost us briefly)."""
-        for state in reply.mirrors:
-            pair = self.system.pairs.get(state.pair)
-            if (pair is not None and pair.primary is not None and pair.remote and pair.peer_id == link.peer_id
-                    and pair.status is PairStatus.DUPLEX and state.status == PairStatus.SUSPENDED.value
-                    and not pair.reconciling):
+        """Every keepalive answer: catch a mirror end that suspended itself
+        while we saw no fault (it lost us briefly), and retry automatic
+        resyncs that failed while the link stayed up."""
+        peer_status = {state.pair: state.status for state in reply.mirrors}
+        now = time.monotonic()
+        for pair in self.pairs_with(link.peer_id):
+            if pair.primary is None or pair.reconciling:
+                continue
+            if pair.status is PairStatus.DUPLEX:
+                pair.retry.reset()
+                stale = peer_status.get(pair.name) == PairStatus.SUSPENDED.value
+            else:
+                stale = (pair.status is PairStatus.SUSPENDED and self.settings.auto_resync
+                         and (pair.copy_task is None or pair.copy_task.done()) and pair.retry.due(now))
+            if stale:
                 pair.reconciling = True
                 self._spawn(self._reconcile_once(pair), f"reconcile-{pair.name}")
 
@@ -616,9 +622,11 @@ class PairManager:
         try:
             await self._reconcile(pair)
         except SplitmirrorError as exc:
-            log.warning("pair %s: reconcile failed: %s", pair.name, exc.message)
+            log.warning("pair %s: reconnect handling failed: %s", pair.name, exc.message)
         finally:
             pair.reconciling = False
+            if pair.status is PairStatus.SUSPENDED:
+                pair.retry.failed(time.monotonic(), self.settings.link_timeout)
 
     async def _reconcile(self, pair: Pair) -> None:
         """After a reconnect: bring both ends back to agreement."""
