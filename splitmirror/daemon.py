@@ -38,6 +38,15 @@ def server_options(max_message: int) -> list[tuple[str, int]]:
             ("grpc.max_concurrent_streams", 1024), ("grpc.max_metadata_size", 16 << 10)]
 
 
+def peer_keepalive(link_timeout: float) -> list[tuple[str, int]]:
+    """Server pings on the interconnect: the streams of a peer that vanished
+    without closing its connection (power loss, black-holed network) end
+    within about two link timeouts instead of staying open forever."""
+    ms = max(1000, round(link_timeout * 1000))
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -58,7 +67,7 @@ class Daemon:
                                    config.rate_burst)
         self.host_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                            interceptors=[MalformedRequests()])
-        self.peer_server = grpc.aio.server(options=options)
+        self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)])
         self.nbd: object | None = None
         self.stopping = asyncio.Event()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +51,16 @@ def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int]
 
 
 Context = grpc.aio.ServicerContext[object, object]
+TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batch
+
+
+@dataclasses.dataclass(eq=False)
+class _Stream:
+    """One Replicate stream being served for a pair."""
+
+    reader: asyncio.Task[None]
+    handler: asyncio.Task[Any] | None
+    superseded: bool = False
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
 
@@ -75,6 +86,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.tls = tls
         self.system = manager.system
         self.role = role
+        self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
 
     def _peer(self, context: grpc.aio.ServicerContext[object, object]) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
@@ -119,7 +131,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             finally:
                 await batches.put(None)
 
-        task = asyncio.create_task(reader())
+        stream = _Stream(asyncio.create_task(reader()), asyncio.current_task())
         try:
             first = await batches.get()
             if first is None:
@@ -129,9 +141,10 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             except SplitmirrorError as exc:
                 await self._guard(context, exc)
                 raise
-            async with pair.apply_lock:
+            await self._take_over(pair.name, stream, pair.apply_lock)
+            try:
                 batch: ic.ReplicateBatch | None = first
-                while batch is not None:
+                while batch is not None and not stream.superseded:
                     if batch.entries:
                         try:
                             await self.manager.mirror_apply(pair, list(batch.entries))
@@ -141,10 +154,36 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                             raise
                         yield ic.ReplicateAck(seq=batch.entries[-1].seq)
                     batch = await batches.get()
+            finally:
+                pair.apply_lock.release()
+                if self._streams.get(pair.name) is stream:
+                    del self._streams[pair.name]
         finally:
-            task.cancel()
+            stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await stream.reader
+
+    async def _take_over(self, pair: str, stream: _Stream, lock: asyncio.Lock) -> None:
+        """Make ``stream`` the pair's only Replicate stream.
+
+        The primary opens a new stream only after giving up on the previous
+        one (whose unacknowledged writes it marked pending), so an older
+        stream still open here belongs to a primary that vanished without
+        closing its connection: it is told to stop after the batch it is
+        applying, and cancelled if it cannot even do that in time.
+        """
+        old = self._streams.get(pair)
+        self._streams[pair] = stream
+        if old is not None:
+            log.warning("pair %s: a newer replication stream takes over from a stale one", pair)
+            old.superseded = True
+            old.reader.cancel()
+        try:
+            await asyncio.wait_for(lock.acquire(), TAKEOVER_GRACE)
+        except TimeoutError:
+            if old is not None and old.handler is not None:
+                old.handler.cancel()
+            await lock.acquire()
 
     @peer_call
     async def TrackDigests(self, request: ic.TrackDigestsRequest, context: Context, peer: int) -> ic.TrackDigestsReply:
