@@ -205,6 +205,10 @@ class ReplicationStream:
                     reason = f"link error: {exc.code().name}"
                     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                         reason = f"refused by peer: {exc.details()}"
+                elif isinstance(exc, asyncio.InvalidStateError):
+                    # grpc.aio refuses a write once the call has finished: the
+                    # peer ended it, and the receiver reports why (or nothing).
+                    reason = "link error: stream ended by peer"
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
                     if not isinstance(exc, TimeoutError):
