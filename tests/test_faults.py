@@ -18,9 +18,7 @@ again:
   batches it applies) are consistent prefixes of the write history; in sync
   mode they also hold every write acknowledged before the snapshot started.
 
-A schedule that runs into a known daemon bug (one that a deterministic
-test below reproduces and marks xfail) is reported as xfail naming it; any
-other failure fails.  Reproduce one schedule with ``-k seed17``; run more with
+Any failure fails, with the daemons' logs.  Reproduce one schedule with ``-k seed17``; run more with
 ``SPLITMIRROR_SOAK_SCHEDULES=1000`` (``SPLITMIRROR_FAULT_SEED_BASE`` moves
 the first seed).
 """
@@ -682,18 +680,6 @@ class Session:
         return Outcome(len(history.writes), len(history.acked), self.snapshots, sent, worst)
 
 
-def known_bug(stuck: Stuck, primary: Site, sched: Schedule) -> str | None:
-    """The known daemon bug behind a stuck pair, if it is one of them."""
-    if stuck.secondary.pending_tracks > 0 and any(a.kind == "kill-secondary" for a in sched.actions):
-        return ("known bug (test_secondary_crash_while_suspended_is_not_split_brain): the restarted secondary "
-                "marked its hot write-intent extents pending, so the auto-resync is refused as split brain")
-    if stuck.secondary.pending_tracks == 0 and link_up(primary, 2001):
-        return ("known bug: auto-resync runs only when the primary's link goes from down to up "
-                "(PairManager.on_peer_up); a reconcile, resync or RESYNC_DONE that fails while the link "
-                "counts as up leaves the pair SUSPENDED and nothing retries it")
-    return None
-
-
 SNAPSHOTS: list[int] = []
 
 
@@ -720,16 +706,6 @@ async def test_fault_schedule(rig: Rig, seed: int) -> None:
             await snapper
         outcome = await run.check_converged(kills_primary=sched.kills_primary,
                                             write_errors_allowed=sched.kills_primary)
-    except Stuck as exc:
-        logs = rig.logs()
-        await run.discard()
-        reason = known_bug(exc, rig.primary, sched)
-        if reason is None:
-            raise AssertionError(f"[{sched}] {exc}\n{logs}") from exc
-        pytest.xfail(f"[{sched}] {exc}: {reason}")
-    except HungWrites as exc:
-        await run.discard()
-        pytest.xfail(f"{exc}: known bug (test_sync_writes_never_hang_when_the_link_dies)")
     except AssertionError as exc:
         logs = rig.logs()
         await run.discard()
@@ -985,11 +961,6 @@ async def test_link_loss_seen_only_by_the_secondary(own_rig: Rig) -> None:
     await run.check_converged()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "splitmirror bug: the secondary records write-intent extents for the replicated writes it applies, and "
-    "after an unclean restart PairManager._recover_intent marks every hot extent in the SPVOL end's pending "
-    "bitmap when that end is SUSPENDED; with tracks pending on the primary too, the auto-resync is then "
-    "refused as split brain although no host wrote the SPVOL, and the pair stays SUSPENDED"))
 async def test_secondary_crash_while_suspended_is_not_split_brain(own_rig: Rig) -> None:
     """The link is cut under sync writers (both ends suspend), the secondary
     is killed -9 moments later and restarted, the link heals: no host wrote
@@ -1016,11 +987,6 @@ async def test_secondary_crash_while_suspended_is_not_split_brain(own_rig: Rig) 
     await run.check_converged()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "splitmirror bug: the secondary serves one Replicate stream per pair at a time (interconnect.py Replicate, "
-    "'async with pair.apply_lock'); a stream whose client vanished without closing its connection holds the "
-    "lock forever (no server keepalive, no takeover), so every stream of the restarted primary times out "
-    "unacknowledged and the resync retries forever without progress"))
 async def test_primary_host_vanishing_leaves_no_stale_stream(own_rig: Rig) -> None:
     """The primary host dies without a word (power loss: neither FIN nor RST
     reaches the secondary) and comes back.  Its old replication stream stays
