@@ -46,6 +46,8 @@ from .volume import Volume
 
 log = logging.getLogger("splitmirror.pairs")
 
+CHECKPOINT_SECONDS = 1.0  # how often a running copy saves its pending bitmap
+
 MODES = ("sync", "async")
 VERIFY_CHUNK = 64 << 20  # bytes compared per step (writes to it wait meanwhile)
 
@@ -322,6 +324,7 @@ class PairManager:
     async def _copy(self, pair: Pair) -> None:
         assert pair.primary is not None
         reverse = pair.row.direction == "reverse"
+        checkpoints = asyncio.create_task(self._checkpoint_copy(pair), name=f"checkpoint-{pair.name}")
         try:
             if reverse:
                 await copy_reverse(self.system, pair, lambda tracks: self._track_source(pair, tracks))
@@ -356,7 +359,21 @@ class PairManager:
                 await self.system.save_rows(pair)
             await self.system.save_bitmaps(pair)
         finally:
+            checkpoints.cancel()
             pair.progress = None if pair.status is not PairStatus.COPY else pair.progress
+
+    async def _checkpoint_copy(self, pair: Pair) -> None:
+        """Save the shrinking bitmap while a copy runs, so that a copy cut
+        short by kill -9 resumes near where it stopped, not from its start.
+        Bits are cleared only for acknowledged tracks, so what is saved
+        always covers what is still to copy."""
+        saved = -1
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            progress = pair.progress
+            if progress is not None and progress.done_tracks != saved:
+                saved = progress.done_tracks
+                await self.system.save_bitmaps(pair)
 
     def _track_source(self, pair: Pair, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         if not pair.remote:

@@ -14,8 +14,9 @@ import pytest
 
 from client import Client, ClientError
 from splitmirror.link import SYSTEM_ID_KEY
-from splitmirror.testing import ROOT, Site, wait_status
+from splitmirror.testing import ROOT, Site, wait_for, wait_status
 from splitmirror.v1 import interconnect_pb2, interconnect_pb2_grpc
+from tests.faultproxy import ProxyPair
 
 MiB = 1 << 20
 TRACK = 8192
@@ -282,3 +283,40 @@ def test_health_and_reflection_served(sites: tuple[Site, Site]) -> None:
         replies = list(stub.ServerReflectionInfo(iter([request])))
         names = {s.name for s in replies[0].list_services_response.service}
         assert "splitmirror.v1.HostApi" in names and "grpc.health.v1.Health" in names
+
+
+async def test_resync_cut_short_by_kill_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """kill -9 of the primary halfway through a resync: after the restart
+    the resync copies about what was left, not everything again."""
+    primary = Site("primary", 1001, tmp_path)
+    secondary = Site("secondary", 2001, tmp_path)
+    primary.peer_with(secondary)
+    proxies = ProxyPair(primary, secondary)  # a slow link, so the resync takes seconds
+    try:
+        secondary.start()
+        primary.start()
+        primary.cli("volume", "create", "v", "--size", "256M")
+        primary.cli("pair", "create", "p", "--pvol", "v", "--svol", "v-r", "--peer", "2001", "--wait")
+        primary.cli("pair", "split", "p")
+        changed = 0
+        async with Client(primary.address) as c:
+            for i in range(64):
+                await c.write("v", i * 4 * MiB, os.urandom(MiB))
+                changed += MiB // TRACK
+        proxies.delay(0.25)
+        primary.cli("pair", "resync", "p")
+        row = wait_for(lambda: (r := primary.pair_row("p"))["status"] == "COPY" and (r["progress"] or 0) >= 35 and r,
+                       60, 0.1, "the resync to get a third of the way")
+        await asyncio.sleep(1.5)  # at least one checkpoint of the shrinking bitmap
+        primary.kill()
+        proxies.delay(0)
+        primary.start()
+        wait_status(primary, "p", ["DUPLEX"], timeout=60)
+        sent = primary.cli_json("stats")["pairs"][0]["resync_tracks_sent"]
+        assert sent <= changed * (100 - row["progress"]) / 100 + 1024, (
+            f"{sent} tracks copied after the restart, of {changed}; {row['progress']:.0f}% were done before it")
+        await assert_identical(primary, "v", secondary, "v-r", 256 * MiB)
+    finally:
+        for site in (primary, secondary):
+            site.kill()
+        proxies.close()
