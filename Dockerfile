@@ -33,10 +33,12 @@ RUN /opt/splitmirror/bin/pip install -q --no-index --no-deps /tmp/wheels/app/*.w
 ENV PATH=/opt/splitmirror/bin:$PATH
 COPY docker/healthcheck.py /usr/local/bin/splitmirror-healthcheck
 COPY docker/fs-tool.py /usr/local/bin/splitmirror-fs
-RUN chmod 0755 /usr/local/bin/splitmirror-healthcheck /usr/local/bin/splitmirror-fs \
+COPY docker/tls-init.sh /usr/local/bin/splitmirror-tls-init
+RUN chmod 0755 /usr/local/bin/splitmirror-healthcheck /usr/local/bin/splitmirror-fs /usr/local/bin/splitmirror-tls-init \
  && splitmirror --help >/dev/null && primaryd --help >/dev/null && secondaryd --help >/dev/null
 
 WORKDIR /root
 # primaryd/secondaryd take their flags from docker-compose.yml; host
-# containers run `sleep infinity` and are driven with `docker exec`.
+# containers run `sleep infinity` and are driven with `docker exec`;
+# splitmirror-tls-init makes the deployment's certificates (service tls-init).
 CMD ["splitmirror", "--help"]
