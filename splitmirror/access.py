@@ -8,9 +8,11 @@ Roles (one table, :data:`METHOD_ROLES`):
 - ``admin``: everything (volumes, pairs, backups, restores).
 
 An identity comes from the verified client certificate (TLS) or from a bearer
-token (``authorization: Bearer ...`` metadata, tokens from a file). Without
-TLS and without a token file, access control is off (every caller is admin),
-as before. Token values never reach a log line.
+token (``authorization: Bearer ...`` metadata, tokens from a file). NBD
+exports follow the same roles by the client certificate of NBD's STARTTLS
+(:meth:`AccessPolicy.export_refusal`). Without TLS and without a token file,
+access control is off (every caller is admin), as before. Token values never
+reach a log line.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from .tls import ROLES, SYSTEM_OU, cert_subject
+from .tls import ROLES, SYSTEM_OU, Subject, cert_subject
 
 audit = logging.getLogger("splitmirror.audit")
 
@@ -184,13 +186,48 @@ class AccessPolicy:
         needed = METHOD_ROLES.get(method, "admin")
         if _RANK[identity.role] < _RANK[needed]:
             self._deny(str(identity), method, context, f"role {identity.role} may not call {method}")
-        patterns = self.host_volumes.get(identity.name)
-        if (identity.role == "host" and patterns is not None and volume is not None and method in HOST_IO
-                and not any(fnmatch.fnmatchcase(volume, p) for p in patterns)):
-            self._deny(str(identity), method, context, f"volume {volume!r} is not one of {identity.name}'s")
+        if volume is not None and method in HOST_IO:
+            refusal = self.volume_refusal(identity, volume)
+            if refusal is not None:
+                self._deny(str(identity), method, context, refusal)
         return identity
 
+    def volume_refusal(self, identity: Identity, volume: str) -> str | None:
+        """Why ``identity`` may not do I/O on ``volume``, or None: ``--host-volumes
+        NAME=PATTERN`` narrows a ``host`` identity to the matching volumes."""
+        patterns = self.host_volumes.get(identity.name)
+        if identity.role == "host" and patterns is not None and not any(
+                fnmatch.fnmatchcase(volume, p) for p in patterns):
+            return f"volume {volume!r} is not one of {identity.name}'s"
+        return None
+
+    def export_refusal(self, subject: Subject | None, export: str) -> str | None:
+        """Why the NBD client whose verified TLS certificate names ``subject`` may
+        not attach ``export``, or None.
+
+        The roles mean what they mean on the host API: ``admin`` attaches every
+        export; ``host`` those its ``--host-volumes`` patterns match (all without
+        an entry); ``viewer`` none, not even read-only, because a viewer may not
+        Read a volume over gRPC either (display and status only: an export would
+        hand it the data). A system certificate is a peer daemon, not a host.
+        """
+        if subject is None or subject.kind not in _RANK:
+            return f"a host or admin client certificate is needed to attach export {export!r}"
+        identity = Identity(subject.name, subject.kind, "cert")
+        if _RANK[identity.role] < _RANK["host"]:
+            return f"role {identity.role} may not attach export {export!r} (host or admin needed)"
+        return self.volume_refusal(identity, export)
+
+    def audit_export(self, subject: Subject | None, export: str, address: str, why: str) -> None:
+        """One audit line for a refused NBD attach, like a refused host API call."""
+        who = str(Identity(subject.name, subject.kind, "cert")) if subject is not None else "unauthenticated"
+        _audit(who, f"NBD:{export}", address, why)
+
     def _deny(self, who: str, method: str, context: Any, why: str) -> None:
-        when = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        audit.warning("audit: denied who=%s what=%s when=%s from=%s: %s", who, method, when, context.peer(), why)
+        _audit(who, method, context.peer(), why)
         raise PermissionDenied(f"permission denied: {why}")
+
+
+def _audit(who: str, what: str, peer: str, why: str) -> None:
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    audit.warning("audit: denied who=%s what=%s when=%s from=%s: %s", who, what, when, peer, why)

@@ -120,7 +120,7 @@ class Daemon:
         from .nbdexport import start_nbd
 
         server, port = await start_nbd(self.system, self.config.nbd, tls=self.tls,
-                                       allow=self.config.nbd_allow)
+                                       allow=self.config.nbd_allow, policy=self.policy)
         self.nbd = server
         self.system.nbd_port = port
         return f", NBD port {port}"

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 from collections.abc import Mapping
 
+from .access import AccessPolicy
 from .config import parse_address
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from .nbd import ExportError, NbdServer
@@ -129,15 +130,22 @@ class VolumeCatalog:
 
 
 class Admission:
-    """Who may attach which export: client networks per export (``*``: every
-    export; no entry: any address), and with TLS a ``host`` or ``admin``
-    client certificate."""
+    """Who may attach which export.
 
-    def __init__(self, allow: Mapping[str, list[str]], tls: bool) -> None:
+    Client networks per export (``--nbd-allow``; ``*``: every export; no
+    entry: any address). With TLS, also the identity of the verified client
+    certificate, by the same rules as the host API (see
+    :meth:`AccessPolicy.export_refusal`): admin every export, host those its
+    ``--host-volumes`` patterns name, viewer none. Refused attaches (not
+    listings, which merely leave the export out) get an audit line.
+    """
+
+    def __init__(self, allow: Mapping[str, list[str]], tls: bool, policy: AccessPolicy | None = None) -> None:
         self.allow = {name: [ipaddress.ip_network(n, strict=False) for n in nets] for name, nets in allow.items()}
         self.tls = tls
+        self.policy = policy or AccessPolicy(tls)
 
-    def __call__(self, export: str, address: str, cert: bytes | None) -> str | None:
+    def __call__(self, export: str, address: str, cert: bytes | None, listing: bool = False) -> str | None:
         nets = self.allow.get(export, self.allow.get("*"))
         if nets is not None:
             try:
@@ -150,15 +158,20 @@ class Admission:
                 return f"client address {address} is not allowed to attach export {export!r}"
         if self.tls:
             subject = subject_from_der(cert) if cert else None
-            if subject is None or subject.kind not in ("host", "admin"):
-                return f"a host or admin client certificate is needed to attach export {export!r}"
+            refusal = self.policy.export_refusal(subject, export)
+            if refusal is not None and not listing:
+                self.policy.audit_export(subject, export, address, refusal)
+            return refusal
         return None
 
 
 async def start_nbd(system: StorageSystem, address: str, tls: TlsFiles | None = None,
-                    allow: Mapping[str, list[str]] | None = None) -> tuple[NbdServer, int]:
+                    allow: Mapping[str, list[str]] | None = None,
+                    policy: AccessPolicy | None = None) -> tuple[NbdServer, int]:
+    """Serve ``system``'s volumes over NBD; ``policy`` (the host API's) says which
+    client certificate may attach what when ``tls`` is given."""
     host, _, port = parse_address("nbd", address).rpartition(":")
-    admit = Admission(allow or {}, tls is not None)
+    admit = Admission(allow or {}, tls is not None, policy)
     server = NbdServer(VolumeCatalog(system), host.strip("[]"), int(port), logger=log,
                        tls=tls.server_ssl_context() if tls is not None else None, admit=admit)
     await server.start()

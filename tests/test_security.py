@@ -155,10 +155,60 @@ def test_nbd_starttls_with_host_certificates(tls_sites: tuple[Site, Site]) -> No
         data = host_pb2_grpc.HostApiStub(ch).Read(host_pb2.ReadRequest(volume="disk", offset=0, length=65536),
                                                   timeout=10).data
     assert data == b"\x5a" * 65536
+
+
+def _qemu_io_write(site: Site, identity_dir: Path, export: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["qemu-io", "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={identity_dir}",
+         "--image-opts", f"driver=nbd,host=127.0.0.1,port={site.nbd_port},export={export},tls-creds=tls0",
+         "-c", "write -P 0x33 0 4k"], capture_output=True, text=True, timeout=30)
+
+
+def test_nbd_client_certificate_role_and_host_volumes(tls_sites: tuple[Site, Site], tmp_path: Path) -> None:
+    """NBD applies the host API's rules to the STARTTLS client certificate: the
+    host "fenced" (--host-volumes fenced=db*) attaches db* only, a viewer nothing,
+    and a certificate the CA did not sign (or none) gets no further than TLS."""
+    primary, _ = tls_sites
+    assert primary.tls_dir is not None
+    for name in ("dbx", "disk"):
+        primary.cli("volume", "create", name, "--size", "1M")
+
+    def url(export: str, identity_dir: Path) -> str:
+        return f"nbds://127.0.0.1:{primary.nbd_port}/{export}?tls-certificates={identity_dir}"
+
+    fenced = primary.tls_dir / "nbd-fenced"
+    assert _nbdinfo(url("dbx", fenced)).returncode == 0
+    refused = _nbdinfo(url("disk", fenced))
+    assert refused.returncode != 0
+    listed = subprocess.run(["nbdinfo", "--list", url("", fenced)], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert "dbx" in listed.stdout and "disk" not in listed.stdout, listed.stdout
+    assert _qemu_io_write(primary, fenced, "dbx").returncode == 0
+    written = _qemu_io_write(primary, fenced, "disk")
+    assert written.returncode != 0 or "failed" in written.stdout + written.stderr
+    # Another host identity without a --host-volumes entry, and the admin, attach any export.
+    for who in ("host", "admin"):
+        assert _nbdinfo(url("disk", primary.tls_dir / f"nbd-{who}")).returncode == 0, who
+    # A viewer attaches nothing, not even an export a host could.
+    assert _nbdinfo(url("dbx", primary.tls_dir / "nbd-viewer")).returncode != 0
     with primary.channel() as ch:
-        data = host_pb2_grpc.HostApiStub(ch).Read(host_pb2.ReadRequest(volume="disk", offset=0, length=65536),
-                                                  timeout=10).data
-    assert data == b"\x5a" * 65536
+        stub = host_pb2_grpc.HostApiStub(ch)
+        assert stub.Read(host_pb2.ReadRequest(volume="dbx", offset=0, length=4096), timeout=10).data == b"3" * 4096
+        assert stub.Read(host_pb2.ReadRequest(volume="disk", offset=0, length=4096), timeout=10).data == bytes(4096)
+    audit = [line for line in primary.log().splitlines() if "audit: denied" in line and "NBD:" in line]
+    assert any("who=fenced (host, cert)" in line and "what=NBD:disk" in line for line in audit), audit
+    assert any("who=viewer (viewer, cert)" in line and "what=NBD:dbx" in line for line in audit), audit
+    assert not any("NBD:dbx" in line and "who=fenced" in line for line in audit), audit
+    # TLS without a client certificate, and an admin certificate of another CA.
+    anonymous = tmp_path / "nbd-anonymous"
+    anonymous.mkdir()
+    (anonymous / "ca-cert.pem").write_bytes((primary.tls_dir / "ca.pem").read_bytes())
+    assert _nbdinfo(url("disk", anonymous)).returncode != 0
+    rogue = tmp_path / "rogue"
+    tls.init_dir(rogue, [1001], tls.parse_clients("admin"))
+    (rogue / "nbd-admin" / "ca-cert.pem").write_bytes((primary.tls_dir / "ca.pem").read_bytes())
+    assert _nbdinfo(url("disk", rogue / "nbd-admin")).returncode != 0
+    assert primary.proc is not None and primary.proc.poll() is None
 
 
 def test_nbd_allow_list_and_loopback_default(tmp_path: Path) -> None:

@@ -41,8 +41,8 @@ from .constants import (
 
 __all__ = ["Admission", "NbdServer"]
 
-#: (export name, client address, DER client certificate or None) -> why refused, or None.
-Admission = Callable[[str, str, bytes | None], str | None]
+#: (export name, client address, DER client certificate or None, only listing) -> why refused, or None.
+Admission = Callable[[str, str, bytes | None, bool], str | None]
 
 DEFAULT_MAX_IN_FLIGHT: Final = 64
 _READ_CHUNK: Final = 1024 * 1024
@@ -87,7 +87,8 @@ class NbdServer:
         self.max_in_flight = max_in_flight
         #: With a context, TLS is required (NBD_OPT_STARTTLS before anything else).
         self.tls = tls
-        #: Asked before an export is opened or listed: (export, client address, TLS peer certificate).
+        #: Asked before an export is opened or listed: (export, client address, TLS peer certificate,
+        #: whether only listing).
         self.admit = admit
         self.log = logger or logging.getLogger("splitmirror.nbd")
         self._server: asyncio.Server | None = None
@@ -306,9 +307,9 @@ class _Connection:
 
     # ---------------------------------------------------------------- options
 
-    def _refusal(self, name: str) -> str | None:
+    def _refusal(self, name: str, listing: bool = False) -> str | None:
         admit = self.server.admit
-        return None if admit is None else admit(name, self.address, self._peer_cert)
+        return None if admit is None else admit(name, self.address, self._peer_cert, listing)
 
     def _open(self, name: str) -> Export | ExportError:
         refusal = self._refusal(name)
@@ -365,7 +366,7 @@ class _Connection:
             case Option.INFO | Option.GO:
                 await self._info_or_go(request)
             case Option.LIST:
-                names = [n for n in self.server.catalog.export_names() if self._refusal(n) is None]
+                names = [n for n in self.server.catalog.export_names() if self._refusal(n, listing=True) is None]
                 out = [codec.send_server_entry(name) for name in names]
                 out.append(codec.send_option_ack(option))
                 await self._send(b"".join(out))
