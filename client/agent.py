@@ -3,8 +3,8 @@
 ``splitmirror restore files`` attaches the SVOL (the backup generation,
 read-only) and the SPVOL (read-write while its remote pair is split) over NBD,
 mounts the ext2/3/4 filesystem of each with ``nbdfuse`` + ``fuse2fs`` (no
-kernel module needed, only ``/dev/fuse``), then copies the named paths from one
-to the other:
+kernel module needed, only ``/dev/fuse``; with TLS, ``qemu-nbd`` presents the
+client certificate), then copies the named paths from one to the other:
 
 * :func:`fuse_problem` says why FUSE mounting cannot work on this host.
 * :func:`mounted_filesystem` mounts one export and always unmounts it again.
@@ -30,6 +30,7 @@ import stat
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ class _Mount:
         self.fuse2fs: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        argv = ["nbdfuse", *([] if self.writable else ["--readonly"]), f"{self.nbd_dir}/", self.url]
+        argv = _nbdfuse_argv(self.url, self.writable, self.nbd_dir)
         self.nbdfuse = await _spawn(argv, self.base / "nbdfuse")
         if not await _wait_mounted(self.nbdfuse, self.nbd_dir, "nbdfuse"):
             raise AgentError(f"cannot attach {self.url}: {_first_line(self.base / 'nbdfuse', self.nbdfuse)}")
@@ -188,6 +189,36 @@ class _Mount:
                 await asyncio.to_thread(shutil.rmtree, self.base)
         if left and strict:
             raise AgentError(f"could not unmount {', '.join(left)}")
+
+
+def _nbdfuse_argv(url: str, writable: bool, nbd_dir: Path) -> list[str]:
+    """The ``nbdfuse`` command that exposes ``url`` as the file ``nbd_dir``/nbd.
+
+    nbdfuse refuses the ``tls-certificates`` parameter of an ``nbds://`` URI
+    (libnbd's "local file access ... is not allowed"), and for root libnbd's
+    only default certificate directory is /etc/pki/libnbd. So an ``nbds://``
+    URI naming a certificate directory is attached through ``qemu-nbd`` as a
+    socket-activated TLS client (the same ca-cert.pem / client-cert.pem /
+    client-key.pem layout); nbdfuse starts it and ends it as it unmounts.
+    """
+    mode = [] if writable else ["--readonly"]
+    parsed = urllib.parse.urlsplit(url)
+    certs = urllib.parse.parse_qs(parsed.query).get("tls-certificates")
+    if parsed.scheme != "nbds" or not certs:
+        return ["nbdfuse", *mode, f"{nbd_dir}/", url]
+    if shutil.which("qemu-nbd") is None:
+        raise AgentError(f"cannot attach {url}: qemu-nbd not found (install the Debian package qemu-utils); "
+                         "it carries the client certificate for nbdfuse")
+
+    def opt(value: str) -> str:  # QEMU's option syntax doubles a literal comma
+        return value.replace(",", ",,")
+
+    export = urllib.parse.unquote(parsed.path[1:] if parsed.path.startswith("/") else parsed.path)
+    image = (f"driver=nbd,host={opt(parsed.hostname or 'localhost')},port={parsed.port or 10809},"
+             f"export={opt(export)},tls-creds=tls0")
+    qemu_nbd = ["qemu-nbd", "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={opt(certs[-1])}",
+                "--image-opts", image, "--shared=16", *(["--discard=unmap"] if writable else ["--read-only"])]
+    return ["nbdfuse", *mode, f"{nbd_dir}/", "[", *qemu_nbd, "]"]
 
 
 async def _uncancelled(coro: Coroutine[Any, Any, _T]) -> _T:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import struct
 import subprocess
@@ -13,10 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import Client
+from client.agent import _nbdfuse_argv, mounted_filesystem
 from splitmirror import tls
 from splitmirror.link import SYSTEM_ID_KEY
 from splitmirror.testing import Site, free_port, wait_status
 from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
+from tests.test_restore import needs_fuse, run
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +236,76 @@ def test_nbd_allow_list_and_loopback_default(tmp_path: Path) -> None:
             pass
     finally:
         site.kill()
+
+
+# ---------------------------------------------------------------------- restore over TLS
+
+
+def _nbds(site: Site, export: str, who: str = "admin") -> str:
+    assert site.tls_dir is not None
+    return f"nbds://127.0.0.1:{site.nbd_port}/{export}?tls-certificates={site.tls_dir / f'nbd-{who}'}"
+
+
+def test_agent_attaches_nbds_with_certificates_through_qemu_nbd(tmp_path: Path) -> None:
+    """nbdfuse refuses tls-certificates= in a URI: the agent hands the certificates to qemu-nbd."""
+    plain = _nbdfuse_argv("nbd://127.0.0.1:10809/db", False, tmp_path)
+    assert plain == ["nbdfuse", "--readonly", f"{tmp_path}/", "nbd://127.0.0.1:10809/db"]
+    argv = _nbdfuse_argv("nbds://[::1]:7000/db-s1?tls-certificates=/etc/a,b/nbd-admin", True, tmp_path)
+    assert argv[:3] == ["nbdfuse", f"{tmp_path}/", "["] and argv[-1] == "]" and "--read-only" not in argv
+    assert "tls-creds-x509,id=tls0,endpoint=client,dir=/etc/a,,b/nbd-admin" in argv
+    assert "driver=nbd,host=::1,port=7000,export=db-s1,tls-creds=tls0" in argv
+    assert "--read-only" in _nbdfuse_argv("nbds://h:1/x?tls-certificates=/d", False, tmp_path)
+
+
+@needs_fuse
+async def test_restore_files_over_tls(tmp_path: Path, tls_dir: Path) -> None:
+    """``splitmirror restore files`` with --tls-dir everywhere: the agent mounts
+    the SVOL and the SPVOL by nbds:// with its identity's certificates."""
+    primary = Site("primary", 1001, tmp_path, tls_dir=tls_dir, nbd=True)
+    secondary = Site("secondary", 2001, tmp_path, tls_dir=tls_dir, nbd=True)
+    primary.peer_with(secondary)
+    secondary.start()
+    primary.start()
+    try:
+        tree = tmp_path / "tree"
+        (tree / "etc").mkdir(parents=True)
+        files = {"etc/app.conf": b"setting = 1\n" * 100, "etc/other.conf": b"keep me\n",
+                 "table.db": os.urandom(1 << 20)}
+        for path, content in files.items():
+            (tree / path).write_bytes(content)
+        image = tmp_path / "fs.img"
+        assert run("mke2fs", "-F", "-q", "-t", "ext4", "-d", str(tree), str(image), "32M").returncode == 0
+        primary.cli("volume", "create", "db", "--size", "32M")
+        copied = run("nbdcopy", "--flush", str(image), _nbds(primary, "db"))
+        assert copied.returncode == 0, copied.stderr
+        primary.cli("pair", "create", "p", "--pvol", "db", "--svol", "db-r", "--peer", "2001", "--wait")
+        secondary.cli("pair", "create", "g1", "--pvol", "db-r", "--svol", "db-s1", "--wait")
+        async with Client(primary.address, tls_dir=tls_dir, identity="admin") as c, \
+                Client(secondary.address, tls_dir=tls_dir, identity="admin") as s:
+            assert (await c.backup("p", wait=True)).backups[0].generation == "g1"
+            async with mounted_filesystem(_nbds(primary, "db"), writable=True, workdir=tmp_path / "p") as root:
+                (root / "etc/app.conf").write_bytes(b"setting = 2 (broken)\n")
+                (root / "etc/other.conf").write_bytes(b"changed after the backup\n")
+                (root / "table.db").unlink()
+            await c.flush("db")
+
+            result = secondary.cli("--json", "restore", "files", "p", "--generation", "g1", "/etc/app.conf",
+                                   "/table.db", "--yes")
+            report = json.loads(result.stdout)
+            assert sorted(report["restored"]) == ["/etc/app.conf", "/table.db"]
+            assert 0 < report["bytes_sent"] < 8 << 20, report
+            wait_status(secondary, "p", ["DUPLEX"])
+            assert (await c.display_pairs("p"))[0].status == "DUPLEX"
+            assert await c.checksum("db") == await s.checksum("db-r")
+            async with mounted_filesystem(_nbds(primary, "db"), writable=False, workdir=tmp_path / "c") as root:
+                assert (root / "etc/app.conf").read_bytes() == files["etc/app.conf"]
+                assert (root / "table.db").read_bytes() == files["table.db"]
+                assert (root / "etc/other.conf").read_bytes() == b"changed after the backup\n"  # not named
+        # The agent attached both exports with TLS: the secondary never saw a plain NBD option.
+        assert "without TLS" not in secondary.log() and "TLS is required" not in secondary.log()
+    finally:
+        for site in (primary, secondary):
+            site.kill()
 
 
 # ---------------------------------------------------------------------- hostile input
