@@ -7,6 +7,7 @@
 #
 #   python3 -m venv   python3 python3-venv (skipped when the base has a Python)
 #   qemu-io qemu-img  qemu-utils
+#   qemu-nbd          qemu-utils (the restore agent attaches nbds:// exports through it)
 #   nbdcopy nbdinfo   libnbd-bin
 #   nbdfuse           libnbd-bin (Debian 12) or nbdfuse (Debian 13+)
 #   fuse2fs           fuse2fs
@@ -24,6 +25,7 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 have qemu-io || add qemu-utils
 have qemu-img || add qemu-utils
+have qemu-nbd || add qemu-utils
 have nbdcopy || add libnbd-bin
 have nbdinfo || add libnbd-bin
 have fuse2fs || add fuse2fs
@@ -48,7 +50,7 @@ else
 fi
 
 missing=""
-for tool in python3 qemu-io qemu-img nbdcopy nbdinfo nbdfuse fuse2fs mke2fs fusermount3; do
+for tool in python3 qemu-io qemu-img qemu-nbd nbdcopy nbdinfo nbdfuse fuse2fs mke2fs fusermount3; do
     have "$tool" || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
