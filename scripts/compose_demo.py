@@ -6,8 +6,11 @@ runs the scenario below from the host containers, printing every command and
 what came back, checks the data at every step, and stops the sites (volumes
 included) however it ends.
 
+The deployment runs with mutual TLS (the compose file's tls-init service
+makes the certificates): the scenario first shows a client without a
+certificate refused, then every command of the hosts presents theirs.
 The scenario: ext4 filesystems on new volumes at sites A and C (mke2fs -d +
-nbdcopy over NBD), remote pairs into the one secondary (fan-in), backup
+nbdcopy over NBD with TLS), remote pairs into the one secondary (fan-in), backup
 generations at site B, a write, a backup, damaged files, a restore of files
 and a restore of the whole volume, both issued at host B; site C's volumes
 are checked to be untouched throughout.
@@ -43,6 +46,12 @@ SITES = {
     "host-b": ("secondary", 7101),
 }
 NBD_PORT = 10809
+#: Where docker-compose.yml mounts the deployment's certificates, and the
+#: libnbd certificate directory of the hosts' identity (admin).
+TLS_DIR = "/tls"
+NBD_CERTIFICATES = f"{TLS_DIR}/nbd-admin"
+#: Unsets the TLS settings of a host container (``Compose.exec(env=...)``).
+PLAINTEXT = {"SPLITMIRROR_TLS_DIR": ""}
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 #: sha256 of every file of the tree under the current directory.
@@ -163,8 +172,10 @@ class Compose:
 
     # -- containers -----------------------------------------------------------------------------
     def exec(self, service: str, *argv: str, check: bool = True, timeout: float = 180,
-             input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        cmd = ["docker", "exec", *(["-i"] if input is not None else []), self.container(service), *argv]
+             input: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        """``docker exec``; ``env`` overrides variables of the container's environment."""
+        options = [*(["-i"] if input is not None else []), *(f"--env={k}={v}" for k, v in (env or {}).items())]
+        cmd = ["docker", "exec", *options, self.container(service), *argv]
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise ComposeError(f"[{service}] {shlex.join(argv)} exited with {proc.returncode}: "
@@ -298,11 +309,12 @@ class Narrator:
         self.out.write(text.rstrip("\n") + "\n")
         self.out.flush()
 
-    def run(self, host: str, *argv: str, check: bool = True,
-            show: Callable[[bytes], str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    def run(self, host: str, *argv: str, check: bool = True, show: Callable[[bytes], str] | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run and print a command in a host container; ``show`` condenses its output."""
-        self.say(f"[{host}]$ {shlex.join(argv)}")
-        proc = self.c.exec(host, *argv, check=False)
+        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+        self.say(f"[{host}]$ {prefix}{shlex.join(argv)}")
+        proc = self.c.exec(host, *argv, check=False, env=env)
         if show is not None and proc.returncode == 0:
             text = show(proc.stdout)
         else:
@@ -334,7 +346,8 @@ class Narrator:
 
 
 def nbd_url(host: str, volume: str) -> str:
-    return f"nbd://{SITES[host][0]}:{NBD_PORT}/{volume}"
+    """The export ``volume`` of ``host``'s daemon: NBD with STARTTLS, the host's certificates."""
+    return f"nbds://{SITES[host][0]}:{NBD_PORT}/{volume}?tls-certificates={NBD_CERTIFICATES}"
 
 
 def parse_hashes(text: str) -> dict[str, str]:
@@ -388,6 +401,12 @@ def run_scenario(compose: Compose, out: IO[str] = sys.stdout) -> dict[str, float
         now = time.monotonic()
         timings[name] = now - clock[0]
         clock[0] = now
+
+    n.step("mutual TLS: the hosts present client certificates; a client without one is refused")
+    n.sm("host-a", "volume", "list")
+    refused = n.run("host-a", "splitmirror", "volume", "list", env=PLAINTEXT, check=False)
+    n.check(refused.returncode != 0, "primary-a refuses a host API client without TLS")
+    lap("tls")
 
     n.step("site A: an ext4 filesystem on a new 64 MiB volume (mke2fs -d, then nbdcopy over NBD)")
     n.run("host-a", "splitmirror-fs", "sample-tree", "/root/tree", "--seed", "1")

@@ -10,12 +10,15 @@
   during a backup; after a restart the pair converges without a full copy
   and the previous backup generation is intact;
 - primary loss: primary A killed mid-write, restarted, converges; site C's
-  pair never notices.
+  pair never notices;
+- TLS: the deployment runs with mutual TLS; clients without a certificate
+  (host API, NBD, interconnect) or with one of another CA are refused.
 
-Writers run inside the host containers (the ``client`` library), one 8 KiB
-write in flight, each block stamped with (tag, block, sequence) so that the
-volumes can be checked for every acknowledged write afterwards.  Watchers
-poll a pair's status every 0.1 s and print each change with its time.
+Writers run inside the host containers (the ``client`` library, with the
+host's TLS identity from its environment), one 8 KiB write in flight, each
+block stamped with (tag, block, sequence) so that the volumes can be checked
+for every acknowledged write afterwards.  Watchers poll a pair's status
+every 0.1 s and print each change with its time.
 """
 
 from __future__ import annotations
@@ -67,10 +70,13 @@ def stamp(block, seq):
     filler = hashlib.blake2b(head, digest_size=64).digest()
     return head + (filler * 128)[: 8192 - len(head)]
 
+TLS = dict(tls_dir=os.environ.get("SPLITMIRROR_TLS_DIR") or None,
+           identity=os.environ.get("SPLITMIRROR_IDENTITY") or "admin")
+
 async def main():
     rng = random.Random(tag)
     seq, end = 0, time.time() + limit
-    client = Client(server, timeout=60, connect_timeout=3)
+    client = Client(server, timeout=60, connect_timeout=3, **TLS)
     while not os.path.exists(stop) and time.time() < end:
         seq += 1
         block = rng.randrange(blocks)
@@ -82,7 +88,7 @@ async def main():
             why = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
             print(f"E {seq} {block} {t0:.6f} {time.time():.6f} {why}", flush=True)
             await client.close()
-            client = Client(server, timeout=60, connect_timeout=3)
+            client = Client(server, timeout=60, connect_timeout=3, **TLS)
             await asyncio.sleep(0.2)
     await client.close()
     print("DONE", flush=True)
@@ -94,10 +100,12 @@ WATCHER = r"""
 import asyncio, os, sys, time
 from client import Client
 server, pair, stop, limit = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+TLS = dict(tls_dir=os.environ.get("SPLITMIRROR_TLS_DIR") or None,
+           identity=os.environ.get("SPLITMIRROR_IDENTITY") or "admin")
 
 async def main():
     last, end = None, time.time() + limit
-    client = Client(server, timeout=5, connect_timeout=2)
+    client = Client(server, timeout=5, connect_timeout=2, **TLS)
     while not os.path.exists(stop) and time.time() < end:
         try:
             rows = await client.display_pairs(pair)
@@ -105,7 +113,7 @@ async def main():
         except Exception as exc:
             status = f"ERROR:{type(exc).__name__}"
             await client.close()
-            client = Client(server, timeout=5, connect_timeout=2)
+            client = Client(server, timeout=5, connect_timeout=2, **TLS)
         if status != last:
             print(f"{time.time():.6f} {status}", flush=True)
             last = status
@@ -488,3 +496,63 @@ def test_primary_loss_leaves_other_primary_alone(sites: Compose) -> None:
     assert writer_c.acked_during(killed, back) > 10, "site C's writes stalled while primary-a was down"
     assert writer_c.max_latency() < LINK_TIMEOUT, f"a site C write took {writer_c.max_latency():.2f}s"
     assert_identical(c, "host-c", "cdb", writer_c)
+
+
+def test_tls_refuses_plaintext_and_foreign_clients(sites: Compose) -> None:
+    """The deployment is TLS by default: every daemon runs with --tls-dir /tls,
+    and a client without a certificate of the deployment's CA gets nothing,
+    on the host API, on NBD and on the interconnect."""
+    c = sites
+    for daemon in ("primary-a", "primary-c", "secondary"):
+        assert "mutual TLS from /tls" in c.logs(daemon), f"{daemon} does not run with --tls-dir /tls"
+    assert c.exec("host-a", "test", "-e", "/tls/ca.key", check=False).returncode != 0, (
+        "the CA's private key is visible in a host container")
+
+    # Host API: the host's own identity works, no certificate or a foreign CA's does not.
+    c.cli("host-a", "volume", "create", "v", "--size", "16M")
+    for host, server in (("host-a", "primary-a:7001"), ("host-b", "secondary:7101")):
+        proc = c.exec(host, "splitmirror", "volume", "list", env=compose_demo.PLAINTEXT, check=False)
+        assert proc.returncode != 0, f"{server} answered a host API client without TLS: {proc.stdout!r}"
+        print(f"[{host}] plaintext host API client: {proc.stderr.decode().strip()}")
+    # A client certificate of another CA (the client trusts the deployment's
+    # CA, so it is the server that must say no).
+    c.exec("host-a", "sh", "-ec", "splitmirror certs init /root/other-ca --systems 1001 --clients admin >/dev/null"
+           " && mkdir /root/foreign && cp /tls/ca.pem /root/other-ca/client-admin.* /root/foreign/")
+    proc = c.exec("host-a", "splitmirror", "volume", "list", env={"SPLITMIRROR_TLS_DIR": "/root/foreign"},
+                  check=False)
+    assert proc.returncode != 0, f"primary-a answered a client certificate of another CA: {proc.stdout!r}"
+    print(f"[host-a] client certificate of another CA: {proc.stderr.decode().strip()}")
+
+    # NBD: STARTTLS with a host or admin certificate, nothing else.
+    tls_url = compose_demo.nbd_url("host-a", "v")
+    assert tls_url.startswith("nbds://")
+    size = c.exec("host-a", "nbdinfo", "--size", tls_url).stdout.decode().strip()
+    assert size == str(16 << 20), f"nbdinfo over TLS: {size!r}"
+    for url, who in (("nbd://primary-a:10809/v", "a plaintext NBD client"),
+                     ("nbds://primary-a:10809/v?tls-certificates=/tls/nbd-viewer", "a viewer certificate")):
+        proc = c.exec("host-a", "nbdinfo", "--size", url, check=False)
+        assert proc.returncode != 0, f"primary-a let {who} attach an export: {proc.stdout!r}"
+        print(f"[host-a] NBD, {who}: {proc.stderr.decode().strip().splitlines()[0]}")
+
+    # Interconnect (reached from the secondary, the only other member of that
+    # network) and the health service: plaintext is refused, the healthcheck's
+    # TLS probe and grpcio agree.
+    for service, address, tls in (("secondary", "primary-a:7002", False), ("secondary", "primary-c:7002", False),
+                                  ("primary-a", "127.0.0.1:7001", False), ("primary-a", "127.0.0.1:7001", True)):
+        for grpc in (False, True):
+            argv = ["splitmirror-healthcheck", address, "--timeout", "4",
+                    *(["--tls-dir", "/tls"] if tls else []), *(["--grpc"] if grpc else [])]
+            proc = c.exec(service, *argv, check=False)
+            answer = proc.stdout.decode().strip()
+            print(f"[{service}] {' '.join(argv[1:])}: {answer}")
+            if tls:
+                assert proc.returncode == 0 and answer.endswith("SERVING"), answer
+            else:
+                assert proc.returncode != 0 and "unhealthy" in answer, f"{address} answered in plaintext: {answer}"
+
+    # tls-init again (as a second `up` does): it keeps the certificates.
+    ca = c.exec("host-a", "sha256sum", "/tls/ca.pem").stdout
+    rerun = compose_demo.run(["docker", "start", "-a", c.container("tls-init")], stderr_too=True)
+    assert "keeping" in rerun, rerun
+    assert c.exec("host-a", "sha256sum", "/tls/ca.pem").stdout == ca, "tls-init replaced the CA"
+    c.cli("host-a", "volume", "show", "v")
