@@ -331,8 +331,9 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
 
-def _claim_huge_message(port: int, claim: int = (2 << 30) - 1) -> bytes:
-    """An HTTP/2 gRPC Write call whose message prefix claims ``claim`` bytes."""
+def _claim_huge_message(port: int, claim: int = (2 << 30) - 1) -> str:
+    """An HTTP/2 gRPC Write call whose message prefix claims ``claim`` bytes;
+    returns how the call ended: its grpc-status, or what ended the connection."""
     headers = b"".join(_hpack_literal(n, v) for n, v in (
         (":method", "POST"), (":scheme", "http"), (":path", "/splitmirror.v1.HostApi/Write"),
         (":authority", "127.0.0.1"), ("content-type", "application/grpc"), ("te", "trailers")))
@@ -345,16 +346,27 @@ def _claim_huge_message(port: int, claim: int = (2 << 30) - 1) -> bytes:
                 s.sendall(_frame(0, 0, 1, b"\xab" * 16384))
             except OSError:
                 break
-        answer = b""
+        hpack, answer = _Hpack(), b""
         try:
-            while len(answer) < 4096:
-                chunk = s.recv(4096)
+            while True:  # until the call or the connection ends
+                while len(answer) >= 9 and len(answer) >= 9 + int.from_bytes(answer[:3], "big"):
+                    length, kind = int.from_bytes(answer[:3], "big"), answer[3]
+                    stream, payload = int.from_bytes(answer[5:9], "big") & 0x7FFFFFFF, answer[9:9 + length]
+                    answer = answer[9 + length:]
+                    if kind == 1:  # HEADERS (no CONTINUATION for these few)
+                        status = hpack.decode(payload).get(b"grpc-status")
+                        if stream == 1 and status is not None:
+                            return _STATUS.get(int(status), "?")
+                    elif kind == 3 and stream == 1:
+                        return f"RST_STREAM {int.from_bytes(payload, 'big')}"
+                    elif kind == 7:
+                        return "GOAWAY"
+                chunk = s.recv(65536)
                 if not chunk:
-                    break
+                    return "closed"
                 answer += chunk
-        except OSError:
-            pass
-        return answer
+        except OSError as exc:
+            return f"closed: {exc}"
 
 
 def test_huge_message_claims_are_refused_before_allocation(tmp_path: Path) -> None:
@@ -365,7 +377,7 @@ def test_huge_message_claims_are_refused_before_allocation(tmp_path: Path) -> No
         assert site.proc is not None
         before = _rss_kib(site.proc.pid)
         for _ in range(20):
-            _claim_huge_message(site.listen_port)
+            assert _claim_huge_message(site.listen_port) == "RESOURCE_EXHAUSTED"
         with site.channel() as ch:
             stub = host_pb2_grpc.HostApiStub(ch)
             assert stub.GetVolume(host_pb2.VolumeRef(name="db"), timeout=5).size == 1 << 20
