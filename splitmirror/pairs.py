@@ -46,6 +46,7 @@ from .volume import Volume
 
 log = logging.getLogger("splitmirror.pairs")
 
+ASYNC_LINGER = 0.002  # seconds an async pair's stream gathers writes into one batch
 CHECKPOINT_SECONDS = 1.0  # how often a running copy saves its pending bitmap
 
 MODES = ("sync", "async")
@@ -193,6 +194,7 @@ class PairManager:
         stream = ReplicationStream(pair.name, link, pair.counters,
                                    lambda lost, reason: self._on_stream_failure(pair, lost, reason),
                                    self.settings.max_batch_bytes)
+        stream.linger = ASYNC_LINGER if pair.row.mode == "async" else 0.0
         pair.channel = RemoteChannel(stream)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -470,6 +472,8 @@ class PairManager:
         old = pair.row.mode
         for end in pair.ends:
             end.row.mode = mode
+        if isinstance(pair.channel, RemoteChannel):
+            pair.channel.stream.linger = ASYNC_LINGER if mode == "async" else 0.0
         await self.system.save_rows(pair)
         log.info("pair %s: mode %s -> %s", name, old, mode)
         if mode == "sync" and pair.channel is not None and pair.status in MIRRORING:
