@@ -408,7 +408,7 @@ def run_scenario(compose: Compose, out: IO[str] = sys.stdout) -> dict[str, float
     n.check(refused.returncode != 0, "primary-a refuses a host API client without TLS")
     lap("tls")
 
-    n.step("site A: an ext4 filesystem on a new 64 MiB volume (mke2fs -d, then nbdcopy over NBD)")
+    n.step("site A: an ext4 filesystem on a new 64 MiB volume (mke2fs -d, then nbdcopy over NBD with TLS)")
     n.run("host-a", "splitmirror-fs", "sample-tree", "/root/tree", "--seed", "1")
     n.sm("host-a", "volume", "create", "fs", "--size", "64M")
     n.run("host-a", "splitmirror-fs", "mkfs", nbd_url("host-a", "fs"), "--tree", "/root/tree", "--size", "64M")
