@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -605,8 +606,18 @@ def error_message(err: BaseException, server: str = "") -> str:
         message = err.message
         if err.code == "UNAVAILABLE":
             lowered = message.lower()
-            if lowered.startswith("failed to connect to all addresses"):
-                message = f"cannot reach splitmirror server at {server}: {message.rsplit(': ', 1)[-1]}"
+            if "handshake failed" in lowered:
+                found = re.search(r"OPENSSL_internal:([A-Z0-9_]+)(?::\s*([^:]+))?", message)
+                reason = f"{found[1]} ({found[2].strip()})" if found and found[2] else found[1] if found else ""
+                reason = f": {reason}" if reason else ""
+                message = (f"TLS handshake with splitmirror server at {server} failed{reason}; "
+                           "check that --tls-dir holds the CA that signed the server's certificate "
+                           "and a client certificate the server accepts")
+            elif lowered.startswith("failed to connect to all addresses"):
+                reason = message.rsplit(": ", 1)[-1]
+                if reason == "Socket closed":
+                    reason += " (a server that requires TLS closes plaintext connections: pass --tls-dir)"
+                message = f"cannot reach splitmirror server at {server}: {reason}"
             elif "dns resolution failed" in lowered or "errors resolving" in lowered:
                 reason = message.rsplit(": ", 1)[-1].strip(" ]")
                 message = f"cannot resolve splitmirror server address {server}: {reason}"

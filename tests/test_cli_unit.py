@@ -392,6 +392,16 @@ def test_error_message_formats() -> None:
                                          "127.0.0.1:1: Failed to connect to remote host: Connection refused")
     assert error_message(refused, "127.0.0.1:1") == (
         "cannot reach splitmirror server at 127.0.0.1:1: Connection refused")
+    foreign_ca = ClientError("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:"
+                                            "127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: "
+                                            "error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: "
+                                            "unable to get local issuer certificate: OK")
+    assert error_message(foreign_ca, "127.0.0.1:1").startswith(
+        "TLS handshake with splitmirror server at 127.0.0.1:1 failed: CERTIFICATE_VERIFY_FAILED "
+        "(unable to get local issuer certificate); check that --tls-dir")
+    plaintext = ClientError("UNAVAILABLE", "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:"
+                                           "127.0.0.1:1: Socket closed")
+    assert "pass --tls-dir" in error_message(plaintext, "127.0.0.1:1")
     assert error_message(ClientError("INTERNAL", "two\nlines")) == "two lines"
     assert error_message(SplitmirrorError("bad")) == "bad"
 
