@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from .access import AccessPolicy, load_tokens
 from .config import DaemonConfig, load_config
 from .errors import SplitmirrorError
-from .hostapi import HostApiServicer, MalformedRequests
+from .hostapi import HostApiServicer
 from .interconnect import InterconnectServicer
 from .link import CHANNEL_OPTIONS, PeerLink, message_options
+from .malformed import MalformedRequests
 from .pairs import PairManager, Settings
 from .system import StorageSystem
 from .tls import TlsFiles
@@ -67,7 +68,8 @@ class Daemon:
                                    config.rate_burst)
         self.host_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                            interceptors=[MalformedRequests()])
-        self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)])
+        self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
+                                           interceptors=[MalformedRequests()])
         self.nbd: object | None = None
         self.stopping = asyncio.Event()
 

@@ -49,35 +49,6 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
     return wrapper
 
 
-_MALFORMED = object()
-
-
-class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """A request that does not parse gets INVALID_ARGUMENT (gRPC's own answer
-    would be UNKNOWN with a traceback in the log)."""
-
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
-            return handler
-        parse, behavior = handler.request_deserializer, handler.unary_unary
-
-        def deserialize(raw: bytes) -> Any:
-            try:
-                return parse(raw)
-            except Exception:
-                return _MALFORMED
-
-        async def guarded(request: Any, context: Context) -> Any:
-            if request is _MALFORMED:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
-            return await behavior(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=deserialize,
-                                                   response_serializer=handler.response_serializer)
-
-
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, policy: AccessPolicy | None = None) -> None:
         self.manager = manager

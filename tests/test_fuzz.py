@@ -254,8 +254,6 @@ def garbage_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sit
     site.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="the interconnect server has no MalformedRequests interceptor (daemon.py): "
-                                       "bytes that do not parse are UNKNOWN, with a traceback in the log")
 def test_interconnect_malformed_message_is_invalid_argument(garbage_peer: tuple[Site, grpc.Channel]) -> None:
     site, channel = garbage_peer
     codes = set()
@@ -269,8 +267,24 @@ def test_interconnect_malformed_message_is_invalid_argument(garbage_peer: tuple[
     assert "Traceback" not in site.log()
 
 
-@pytest.mark.xfail(strict=True, reason="ReadTracks passes the peer's bytes to TrackBitmap.from_bytes, whose "
-                                       "ValueError (pyroaring) escapes as UNKNOWN with a traceback in the log")
+def test_interconnect_malformed_stream_message_is_invalid_argument(garbage_peer: tuple[Site, grpc.Channel]) -> None:
+    """The streaming methods too: a bad message in Replicate's request stream,
+    or a bad ReadTracks request, ends the call with INVALID_ARGUMENT."""
+    site, channel = garbage_peer
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"
+    replicate = channel.stream_stream(f"/{IC_SERVICE.full_name}/Replicate", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        list(replicate(iter([garbage]), metadata=_as_peer(1001), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    read = channel.unary_stream(f"/{IC_SERVICE.full_name}/ReadTracks", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        list(read(garbage, metadata=_as_peer(1001), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "Traceback" not in site.log()
+
+
 def test_interconnect_corrupt_bitmap_is_invalid_argument(garbage_peer: tuple[Site, grpc.Channel]) -> None:
     site, channel = garbage_peer
     read = _ic_call(channel, "ReadTracks")
