@@ -136,7 +136,11 @@ class TrackBitmap:
 
     @classmethod
     def from_bytes(cls, tracks: int, data: bytes) -> TrackBitmap:
+        """Raises ValueError when ``data`` is not a serialized bitmap."""
         result = cls(tracks)
         if data:
-            result._bits = BitMap.deserialize(data)
+            try:
+                result._bits = BitMap.deserialize(data)
+            except Exception as exc:
+                raise ValueError(f"corrupt track bitmap: {exc}") from None
         return result

@@ -801,6 +801,12 @@ class PairManager:
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         pair = self._mirror_pair(peer, name)
+        assert pair.mirror is not None
+        try:
+            TrackBitmap.from_bytes(pair.mirror.volume.tracks, tracks)
+        except ValueError as exc:
+            raise InvalidArgument(f"pair {name!r}: the track bitmap from system {peer} does not parse "
+                                  f"({exc})") from None
         return read_tracks(self.system, pair, tracks)
 
     def pairs_with(self, peer: int) -> list[Pair]:
