@@ -1,28 +1,43 @@
 """The copy engine: moves the tracks of a differential set, either direction.
 
-Forward copies read each run of tracks from the primary end while holding
-its byte range (so a host write to the same tracks is ordered after the
-copy on the stream) and push it on the pair's ordered channel.  A track's
+Forward copies read runs of tracks from the primary end while holding
+their byte range (so a host write to the same tracks is ordered after the
+copy on the stream) and push them on the pair's ordered channel.  A track's
 pending bit is cleared only once the mirror end acknowledged it, so a copy
 interrupted by a fault resumes where it stopped.  Runs of zeroes cross the
 interconnect as a length, not as data.
+
+A differential set is mostly scattered single tracks, so the engine works
+in *chunks*: the runs that fit in :data:`RUN_BYTES` of tracks within
+:data:`SPAN_BYTES` of the volume are read in one hop to the I/O pool and
+pushed back to back, which puts them in one interconnect message.  What is
+in flight is bounded in bytes (:data:`WINDOW_BYTES`), not in runs, and the
+reads run ahead of the acknowledgements up to that bound.  A reverse copy
+applies the runs it receives in the same chunks, one write each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from .pair import CopyProgress, Pair
+from .status import PairStatus
 from .system import StorageSystem, WriteOp
+from .volume import Volume
 
 log = logging.getLogger("splitmirror.resync")
 
-RUN_BYTES = 1 << 20        # bytes per copy message
+RUN_BYTES = 1 << 20        # tracks read in one hop (and the longest run)
+SPAN_BYTES = 64 << 20      # volume bytes (gaps included) one chunk may span
 WINDOW_BYTES = 16 << 20    # copy bytes in flight
 _ZEROES = memoryview(bytes(RUN_BYTES))
+
+Run = tuple[int, int]  # (first track, count)
 
 
 def is_zero(data: bytes) -> bool:
@@ -42,24 +57,77 @@ class CopyFailed(Exception):
 TrackSource = Callable[[bytes], AsyncIterator[tuple[int, int, bytes]]]
 
 
+class ByteWindow:
+    """At most ``limit`` bytes in flight; a larger request runs alone.
+
+    Released from done callbacks, so without a lock; one task acquires.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self, size: int) -> None:
+        while self.used and self.used + size > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._freed.set()
+
+
+def chunks(runs: Iterable[Run], track_size: int, limit: int = 0) -> Iterator[list[Run]]:
+    """Group consecutive runs: at most ``limit`` (RUN_BYTES) of tracks within SPAN_BYTES."""
+    most = max(1, (limit or RUN_BYTES) // track_size)
+    span = max(most, SPAN_BYTES // track_size)
+    chunk: list[Run] = []
+    size = 0
+    for first, count in runs:
+        if chunk and (size + count > most or first + count - chunk[0][0] > span):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((first, count))
+        size += count
+    if chunk:
+        yield chunk
+
+
+def read_runs(vol: Volume, runs: list[Run]) -> list[bytes]:
+    """The data of each run (on the I/O pool: one hop for the chunk)."""
+    ts = vol.track_size
+    return [vol.pread(first * ts, count * ts) for first, count in runs]
+
+
 async def copy_forward(system: StorageSystem, pair: Pair) -> None:
     """Copy the primary end's pending tracks to the mirror end."""
     assert pair.primary is not None and pair.channel is not None
     end = pair.primary
     vol = end.volume
     ts = vol.track_size
-    runs = list(end.bitmap.runs(max(1, RUN_BYTES // ts)))
+    window_bytes = WINDOW_BYTES
+    if pair.row.mode == "async":
+        # Copy entries count in the async queue, which suspends the pair
+        # when full: leave most of it to host writes.
+        window_bytes = min(window_bytes, max(ts, system.async_queue_bytes // 4))
+    chunk_bytes = min(RUN_BYTES, window_bytes)
+    runs = list(end.bitmap.runs(max(1, chunk_bytes // ts)))
     progress = CopyProgress("forward", sum(c for _, c in runs), ts)
     pair.progress = progress
-    window = asyncio.Semaphore(max(1, WINDOW_BYTES // RUN_BYTES))
+    window = ByteWindow(window_bytes)
     inflight: set[asyncio.Future[bool]] = set()
     failed = False
 
     def settle(fut: asyncio.Future[bool], first: int, count: int, sent: int) -> None:
         nonlocal failed
-        window.release()
+        window.release(count * ts)
         inflight.discard(fut)
-        if fut.cancelled() or not fut.result():
+        if fut.cancelled() or not fut.result() or pair.status is not PairStatus.COPY:
+            # Suspended meanwhile (a full async queue does so before the
+            # stream closes): a host write may have set these bits again
+            # after the read, so they stay for the next resync.
             failed = True
             return
         end.bitmap.remove_range(first, first + count)
@@ -69,22 +137,32 @@ async def copy_forward(system: StorageSystem, pair: Pair) -> None:
         pair.counters.resync_bytes_sent += sent
         system.bytes_sent += sent
 
-    for first, count in runs:
-        await window.acquire()
+    for chunk in chunks(runs, ts, chunk_bytes):
+        size = sum(c for _, c in chunk) * ts
+        await window.acquire(size)
         if failed or pair.channel is None:
-            window.release()
+            window.release(size)
             break
-        offset, length = first * ts, count * ts
-        async with system.order(vol).hold(offset, length):
-            data = await vol.read(offset, length)
-            if is_zero(data):
-                fut = pair.channel.push(offset, zero_length=length, resync=True)
-                sent = 0
-            else:
-                fut = pair.channel.push(offset, data, resync=True)
-                sent = length
-        inflight.add(fut)
-        fut.add_done_callback(functools.partial(settle, first=first, count=count, sent=sent))
+        start, stop = chunk[0][0] * ts, (chunk[-1][0] + chunk[-1][1]) * ts
+        # One range (gaps included) taken at once: holding the runs one by
+        # one could deadlock against a host write spanning two of them.
+        async with system.order(vol).hold(start, stop - start):
+            datas = await vol.run(functools.partial(read_runs, vol, chunk))
+            channel = pair.channel
+            if channel is None:  # the pair was torn down meanwhile
+                window.release(size)
+                break
+            # No await from here to the last push: the chunk's entries are
+            # consecutive on the stream, which sends them in one batch.
+            for (first, count), data in zip(chunk, datas, strict=True):
+                if is_zero(data):
+                    fut = channel.push(first * ts, zero_length=count * ts, resync=True)
+                    sent = 0
+                else:
+                    fut = channel.push(first * ts, data, resync=True)
+                    sent = len(data)
+                inflight.add(fut)
+                fut.add_done_callback(functools.partial(settle, first=first, count=count, sent=sent))
     if inflight:
         await asyncio.wait(list(inflight))
     if failed or pair.channel is None:
@@ -94,23 +172,70 @@ async def copy_forward(system: StorageSystem, pair: Pair) -> None:
 
 
 async def copy_reverse(system: StorageSystem, pair: Pair, source: TrackSource) -> None:
-    """Copy the pending tracks from the mirror end back into the primary end."""
+    """Copy the pending tracks from the mirror end back into the primary end.
+
+    A reader task receives runs, up to WINDOW_BYTES ahead, while the runs
+    received before are written: each write takes what has arrived, within
+    one chunk's bounds.
+    """
     assert pair.primary is not None
     end = pair.primary
     vol = end.volume
     ts = vol.track_size
     progress = CopyProgress("reverse", len(end.bitmap), ts)
     pair.progress = progress
-    async for first, count, data in source(end.bitmap.to_bytes()):
-        offset, length = first * ts, count * ts
-        op = WriteOp(offset, data) if data else WriteOp(offset, zero_length=length)
-        await system.write_ops(vol, [op])
-        end.bitmap.remove_range(first, first + count)
-        progress.done_tracks += count
-        progress.bytes_moved += len(data)
-        pair.counters.resync_tracks_received += count
-        pair.counters.resync_bytes_received += len(data)
-        system.bytes_received += len(data)
+    most = max(1, RUN_BYTES // ts)
+    span = max(most, SPAN_BYTES // ts)
+    window = ByteWindow(WINDOW_BYTES)
+    arrived: collections.deque[tuple[int, int, bytes]] = collections.deque()
+    more = asyncio.Event()
+    finished = False
+
+    async def receive() -> None:
+        nonlocal finished
+        try:
+            async for first, count, data in source(end.bitmap.to_bytes()):
+                await window.acquire(count * ts)
+                arrived.append((first, count, data))
+                more.set()
+        finally:
+            finished = True
+            more.set()
+
+    reader = asyncio.create_task(receive(), name=f"copy-reverse-{pair.name}")
+    try:
+        while True:
+            while not arrived and not finished:
+                more.clear()
+                await more.wait()
+            if not arrived:
+                break
+            batch = [arrived.popleft()]
+            size = batch[0][1]
+            while arrived:
+                first, count, _ = arrived[0]
+                if size + count > most or first + count - batch[0][0] > span:
+                    break
+                batch.append(arrived.popleft())
+                size += count
+            ops = [WriteOp(first * ts, data) if data else WriteOp(first * ts, zero_length=count * ts)
+                   for first, count, data in batch]
+            await system.write_ops(vol, ops)
+            window.release(size * ts)
+            moved = sum(len(data) for _, _, data in batch)
+            for first, count, _ in batch:
+                end.bitmap.remove_range(first, first + count)
+            progress.done_tracks += size
+            progress.bytes_moved += moved
+            pair.counters.resync_tracks_received += size
+            pair.counters.resync_bytes_received += moved
+            system.bytes_received += moved
+        await reader  # raises what interrupted the source, after what came is written
+    finally:
+        if not reader.done():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
     await vol.flush()
 
 
@@ -124,10 +249,10 @@ async def read_tracks(system: StorageSystem, pair: Pair, tracks: bytes) -> Async
     bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
     progress = CopyProgress("reverse", len(bitmap), ts)
     pair.progress = progress  # shown at the mirror end while it is the source
-    for first, count in bitmap.runs(max(1, RUN_BYTES // ts)):
-        if first + count > vol.tracks:
-            break
-        data = await vol.read(first * ts, count * ts)
-        yield first, count, b"" if is_zero(data) else data
-        progress.done_tracks += count
-        progress.bytes_moved += len(data)
+    runs = (run for run in bitmap.runs(max(1, RUN_BYTES // ts)) if run[0] + run[1] <= vol.tracks)
+    for chunk in chunks(runs, ts):
+        datas = await vol.run(functools.partial(read_runs, vol, chunk))
+        for (first, count), data in zip(chunk, datas, strict=True):
+            yield first, count, b"" if is_zero(data) else data
+            progress.done_tracks += count
+            progress.bytes_moved += len(data)
