@@ -523,12 +523,17 @@ class PairManager:
             for track in mismatches:
                 end.bitmap.add(track)
             await self.system.save_bitmaps(pair)
-            if pair.status is PairStatus.DUPLEX:
-                self._set_status(pair, PairOp.FAULT, "verify-repair")
-                await self.system.save_rows(pair)
-                if pair.remote:
-                    await self._command(pair, ic.PAIR_OP_SUSPEND, reason="verify-repair")
-            await self.resync(name, reverse=False, force=True)
+            # Suspend and resync as one step: no automatic resync may slip in.
+            busy, pair.reconciling = pair.reconciling, True
+            try:
+                if pair.status is PairStatus.DUPLEX:
+                    self._set_status(pair, PairOp.FAULT, "verify-repair")
+                    await self.system.save_rows(pair)
+                    if pair.remote:
+                        await self._command(pair, ic.PAIR_OP_SUSPEND, reason="verify-repair")
+                await self.resync(name, reverse=False, force=True)
+            finally:
+                pair.reconciling = busy
             repaired = True
         return vol.tracks, mismatches, repaired
 
