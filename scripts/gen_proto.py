@@ -22,8 +22,14 @@ PACKAGE_DIR = Path("splitmirror") / "v1"
 
 def generate(out: Path) -> list[Path]:
     sources = sorted((PROTO_DIR / PACKAGE_DIR).glob("*.proto"))
+    # The mypy-protobuf plugins sit next to this Python (the virtualenv's
+    # bin/), which need not be on PATH.
+    bindir = Path(sys.executable).parent
+    plugins = [f"--plugin=protoc-gen-{name}={bindir / f'protoc-gen-{name}'}" for name in ("mypy", "mypy_grpc")
+               if (bindir / f"protoc-gen-{name}").exists()]
     args = [
         "grpc_tools.protoc",
+        *plugins,
         f"-I{PROTO_DIR}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
