@@ -17,13 +17,14 @@ reach a log line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
 import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,11 +146,15 @@ class AccessPolicy:
 
     def __init__(self, tls: bool, tokens: Mapping[str, Identity] | None = None,
                  host_volumes: Mapping[str, list[str]] | None = None, rate: float = 0.0,
-                 burst: float = 0.0) -> None:
+                 burst: float = 0.0, max_inflight: int = 0) -> None:
         self.tls = tls
         self.tokens = dict(tokens or {})
         self.host_volumes = dict(host_volumes or {})
         self.limiter = RateLimiter(rate, burst or max(rate * 2, 1.0))
+        #: Calls one client may have running at once (0: no limit), so that
+        #: one client cannot take every slot of --max-concurrent-rpcs.
+        self.max_inflight = max_inflight
+        self._inflight: dict[str, int] = {}
 
     @property
     def enforcing(self) -> bool:
@@ -174,10 +179,35 @@ class AccessPolicy:
             return ANONYMOUS_ADMIN
         return None
 
+    @contextlib.contextmanager
+    def admitted(self, method: str, context: Any, volume: str | None = None) -> Iterator[Identity]:
+        """:meth:`check` the call, and count it against its client's calls in
+        flight until the block ends."""
+        identity = self.check(method, context, volume)
+        key = self._client_key(identity, context)
+        running = self._inflight.get(key, 0)
+        if self.max_inflight and running >= self.max_inflight:
+            raise ResourceExhausted(f"too many requests from {key} in flight (at most {self.max_inflight}): "
+                                    "wait for some to finish")
+        self._inflight[key] = running + 1
+        try:
+            yield identity
+        finally:
+            left = self._inflight[key] - 1
+            if left:
+                self._inflight[key] = left
+            else:
+                del self._inflight[key]
+
+    @staticmethod
+    def _client_key(identity: Identity | None, context: Any) -> str:
+        """Whom limits count against: the identity, or the address when anonymous."""
+        return identity.name if identity is not None and identity.via != "none" else _peer_host(context.peer())
+
     def check(self, method: str, context: Any, volume: str | None = None) -> Identity:
         """Raise PermissionDenied (after one audit line) or ResourceExhausted."""
         identity = self.identify(context) if self.enforcing else ANONYMOUS_ADMIN
-        key = identity.name if identity is not None and identity.via != "none" else _peer_host(context.peer())
+        key = self._client_key(identity, context)
         if not self.limiter.allow(key):
             raise ResourceExhausted(f"too many requests from {key}: slow down and retry")
         if identity is None:

@@ -65,7 +65,7 @@ class Daemon:
         if tokens and self.tls is None:
             log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")
         self.policy = AccessPolicy(self.tls is not None, tokens, config.host_volumes, config.rate_limit,
-                                   config.rate_burst)
+                                   config.rate_burst, max_inflight=max(1, config.max_concurrent_rpcs // 4))
         self.host_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                            interceptors=[MalformedRequests()])
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],

@@ -35,8 +35,8 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
     async def wrapper(self: Any, request: Req, context: Context) -> Rep:
         try:
             volume = getattr(request, "volume", None) or getattr(request, "name", None)
-            self.policy.check(method.__name__, context, volume if isinstance(volume, str) else None)
-            return await method(self, request, context)
+            with self.policy.admitted(method.__name__, context, volume if isinstance(volume, str) else None):
+                return await method(self, request, context)
         except SplitmirrorError as exc:
             await context.abort(exc.code, exc.message)
         except grpc.aio.AbortError:
