@@ -21,8 +21,10 @@ from .v1 import interconnect_pb2_grpc as ic_grpc
 
 log = logging.getLogger("splitmirror.interconnect")
 
+Context = grpc.aio.ServicerContext[object, object]
 
-def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int], own: int,
+
+def peer_id(context: Context, allowed: set[int], own: int,
             tls: bool = False) -> int:
     """The calling system's id, refused unless it is a configured peer.
 
@@ -50,7 +52,6 @@ def peer_id(context: grpc.aio.ServicerContext[object, object], allowed: set[int]
     return caller
 
 
-Context = grpc.aio.ServicerContext[object, object]
 TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batch
 
 
@@ -61,8 +62,20 @@ class _Stream:
     reader: asyncio.Task[None]
     handler: asyncio.Task[Any] | None
     superseded: bool = False
+
+
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
+
+
+@contextlib.asynccontextmanager
+async def refusals(context: Context) -> AsyncIterator[None]:
+    """A user error raised inside ends the call with its status."""
+    try:
+        yield
+    except SplitmirrorError as exc:
+        await context.abort(exc.code, exc.message)
+        raise
 
 
 def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
@@ -71,11 +84,8 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
 
     @functools.wraps(method)
     async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
-        try:
+        async with refusals(context):
             return await method(self, request, context, self._peer(context))
-        except SplitmirrorError as exc:
-            await context.abort(exc.code, exc.message)
-            raise
 
     return wrapper
 
@@ -88,19 +98,11 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.role = role
         self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
 
-    def _peer(self, context: grpc.aio.ServicerContext[object, object]) -> int:
+    def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
 
-    async def _guard(self, context: grpc.aio.ServicerContext[object, object], exc: SplitmirrorError) -> None:
-        await context.abort(exc.code, exc.message)
-
-    async def Hello(self, request: ic.HelloRequest, context: grpc.aio.ServicerContext[object, object]
-                    ) -> ic.HelloReply:
-        try:
-            peer = self._peer(context)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
+    @peer_call
+    async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
         reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
         for pair in self.manager.pairs_with(peer):
             if pair.mirror is not None:
@@ -116,12 +118,9 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         return await self.manager.mirror_command(peer, request)
 
     async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
-                        context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.ReplicateAck]:
-        try:
+                        context: Context) -> AsyncIterator[ic.ReplicateAck]:
+        async with refusals(context):
             peer = self._peer(context)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
         batches: asyncio.Queue[ic.ReplicateBatch | None] = asyncio.Queue(maxsize=8)
 
         async def reader() -> None:
@@ -136,11 +135,8 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             first = await batches.get()
             if first is None:
                 return
-            try:
+            async with refusals(context):
                 pair = self.manager._mirror_pair(peer, first.pair)
-            except SplitmirrorError as exc:
-                await self._guard(context, exc)
-                raise
             await self._take_over(pair.name, stream, pair.apply_lock)
             try:
                 batch: ic.ReplicateBatch | None = first
@@ -150,7 +146,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                             await self.manager.mirror_apply(pair, list(batch.entries))
                         except SplitmirrorError as exc:
                             log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
-                            await self._guard(context, exc)
+                            await context.abort(exc.code, exc.message)
                             raise
                         yield ic.ReplicateAck(seq=batch.entries[-1].seq)
                     batch = await batches.get()
@@ -209,12 +205,9 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         return await self.manager.restores.control(peer, request)
 
     async def ReadTracks(self, request: ic.ReadTracksRequest,
-                         context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[ic.TrackData]:
-        try:
+                         context: Context) -> AsyncIterator[ic.TrackData]:
+        async with refusals(context):
             tracks = self.manager.mirror_read_tracks(self._peer(context), request.pair, request.tracks)
-        except SplitmirrorError as exc:
-            await self._guard(context, exc)
-            raise
         async for first, count, data in tracks:
             self.system.bytes_sent += len(data)
             yield ic.TrackData(track=first, count=count, data=data)
