@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -79,14 +80,32 @@ class ByteWindow:
         self._freed.set()
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkBounds:
+    """How far one chunk reaches: ``tracks`` of data within ``span`` tracks of the volume."""
+
+    tracks: int
+    span: int
+
+    @classmethod
+    def of(cls, track_size: int, limit: int = 0) -> ChunkBounds:
+        """At most ``limit`` (RUN_BYTES) of tracks within SPAN_BYTES."""
+        most = max(1, (limit or RUN_BYTES) // track_size)
+        return cls(most, max(most, SPAN_BYTES // track_size))
+
+    def admits(self, start: int, size: int, first: int, count: int) -> bool:
+        """Whether run (first, count) joins a chunk that starts at track
+        ``start`` and holds ``size`` tracks."""
+        return size + count <= self.tracks and first + count - start <= self.span
+
+
 def chunks(runs: Iterable[Run], track_size: int, limit: int = 0) -> Iterator[list[Run]]:
-    """Group consecutive runs: at most ``limit`` (RUN_BYTES) of tracks within SPAN_BYTES."""
-    most = max(1, (limit or RUN_BYTES) // track_size)
-    span = max(most, SPAN_BYTES // track_size)
+    """Group consecutive runs within :meth:`ChunkBounds.of` ``(track_size, limit)``."""
+    bounds = ChunkBounds.of(track_size, limit)
     chunk: list[Run] = []
     size = 0
     for first, count in runs:
-        if chunk and (size + count > most or first + count - chunk[0][0] > span):
+        if chunk and not bounds.admits(chunk[0][0], size, first, count):
             yield chunk
             chunk, size = [], 0
         chunk.append((first, count))
@@ -184,8 +203,7 @@ async def copy_reverse(system: StorageSystem, pair: Pair, source: TrackSource) -
     ts = vol.track_size
     progress = CopyProgress("reverse", len(end.bitmap), ts)
     pair.progress = progress
-    most = max(1, RUN_BYTES // ts)
-    span = max(most, SPAN_BYTES // ts)
+    bounds = ChunkBounds.of(ts)
     window = ByteWindow(WINDOW_BYTES)
     arrived: collections.deque[tuple[int, int, bytes]] = collections.deque()
     more = asyncio.Event()
@@ -214,7 +232,7 @@ async def copy_reverse(system: StorageSystem, pair: Pair, source: TrackSource) -
             size = batch[0][1]
             while arrived:
                 first, count, _ = arrived[0]
-                if size + count > most or first + count - batch[0][0] > span:
+                if not bounds.admits(batch[0][0], size, first, count):
                     break
                 batch.append(arrived.popleft())
                 size += count
