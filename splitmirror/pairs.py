@@ -194,8 +194,14 @@ class PairManager:
         stream = ReplicationStream(pair.name, link, pair.counters,
                                    lambda lost, reason: self._on_stream_failure(pair, lost, reason),
                                    self.settings.max_batch_bytes)
-        stream.linger = ASYNC_LINGER if pair.row.mode == "async" else 0.0
         pair.channel = RemoteChannel(stream)
+        self._set_batching(pair)
+
+    @staticmethod
+    def _set_batching(pair: Pair) -> None:
+        """An async pair's stream gathers writes into batches; a sync pair's sends at once."""
+        if isinstance(pair.channel, RemoteChannel):
+            pair.channel.stream.linger = ASYNC_LINGER if pair.row.mode == "async" else 0.0
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -472,8 +478,7 @@ class PairManager:
         old = pair.row.mode
         for end in pair.ends:
             end.row.mode = mode
-        if isinstance(pair.channel, RemoteChannel):
-            pair.channel.stream.linger = ASYNC_LINGER if mode == "async" else 0.0
+        self._set_batching(pair)
         await self.system.save_rows(pair)
         log.info("pair %s: mode %s -> %s", name, old, mode)
         if mode == "sync" and pair.channel is not None and pair.status in MIRRORING:
