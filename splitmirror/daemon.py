@@ -21,7 +21,7 @@ from .config import DaemonConfig, load_config
 from .errors import SplitmirrorError
 from .hostapi import HostApiServicer
 from .interconnect import InterconnectServicer
-from .link import CHANNEL_OPTIONS, PeerLink, message_options
+from .link import RECONNECT_OPTIONS, PeerLink, message_options
 from .malformed import MalformedRequests
 from .pairs import PairManager, Settings
 from .system import StorageSystem
@@ -30,12 +30,9 @@ from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 
 log = logging.getLogger("splitmirror.daemon")
 
-SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
-
-
 def server_options(max_message: int) -> list[tuple[str, int]]:
     """Limits every server applies before it allocates a message."""
-    return [*message_options(max_message), *CHANNEL_OPTIONS[2:], ("grpc.so_reuseport", 0),
+    return [*message_options(max_message), *RECONNECT_OPTIONS, ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", 1024), ("grpc.max_metadata_size", 16 << 10)]
 
 

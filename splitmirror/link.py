@@ -30,9 +30,7 @@ log = logging.getLogger("splitmirror.link")
 
 SYSTEM_ID_KEY = "x-splitmirror-system-id"
 MAX_MESSAGE = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
+RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -68,7 +66,7 @@ class PeerLink:
         self.address = address
         self.timeout = timeout
         self.metadata = ((SYSTEM_ID_KEY, str(own_id)),)
-        options: list[tuple[str, Any]] = [*message_options(max_message), *CHANNEL_OPTIONS[2:]]
+        options: list[tuple[str, Any]] = [*message_options(max_message), *RECONNECT_OPTIONS]
         if tls is None:
             self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
