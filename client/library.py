@@ -26,7 +26,8 @@ from splitmirror.v1 import host_pb2, host_pb2_grpc
 
 __all__ = ["DEFAULT_CHUNK", "MAX_MESSAGE", "Client", "ClientError", "ProgressCallback"]
 
-#: The name every daemon certificate carries (see ``splitmirror.tls``).
+#: The name every daemon certificate carries: ``splitmirror.tls.SERVER_NAME``,
+#: not imported because that module loads ``cryptography`` for certificate making.
 SERVER_NAME = "splitmirror"
 #: Largest gRPC message either side accepts.
 MAX_MESSAGE = 64 << 20

@@ -144,8 +144,8 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
         mark = now
 
     async with _workdir() as work:
-        svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, getattr(args, "tls_dir", None),
-                            getattr(args, "identity", "admin"))
+        tls = (getattr(args, "tls_dir", None), getattr(args, "identity", "admin"))
+        svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, *tls)
         async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
             lap("mount_backup")
             plan = plan_copy(backup_root, list(args.paths))
@@ -158,8 +158,7 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
             session = await client.begin_restore(args.name, args.generation)
             lap("fence_and_split")
             try:
-                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol,
-                                     getattr(args, "tls_dir", None), getattr(args, "identity", "admin"))
+                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
                 async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
                     lap("mount_target")
                     with reporter.step("copy files", float(plan.total_bytes)):
