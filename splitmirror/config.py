@@ -63,25 +63,27 @@ def parse_nbd_address(value: str) -> str:
     return parse_address("nbd", value)
 
 
+def _named_list(setting: str, value: str, item: str) -> tuple[str, list[str]]:
+    """``NAME=ITEM[,ITEM...]`` -> (name, items)."""
+    name, sep, items = value.partition("=")
+    if not sep or not name.strip():
+        raise InvalidArgument(f"{setting}: {value!r} is not NAME={item}[,{item}...]")
+    return name.strip(), [i.strip() for i in items.split(",") if i.strip()]
+
+
 def parse_networks(setting: str, value: str) -> tuple[str, list[str]]:
     """``NAME=CIDR[,CIDR...]`` -> (name, networks), each network checked."""
-    name, sep, nets = value.partition("=")
-    if not sep or not name.strip():
-        raise InvalidArgument(f"{setting}: {value!r} is not NAME=ADDRESS[,ADDRESS...]")
-    out = [n.strip() for n in nets.split(",") if n.strip()]
+    name, out = _named_list(setting, value, "ADDRESS")
     for net in out:
         try:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise InvalidArgument(f"{setting}: {net!r} is not an address or network") from None
-    return name.strip(), out
+    return name, out
 
 
 def _patterns(setting: str, value: str) -> tuple[str, list[str]]:
-    name, sep, pats = value.partition("=")
-    if not sep or not name.strip():
-        raise InvalidArgument(f"{setting}: {value!r} is not NAME=PATTERN[,PATTERN...]")
-    return name.strip(), [p.strip() for p in pats.split(",") if p.strip()]
+    return _named_list(setting, value, "PATTERN")
 
 
 def _table(name: str, raw: Any, parse: Any) -> dict[str, list[str]]:
