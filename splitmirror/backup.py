@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from .clock import utc_now
 from .errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
 from .pair import Pair
 from .replication import BackupMarker
 from .status import PairOp, PairStatus
-from .system import utc_now
 from .v1 import host_pb2 as pb
 from .v1 import interconnect_pb2 as ic
 

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .addresses import parse_address
 from .errors import InvalidArgument
 from .sizes import parse_size
 
@@ -47,13 +48,6 @@ class DaemonConfig:
     nbd_allow: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: Host identity -> volume name patterns it may do I/O on (absent: any).
     host_volumes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-
-def parse_address(setting: str, value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdecimal() or not 0 <= int(port) < 65536:
-        raise InvalidArgument(f"{setting}: {value!r} is not HOST:PORT")
-    return value
 
 
 def parse_nbd_address(value: str) -> str:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 
 from .access import AccessPolicy
-from .config import parse_address
+from .addresses import parse_address
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from .nbd import ExportError, NbdServer
 from .system import StorageSystem

@@ -23,6 +23,7 @@ import grpc
 
 from .backup import BackupManager
 from .bitmap import TrackBitmap
+from .clock import utc_now
 from .copytable import PairRow
 from .errors import (
     AlreadyExists,
@@ -35,12 +36,13 @@ from .errors import (
 )
 from .intent import parse_scope
 from .link import PeerLink, ReplicationStream
+from .names import check_name
 from .pair import Pair, PairEnd, RemoteChannel
 from .replication import BackupMarker, Entry
 from .restore import RestoreManager
 from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
 from .status import MIRRORING, TRACKING, PairOp, PairStatus, transition
-from .system import StorageSystem, WriteOp, check_name, mark, utc_now
+from .system import StorageSystem, WriteOp, mark
 from .v1 import interconnect_pb2 as ic
 from .volume import Volume
 

@@ -13,26 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import functools
 import logging
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .bitmap import TrackBitmap
+from .clock import utc_now
 from .copytable import CopyTable, VolumeRow
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .intent import IntentLog, replicated_scope
+from .names import check_name
 from .ordering import RangeOrder
 from .pair import Pair, PairEnd
 from .status import MIRRORING, TRACKING, PairStatus
 from .volume import DEFAULT_TRACK_SIZE, Volume, validate_geometry
 
 log = logging.getLogger("splitmirror.system")
-
-VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class WriteOp:
@@ -45,16 +42,6 @@ class WriteOp:
     @property
     def length(self) -> int:
         return self.zero_length or len(self.data)
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def check_name(kind: str, name: str) -> None:
-    if not VOLUME_NAME.match(name):
-        raise InvalidArgument(
-            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
 
 
 class StorageSystem:
