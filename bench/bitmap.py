@@ -29,7 +29,7 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from splitmirror.bitmap import TrackBitmap
+from splitmirror.storage.bitmap import TrackBitmap
 
 T = TypeVar("T")
 

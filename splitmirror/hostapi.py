@@ -13,9 +13,9 @@ from .access import AccessPolicy
 from .errors import InvalidArgument, SplitmirrorError
 from .pair import Pair, PairEnd
 from .pairs import PairManager
+from .storage.volume import Volume
 from .v1 import host_pb2 as pb
 from .v1 import host_pb2_grpc as pb_grpc
-from .volume import Volume
 
 log = logging.getLogger("splitmirror.hostapi")
 

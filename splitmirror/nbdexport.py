@@ -17,9 +17,9 @@ from .access import AccessPolicy
 from .addresses import parse_address
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from .nbd import ExportError, NbdServer
+from .storage.volume import Volume
 from .system import StorageSystem
 from .tls import TlsFiles, subject_from_der
-from .volume import Volume
 
 log = logging.getLogger("splitmirror.nbd")
 

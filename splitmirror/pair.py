@@ -7,12 +7,12 @@ import dataclasses
 import time
 from typing import ClassVar, Protocol
 
-from .bitmap import TrackBitmap
-from .copytable import PairRow
 from .link import Counters, PeerLink, ReplicationStream
 from .replication import BackupMarker
 from .status import PairStatus
-from .volume import Volume
+from .storage.bitmap import TrackBitmap
+from .storage.copytable import PairRow
+from .storage.volume import Volume
 
 
 class MirrorChannel(Protocol):

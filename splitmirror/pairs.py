@@ -22,9 +22,7 @@ from typing import Any
 import grpc
 
 from .backup import BackupManager
-from .bitmap import TrackBitmap
 from .clock import utc_now
-from .copytable import PairRow
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -34,7 +32,6 @@ from .errors import (
     Unavailable,
     from_status,
 )
-from .intent import parse_scope
 from .link import PeerLink, ReplicationStream
 from .names import check_name
 from .pair import Pair, PairEnd, RemoteChannel
@@ -42,9 +39,12 @@ from .replication import BackupMarker, Entry
 from .restore import RestoreManager
 from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
 from .status import MIRRORING, TRACKING, PairOp, PairStatus, transition
+from .storage.bitmap import TrackBitmap
+from .storage.copytable import PairRow
+from .storage.scopes import parse_scope
+from .storage.volume import Volume
 from .system import StorageSystem, WriteOp, mark
 from .v1 import interconnect_pb2 as ic
-from .volume import Volume
 
 log = logging.getLogger("splitmirror.pairs")
 

@@ -28,8 +28,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from .pair import CopyProgress, Pair
 from .status import PairStatus
+from .storage.bitmap import TrackBitmap
+from .storage.volume import Volume
 from .system import StorageSystem, WriteOp
-from .volume import Volume
 
 log = logging.getLogger("splitmirror.resync")
 
@@ -259,8 +260,6 @@ async def copy_reverse(system: StorageSystem, pair: Pair, source: TrackSource) -
 
 async def read_tracks(system: StorageSystem, pair: Pair, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
     """The mirror end's side of a reverse copy: runs of tracks with their data."""
-    from .bitmap import TrackBitmap
-
     assert pair.mirror is not None
     vol = pair.mirror.volume
     ts = vol.track_size

@@ -18,16 +18,17 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .bitmap import TrackBitmap
 from .clock import utc_now
-from .copytable import CopyTable, VolumeRow
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .intent import IntentLog, replicated_scope
 from .names import check_name
-from .ordering import RangeOrder
 from .pair import Pair, PairEnd
 from .status import MIRRORING, TRACKING, PairStatus
-from .volume import DEFAULT_TRACK_SIZE, Volume, validate_geometry
+from .storage.bitmap import TrackBitmap
+from .storage.copytable import CopyTable, VolumeRow
+from .storage.intent import IntentLog
+from .storage.ordering import RangeOrder
+from .storage.scopes import replicated_scope
+from .storage.volume import DEFAULT_TRACK_SIZE, Volume, validate_geometry
 
 log = logging.getLogger("splitmirror.system")
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitmirror.bitmap import TrackBitmap
+from splitmirror.storage.bitmap import TrackBitmap
 
 # ---------------------------------------------------------------------- model
 

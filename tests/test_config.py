@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from splitmirror.config import DaemonConfig, load_config
-from splitmirror.copytable import CopyTable
 from splitmirror.errors import InvalidArgument
-from splitmirror.intent import IntentLog
 from splitmirror.sizes import format_size, parse_size
+from splitmirror.storage.copytable import CopyTable
+from splitmirror.storage.intent import IntentLog
 
 BASE_FLAGS = [
     "--system-id", "1001",

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from splitmirror.bitmap import TrackBitmap
-from splitmirror.copytable import CopyTable, PairRow, VolumeRow
 from splitmirror.status import PairStatus
+from splitmirror.storage.bitmap import TrackBitmap
+from splitmirror.storage.copytable import CopyTable, PairRow, VolumeRow
 
 TRACKS = 1024
 

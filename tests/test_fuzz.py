@@ -15,10 +15,10 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitmirror.bitmap import TrackBitmap
 from splitmirror.config import load_config
 from splitmirror.errors import InvalidArgument
 from splitmirror.link import SYSTEM_ID_KEY
+from splitmirror.storage.bitmap import TrackBitmap
 from splitmirror.testing import Site
 from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 

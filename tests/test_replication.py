@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitmirror.ordering import RangeOrder
 from splitmirror.replication import Entry, ReplicationQueue
+from splitmirror.storage.ordering import RangeOrder
 
 OVERHEAD = 32  # Entry.wire_bytes = payload + 32
 

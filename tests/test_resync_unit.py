@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from splitmirror import resync
-from splitmirror.bitmap import TrackBitmap
-from splitmirror.copytable import PairRow
-from splitmirror.ordering import RangeOrder
 from splitmirror.pair import Pair, PairEnd
 from splitmirror.status import PairStatus
+from splitmirror.storage.bitmap import TrackBitmap
+from splitmirror.storage.copytable import PairRow
+from splitmirror.storage.ordering import RangeOrder
+from splitmirror.storage.volume import Volume
 from splitmirror.system import WriteOp
-from splitmirror.volume import Volume
 
 TS = 4096
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import xxhash
 
-from .errors import InvalidArgument, OutOfRange
+from ..errors import InvalidArgument, OutOfRange
 
 T = TypeVar("T")
 

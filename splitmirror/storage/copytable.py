@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from ..status import PairStatus
 from .bitmap import TrackBitmap
-from .intent import replicated_scope
-from .status import PairStatus
+from .scopes import intent_scopes
 
 T = TypeVar("T")
 
@@ -217,7 +217,7 @@ class CopyTable:
     async def remove_volume(self, name: str) -> None:
         def q(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM volumes WHERE name=?", (name,))
-            db.execute("DELETE FROM intent WHERE volume IN (?, ?)", (name, replicated_scope(name)))
+            db.execute("DELETE FROM intent WHERE volume IN (?, ?)", intent_scopes(name))
 
         await self._call(q)
 

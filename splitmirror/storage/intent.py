@@ -9,10 +9,12 @@ same idea as DRBD's activity log).
 
 Extents are recorded per *scope*: a volume's own writes (from hosts, or
 copies into it) use the volume's name; the writes a remote mirror end
-applies for its primary use :func:`replicated_scope`.  They mean different
-things after a crash: a mirror end's hot host extents may hold writes its
-primary never saw, while its replicated writes were either acknowledged
-(the primary knows them) or not (the primary marked them pending).
+applies for its primary use :func:`~splitmirror.storage.scopes.replicated_scope`.
+They mean different things after a crash: a mirror end's hot host extents
+may hold writes its primary never saw, while its replicated writes were
+either acknowledged (the primary knows them) or not (the primary marked
+them pending).  This module owns that policy; the copy table only persists
+the extents.
 """
 
 from __future__ import annotations
@@ -23,27 +25,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the copy table uses this module's scopes
-    from .copytable import CopyTable
+from .copytable import CopyTable
+from .scopes import intent_scopes
 
 log = logging.getLogger("splitmirror.intent")
 
 DEFAULT_EXTENT = 4 << 20
-_REPLICATED = "/replicated"  # '/' never occurs in a volume name
-
-
-def replicated_scope(volume: str) -> str:
-    """The intent scope of the writes a remote mirror end applies to ``volume``."""
-    return volume + _REPLICATED
-
-
-def parse_scope(scope: str) -> tuple[str, bool]:
-    """``(volume, replicated)`` of an intent scope."""
-    if scope.endswith(_REPLICATED):
-        return scope[:-len(_REPLICATED)], True
-    return scope, False
 
 
 @dataclasses.dataclass(slots=True)
@@ -167,5 +155,5 @@ class IntentLog:
                 log.exception("clearing idle write-intent extents failed")
 
     def forget_volume(self, volume: str) -> None:
-        self._hot.pop(volume, None)
-        self._hot.pop(replicated_scope(volume), None)
+        for scope in intent_scopes(volume):
+            self._hot.pop(scope, None)
