@@ -30,7 +30,8 @@ import grpc
 from .clock import utc_now
 from .errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
 from .pair import Pair
-from .replication import BackupMarker
+from .replication.link import relay
+from .replication.queue import BackupMarker
 from .status import PairOp, PairStatus
 from .v1 import host_pb2 as pb
 from .v1 import interconnect_pb2 as ic
@@ -191,8 +192,6 @@ class BackupManager:
         try:
             return await getattr(pair.link.stub, method)(request, metadata=pair.link.metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            from .pairs import relay
-
             raise relay(exc, pair.peer_id) from None
 
     async def backup(self, name: str, group: str, generation: str, wait: bool) -> pb.BackupReply:

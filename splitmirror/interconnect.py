@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import grpc
 
 from .errors import PermissionDenied, SplitmirrorError
-from .link import SYSTEM_ID_KEY
 from .pairs import PairManager
+from .replication.link import SYSTEM_ID_KEY
 from .tls import SYSTEM_OU, cert_subject
 from .v1 import interconnect_pb2 as ic
 from .v1 import interconnect_pb2_grpc as ic_grpc

@@ -7,8 +7,9 @@ import dataclasses
 import time
 from typing import ClassVar, Protocol
 
-from .link import Counters, PeerLink, ReplicationStream
-from .replication import BackupMarker
+from .replication.link import Counters, PeerLink
+from .replication.queue import BackupMarker
+from .replication.stream import ReplicationStream
 from .status import PairStatus
 from .storage.bitmap import TrackBitmap
 from .storage.copytable import PairRow

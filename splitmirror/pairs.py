@@ -30,12 +30,12 @@ from .errors import (
     NotFound,
     SplitmirrorError,
     Unavailable,
-    from_status,
 )
-from .link import PeerLink, ReplicationStream
 from .names import check_name
 from .pair import Pair, PairEnd, RemoteChannel
-from .replication import BackupMarker, Entry
+from .replication.link import PeerLink, relay
+from .replication.queue import BackupMarker, Entry
+from .replication.stream import ReplicationStream
 from .restore import RestoreManager
 from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
 from .status import MIRRORING, TRACKING, PairOp, PairStatus, transition
@@ -101,13 +101,6 @@ class LocalChannel:
 
     def lag_seconds(self) -> float:
         return 0.0
-
-
-def relay(exc: grpc.aio.AioRpcError, peer: int) -> SplitmirrorError:
-    """A peer's refusal, or its unreachability, as our own error."""
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"peer system {peer} is unreachable ({exc.code().name})")
-    return from_status(exc.code(), f"peer system {peer}: {exc.details()}")
 
 
 class PairManager:

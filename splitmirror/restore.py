@@ -31,6 +31,7 @@ import grpc
 
 from .errors import FailedPrecondition, NotFound
 from .pair import Pair
+from .replication.link import relay
 from .status import PairStatus
 from .v1 import host_pb2 as pb
 from .v1 import interconnect_pb2 as ic
@@ -100,8 +101,6 @@ class RestoreManager:
                 metadata=link.metadata)
             return reply
         except grpc.aio.AioRpcError as exc:
-            from .pairs import relay
-
             raise relay(exc, pair.peer_id) from None
 
     def _claim(self, name: str) -> None:

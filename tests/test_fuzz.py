@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from splitmirror.config import load_config
 from splitmirror.errors import InvalidArgument
-from splitmirror.link import SYSTEM_ID_KEY
+from splitmirror.replication.link import SYSTEM_ID_KEY
 from splitmirror.storage.bitmap import TrackBitmap
 from splitmirror.testing import Site
 from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from client import Client, ClientError
-from splitmirror.link import SYSTEM_ID_KEY
+from splitmirror.replication.link import SYSTEM_ID_KEY
 from splitmirror.testing import ROOT, Site, wait_for, wait_status
 from splitmirror.v1 import interconnect_pb2, interconnect_pb2_grpc
 from tests.faultproxy import ProxyPair

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitmirror.replication import Entry, ReplicationQueue
+from splitmirror.replication.queue import Entry, ReplicationQueue
 from splitmirror.storage.ordering import RangeOrder
 
 OVERHEAD = 32  # Entry.wire_bytes = payload + 32

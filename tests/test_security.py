@@ -18,7 +18,7 @@ import pytest
 from client import Client
 from client.agent import _nbdfuse_argv, mounted_filesystem
 from splitmirror import tls
-from splitmirror.link import SYSTEM_ID_KEY
+from splitmirror.replication.link import SYSTEM_ID_KEY
 from splitmirror.testing import Site, free_port, wait_status
 from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from tests.test_restore import needs_fuse, run

@@ -1,148 +1,28 @@
-"""The interconnect seen from one storage system: peer links and write streams.
+"""The ordered write stream of one pair over a peer link.
 
-:class:`PeerLink` holds the gRPC channel to one peer and a keepalive that
-notices a lost peer within the configured timeout.  :class:`ReplicationStream`
-is the thin I/O layer around :class:`~splitmirror.replication.ReplicationQueue`
-for one pair: it keeps one ``Replicate`` call open, sends batches as fast as
-flow control allows, resolves waiters on acknowledgements, and hands every
-unacknowledged entry to the failure callback when the stream breaks or the
-oldest entry waits longer than the timeout.
+:class:`ReplicationStream` is the thin I/O layer around
+:class:`~splitmirror.replication.queue.ReplicationQueue` for one pair: it
+keeps one ``Replicate`` call open, sends batches as fast as flow control
+allows, resolves waiters on acknowledgements, and hands every unacknowledged
+entry to the failure callback when the stream breaks or the oldest entry
+waits longer than the timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from .replication import BackupMarker, Entry, ReplicationQueue
-from .tls import TlsFiles, system_host_name
-from .v1 import interconnect_pb2 as ic
-from .v1 import interconnect_pb2_grpc as ic_grpc
+from ..v1 import interconnect_pb2 as ic
+from .link import Counters, PeerLink
+from .queue import BackupMarker, Entry, ReplicationQueue
 
 log = logging.getLogger("splitmirror.link")
-
-SYSTEM_ID_KEY = "x-splitmirror-system-id"
-MAX_MESSAGE = 64 << 20
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
-@dataclasses.dataclass
-class Counters:
-    replicated_writes: int = 0
-    replicated_bytes: int = 0
-    resync_tracks_sent: int = 0
-    resync_bytes_sent: int = 0
-    resync_tracks_received: int = 0
-    resync_bytes_received: int = 0
-
-
-def message_options(max_message: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
-
-
-PeerCallback = Callable[["PeerLink"], Coroutine[Any, Any, None]]
-
-
-class PeerLink:
-    """Channel and keepalive to one peer storage system."""
-
-    def __init__(self, own_id: int, role: str, peer_id: int, address: str, timeout: float,
-                 on_up: PeerCallback, on_down: PeerCallback, tls: TlsFiles | None = None,
-                 max_message: int = MAX_MESSAGE) -> None:
-        self.own_id = own_id
-        self.role = role
-        self.peer_id = peer_id
-        self.address = address
-        self.timeout = timeout
-        self.metadata = ((SYSTEM_ID_KEY, str(own_id)),)
-        options: list[tuple[str, Any]] = [*message_options(max_message), *RECONNECT_OPTIONS]
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            # The peer must prove it is system ``peer_id``: its certificate
-            # carries that system's name, which we verify instead of the address.
-            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            options.append(("grpc.ssl_target_name_override", system_host_name(peer_id)))
-            self.channel = grpc.aio.secure_channel(address, creds, options=options)
-        self.stub = ic_grpc.InterconnectStub(self.channel)
-        self.up: bool | None = None  # None: not known yet
-        self.reason = ""
-        self._on_up = on_up
-        self._on_down = on_down
-        #: Called with every keepalive answer (the peer's view of our pairs).
-        self.on_hello: Callable[[PeerLink, ic.HelloReply], None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._last_ok = time.monotonic()
-        self._callbacks: set[asyncio.Task[None]] = set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._keepalive(), name=f"keepalive-{self.peer_id}")
-
-    async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for task in list(self._callbacks):
-            task.cancel()
-        await self.channel.close(grace=None)
-
-    def suspect(self, reason: str) -> None:
-        """A stream to this peer broke: treat it as lost until a keepalive
-        answers again (which then runs the reconnect handling)."""
-        if self.up:
-            self.up = False
-            self.reason = reason
-            log.warning("peer %d at %s suspected lost (%s)", self.peer_id, self.address, reason)
-
-    def _notify(self, callback: PeerCallback) -> None:
-        task = asyncio.create_task(callback(self))
-        self._callbacks.add(task)
-        task.add_done_callback(self._callbacks.discard)
-
-    async def _keepalive(self) -> None:
-        interval = max(0.05, self.timeout / 4)
-        self._last_ok = time.monotonic()
-        while True:
-            try:
-                reply = await self.stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
-                                              metadata=self.metadata, timeout=interval * 2)
-            except grpc.aio.AioRpcError as exc:
-                if self.up is not False and time.monotonic() - self._last_ok >= self.timeout:
-                    self.up = False
-                    self.reason = "peer-down" if exc.code() == grpc.StatusCode.UNAVAILABLE else "peer-timeout"
-                    log.warning("peer %d at %s lost (%s: %s)", self.peer_id, self.address,
-                                exc.code().name, exc.details())
-                    self._notify(self._on_down)
-            else:
-                self._last_ok = time.monotonic()
-                if self.up is not True:
-                    self.up = True
-                    log.info("peer %d at %s connected", self.peer_id, self.address)
-                    self._notify(self._on_up)
-                elif self.on_hello is not None:
-                    self.on_hello(self, reply)
-            await asyncio.sleep(interval)
-
-    async def command(self, request: ic.PairCommandRequest) -> ic.MirrorState:
-        reply: ic.MirrorState = await self.stub.PairCommand(request, metadata=self.metadata,
-                                                            timeout=self.timeout)
-        return reply
-
-    def read_tracks(self, pair: str, tracks: bytes) -> AsyncIterator[ic.TrackData]:
-        call = self.stub.ReadTracks(ic.ReadTracksRequest(pair=pair, tracks=tracks), metadata=self.metadata)
-        return call.__aiter__()
 
 
 FailureCallback = Callable[[list[Entry], str], Awaitable[None]]

@@ -4,7 +4,7 @@ Host writes, flushes and resync tracks enter with a sequence number; the
 sender takes them out in batches (coalescing small writes into large
 interconnect messages); the peer acknowledges cumulatively.  On a fault every
 unacknowledged entry is handed back so its tracks can be marked pending.
-No asyncio and no gRPC here: :mod:`splitmirror.link` drives it.
+No asyncio and no gRPC here: :mod:`splitmirror.replication.stream` drives it.
 """
 
 from __future__ import annotations
