@@ -29,7 +29,7 @@ import grpc
 
 from .clock import utc_now
 from .errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
-from .pair import Pair
+from .pairstate.pair import Pair
 from .replication.link import relay
 from .replication.queue import BackupMarker
 from .status import PairOp, PairStatus

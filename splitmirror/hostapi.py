@@ -11,8 +11,8 @@ import grpc
 
 from .access import AccessPolicy
 from .errors import InvalidArgument, SplitmirrorError
-from .pair import Pair, PairEnd
 from .pairs import PairManager
+from .pairstate.pair import Pair, PairEnd
 from .storage.volume import Volume
 from .v1 import host_pb2 as pb
 from .v1 import host_pb2_grpc as pb_grpc

@@ -32,7 +32,8 @@ from .errors import (
     Unavailable,
 )
 from .names import check_name
-from .pair import Pair, PairEnd, RemoteChannel
+from .pairstate.channel import RemoteChannel
+from .pairstate.pair import Pair, PairEnd
 from .replication.link import PeerLink, relay
 from .replication.queue import BackupMarker, Entry
 from .replication.stream import ReplicationStream

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from .errors import FailedPrecondition, NotFound
-from .pair import Pair
+from .pairstate.pair import Pair
 from .replication.link import relay
 from .status import PairStatus
 from .v1 import host_pb2 as pb

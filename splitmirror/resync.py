@@ -26,7 +26,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
-from .pair import CopyProgress, Pair
+from .pairstate.pair import CopyProgress, Pair
 from .status import PairStatus
 from .storage.bitmap import TrackBitmap
 from .storage.volume import Volume

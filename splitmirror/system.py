@@ -21,7 +21,7 @@ from pathlib import Path
 from .clock import utc_now
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .names import check_name
-from .pair import Pair, PairEnd
+from .pairstate.pair import Pair, PairEnd
 from .status import MIRRORING, TRACKING, PairStatus
 from .storage.bitmap import TrackBitmap
 from .storage.copytable import CopyTable, VolumeRow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from splitmirror import resync
-from splitmirror.pair import Pair, PairEnd
+from splitmirror.pairstate.pair import Pair, PairEnd
 from splitmirror.status import PairStatus
 from splitmirror.storage.bitmap import TrackBitmap
 from splitmirror.storage.copytable import PairRow

@@ -1,32 +1,35 @@
-"""Runtime objects of a pair: its ends, copy progress and mirror channel."""
+"""Runtime objects of a pair: its ends, the role this system plays, copy progress."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import time
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
-from .replication.link import Counters, PeerLink
-from .replication.queue import BackupMarker
-from .replication.stream import ReplicationStream
-from .status import PairStatus
-from .storage.bitmap import TrackBitmap
-from .storage.copytable import PairRow
-from .storage.volume import Volume
+from ..errors import FailedPrecondition
+from ..replication.link import Counters, PeerLink
+from ..status import PairStatus
+from ..storage.bitmap import TrackBitmap
+from ..storage.copytable import PairRow
+from ..storage.volume import Volume
+from .channel import MirrorChannel
+
+#: How a pair's writes cross to its mirror end.
+MODES = ("sync", "async")
 
 
-class MirrorChannel(Protocol):
-    """How the primary end sends ordered entries to the mirror end."""
+class EndRole(enum.Enum):
+    """The role of a pair end: the end copied from, or the end copied into.
 
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]: ...
+    This system holds one end of a remote pair, and its role says which
+    commands the system answers for the pair; it holds both ends of a local
+    pair, which is driven from its primary end.
+    """
 
-    async def close(self) -> None: ...
-
-    def queued_bytes(self) -> int: ...
-
-    def lag_seconds(self) -> float: ...
+    PRIMARY = "primary"
+    MIRROR = "mirror"
 
 
 @dataclasses.dataclass
@@ -121,29 +124,35 @@ class Pair:
     def peer_id(self) -> int:
         return self.row.pair_system_id
 
+    @property
+    def role(self) -> EndRole:
+        """The role this system plays for the pair: PRIMARY while it holds the
+        primary end (a local pair: both ends), MIRROR while it holds only the
+        mirror end.  It picks the module that answers the pair's commands."""
+        return EndRole.PRIMARY if self.primary is not None else EndRole.MIRROR
+
+    def move_end_to(self, role: EndRole) -> None:
+        """Hold this system's end of a remote pair in ``role`` from now on.
+
+        The end keeps its row, volume and bitmap; only which end it is
+        changes (``row.primary`` too), in memory: the caller persists the
+        row.  The seam of a takeover or swap, which reverse the roles of a
+        pair's two ends.  A local pair holds both ends and has no other role.
+        """
+        if self.primary is not None and self.mirror is not None:
+            raise FailedPrecondition(f"pair {self.name!r} is a local pair: this system holds both of its ends")
+        end = self.primary or self.mirror
+        if end is None:
+            raise FailedPrecondition(f"pair {self.name!r} has no end on this system")
+        end.row.primary = role is EndRole.PRIMARY
+        if role is EndRole.PRIMARY:
+            self.primary, self.mirror = end, None
+        else:
+            self.primary, self.mirror = None, end
+
     def queued_bytes(self) -> int:
         """Payload bytes queued to the mirror and not yet acknowledged."""
         return self.channel.queued_bytes() if self.channel is not None else 0
 
     def lag_seconds(self) -> float:
         return self.channel.lag_seconds() if self.channel is not None else 0.0
-
-
-class RemoteChannel:
-    """Mirror channel over the interconnect (a :class:`ReplicationStream`)."""
-
-    def __init__(self, stream: ReplicationStream) -> None:
-        self.stream = stream
-
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
-        return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
-
-    async def close(self) -> None:
-        await self.stream.close()
-
-    def queued_bytes(self) -> int:
-        return self.stream.queue.queued_bytes
-
-    def lag_seconds(self) -> float:
-        return self.stream.queue.oldest_unacked_age()
