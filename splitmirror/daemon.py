@@ -18,13 +18,13 @@ from grpc_reflection.v1alpha import reflection
 
 from .access import AccessPolicy, load_tokens
 from .config import DaemonConfig, load_config
+from .datapath.system import StorageSystem
 from .errors import SplitmirrorError
 from .hostapi import HostApiServicer
 from .interconnect import InterconnectServicer
 from .malformed import MalformedRequests
 from .pairs import PairManager, Settings
 from .replication.link import RECONNECT_OPTIONS, PeerLink, message_options
-from .system import StorageSystem
 from .tls import TlsFiles
 from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 

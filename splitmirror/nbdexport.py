@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 from .access import AccessPolicy
 from .addresses import parse_address
+from .datapath.system import StorageSystem
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from .nbd import ExportError, NbdServer
 from .storage.volume import Volume
-from .system import StorageSystem
 from .tls import TlsFiles, subject_from_der
 
 log = logging.getLogger("splitmirror.nbd")

@@ -23,6 +23,10 @@ import grpc
 
 from .backup import BackupManager
 from .clock import utc_now
+from .datapath.copyengine import CopyFailed, copy_forward, copy_reverse, read_tracks
+from .datapath.local_channel import LocalChannel
+from .datapath.system import StorageSystem
+from .datapath.writes import WriteOp, mark
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -35,16 +39,14 @@ from .names import check_name
 from .pairstate.channel import RemoteChannel
 from .pairstate.pair import Pair, PairEnd
 from .replication.link import PeerLink, relay
-from .replication.queue import BackupMarker, Entry
+from .replication.queue import Entry
 from .replication.stream import ReplicationStream
 from .restore import RestoreManager
-from .resync import CopyFailed, copy_forward, copy_reverse, read_tracks
 from .status import MIRRORING, TRACKING, PairOp, PairStatus, transition
 from .storage.bitmap import TrackBitmap
 from .storage.copytable import PairRow
 from .storage.scopes import parse_scope
 from .storage.volume import Volume
-from .system import StorageSystem, WriteOp, mark
 from .v1 import interconnect_pb2 as ic
 
 log = logging.getLogger("splitmirror.pairs")
@@ -64,44 +66,6 @@ class Settings:
     async_queue_bytes: int = 256 << 20
     pre_restore_hook: str = ""
     post_restore_hook: str = ""
-
-
-class LocalChannel:
-    """Mirror channel to a mirror end inside the same storage system."""
-
-    def __init__(self, system: StorageSystem, pair: Pair) -> None:
-        self.system = system
-        self.pair = pair
-
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
-        if marker is not None:
-            raise FailedPrecondition(f"pair {self.pair.name!r} is a local pair; backups are taken of remote pairs")
-        # Tasks start in creation order, and write_ops takes its place in the
-        # mirror volume's range order on its first step: order is kept.
-        return asyncio.ensure_future(self._apply(offset, data, zero_length, flush))
-
-    async def _apply(self, offset: int, data: bytes, zero_length: int, flush: bool) -> bool:
-        mirror = self.pair.mirror
-        if mirror is None:
-            return False
-        vol = mirror.volume
-        if flush or not (data or zero_length):  # flush, or a barrier
-            await self.system.order(vol).drain()  # the writes pushed before it are applied
-            if flush:
-                await self.system.flush_volume(vol)
-        else:
-            await self.system.write_ops(vol, [WriteOp(offset, data, zero_length)])
-        return True
-
-    async def close(self) -> None:
-        return None
-
-    def queued_bytes(self) -> int:
-        return 0
-
-    def lag_seconds(self) -> float:
-        return 0.0
 
 
 class PairManager:

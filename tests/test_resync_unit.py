@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from splitmirror import resync
+from splitmirror.datapath import copyengine as resync
+from splitmirror.datapath.writes import WriteOp
 from splitmirror.pairstate.pair import Pair, PairEnd
 from splitmirror.status import PairStatus
 from splitmirror.storage.bitmap import TrackBitmap
 from splitmirror.storage.copytable import PairRow
 from splitmirror.storage.ordering import RangeOrder
 from splitmirror.storage.volume import Volume
-from splitmirror.system import WriteOp
 
 TS = 4096
 

@@ -26,11 +26,12 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
-from .pairstate.pair import CopyProgress, Pair
-from .status import PairStatus
-from .storage.bitmap import TrackBitmap
-from .storage.volume import Volume
-from .system import StorageSystem, WriteOp
+from ..pairstate.pair import CopyProgress, Pair
+from ..status import PairStatus
+from ..storage.bitmap import TrackBitmap
+from ..storage.volume import Volume
+from .system import StorageSystem
+from .writes import WriteOp
 
 log = logging.getLogger("splitmirror.resync")
 

@@ -1,0 +1,197 @@
+"""A storage system: its volumes, its pairs, fences and the copy table.
+
+Both daemons run one :class:`StorageSystem`.  It holds the volumes and the
+pairs loaded from the copy table, fences, and what each volume is to hosts
+(its role, whether they may write it).  The write path that every write
+goes through is :mod:`splitmirror.datapath.writes`, mixed in here; pair
+management lives in :mod:`splitmirror.pairs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from ..clock import utc_now
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..names import check_name
+from ..pairstate.pair import Pair, PairEnd
+from ..status import MIRRORING, PairStatus
+from ..storage.copytable import CopyTable, VolumeRow
+from ..storage.intent import IntentLog
+from ..storage.ordering import RangeOrder
+from ..storage.volume import DEFAULT_TRACK_SIZE, Volume, validate_geometry
+from .writes import WritePath
+
+log = logging.getLogger("splitmirror.system")
+
+
+class StorageSystem(WritePath):
+    """Volumes, pairs and (through :class:`WritePath`) the write path of one storage system."""
+
+    def __init__(self, system_id: int, role: str, data_dir: Path) -> None:
+        self.system_id = system_id
+        self.role = role
+        self.data_dir = data_dir
+        self.volume_dir = data_dir / "volumes"
+        self.table = CopyTable(data_dir / "copytable.sqlite")
+        self.intent = IntentLog(self.table, before_clear=self.persist_bitmaps)
+        self._dirty = set()
+        self.volumes: dict[str, Volume] = {}
+        self.pairs = {}
+        self.fences = {}
+        self._order = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.clean_start = True
+        self.nbd_port = 0
+        self.async_queue_bytes = 256 << 20
+        self.on_overflow = None
+
+    # -- lifecycle ----------------------------------------------------------
+    async def open(self) -> None:
+        self.volume_dir.mkdir(parents=True, exist_ok=True)
+        await self.table.open()
+        self.clean_start = await self.table.get_meta("clean_shutdown") in (None, "1")
+        await self.table.set_meta("clean_shutdown", "0")
+        for vrow in await self.table.load_volumes():
+            path = self._volume_path(vrow.name)
+            vol = await asyncio.to_thread(Volume.open, vrow.name, path, vrow.size, vrow.track_size)
+            self.volumes[vol.name] = vol
+            self._order[vol.name] = RangeOrder()
+        for prow in await self.table.load_pairs():
+            pvol = self.volumes.get(prow.volume)
+            if pvol is None:
+                log.error("copy table row of pair %s names missing volume %s; row ignored", prow.name,
+                          prow.volume)
+                continue
+            bitmap = await self.table.load_bitmap(prow.name, prow.volume, pvol.tracks)
+            pair = self.pairs.setdefault(prow.name, Pair(prow.name))
+            end = PairEnd(prow, pvol, bitmap)
+            if prow.primary:
+                pair.primary = end
+            else:
+                pair.mirror = end
+        for key, reason in (await self.table.meta_items("fence:")).items():
+            self.fences[key.removeprefix("fence:")] = reason
+        log.info("system %d (%s): %d volumes, %d pairs loaded from %s (%s start)", self.system_id, self.role,
+                 len(self.volumes), len(self.pairs), self.data_dir, "clean" if self.clean_start else "unclean")
+
+    async def close(self) -> None:
+        for pair in self.pairs.values():
+            for end in pair.ends:
+                await self.table.save_bitmap(end.row.name, end.row.volume, end.bitmap)
+        await self.table.set_meta("clean_shutdown", "1")
+        await self.table.close()
+        for vol in self.volumes.values():
+            vol.close()
+
+    def _volume_path(self, name: str) -> Path:
+        check_name("volume", name)
+        path = (self.volume_dir / f"{name}.vol").resolve()
+        if path.parent != self.volume_dir.resolve():  # confinement, belt and braces
+            raise InvalidArgument(f"invalid volume name {name!r}")
+        return path
+
+    # -- volumes ------------------------------------------------------------
+    def volume(self, name: str) -> Volume:
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise NotFound(f"volume {name!r} not found on system {self.system_id}") from None
+
+    async def create_volume(self, name: str, size: int, track_size: int = 0) -> Volume:
+        check_name("volume", name)
+        track_size = track_size or DEFAULT_TRACK_SIZE
+        validate_geometry(name, size, track_size)
+        if name in self.volumes:
+            raise AlreadyExists(f"volume {name!r} already exists on system {self.system_id}")
+        path = self._volume_path(name)
+        if path.exists():
+            path.unlink()  # left over from a crash between file creation and table insert
+        vol = await asyncio.to_thread(Volume.create, name, path, size, track_size)
+        self.volumes[name] = vol
+        self._order[name] = RangeOrder()
+        await self.table.add_volume(VolumeRow(name, size, track_size, utc_now()))
+        log.info("volume %s created: %d bytes, track size %d", name, size, track_size)
+        return vol
+
+    async def delete_volume(self, name: str) -> None:
+        vol = self.volume(name)
+        in_pairs = [p.name for p in self.pairs_of(vol)]
+        if in_pairs:
+            raise FailedPrecondition(
+                f"volume {name!r} is in pair {', '.join(map(repr, in_pairs))}; delete the pair first")
+        if self._order[name].busy:
+            raise FailedPrecondition(f"volume {name!r} has I/O in progress")
+        del self.volumes[name]
+        del self._order[name]
+        await self.table.remove_volume(name)
+        vol.close()
+        await asyncio.to_thread(vol.path.unlink, True)
+        log.info("volume %s deleted", name)
+
+    def pairs_of(self, vol: Volume) -> list[Pair]:
+        return [p for p in self.pairs.values() if any(e.volume is vol for e in p.ends)]
+
+    def pairs_from(self, vol: Volume) -> list[Pair]:
+        """Pairs that copy from ``vol`` (it is their primary end here)."""
+        return [p for p in self.pairs.values() if p.primary is not None and p.primary.volume is vol]
+
+    def pair_into(self, vol: Volume) -> Pair | None:
+        """The pair that copies into ``vol`` (it is its mirror end), if any."""
+        for p in self.pairs.values():
+            if p.mirror is not None and p.mirror.volume is vol:
+                return p
+        return None
+
+    def role_of(self, vol: Volume) -> str:
+        roles: list[str] = []
+        into = self.pair_into(vol)
+        if into is not None:
+            roles.append("SPVOL" if into.remote else "SVOL")
+        if self.pairs_from(vol):
+            roles.append("PVOL")
+        return "+".join(roles) or "SIMPLEX"
+
+    def write_refusal(self, vol: Volume) -> str | None:
+        """Why hosts may not write ``vol`` now, or None."""
+        if vol.name in self.fences:
+            return f"volume {vol.name!r} fenced for restore ({self.fences[vol.name]})"
+        into = self.pair_into(vol)
+        if into is not None:
+            if not into.remote:
+                return f"volume {vol.name!r} is the SVOL of pair {into.name!r} and read-only to hosts"
+            if into.status in MIRRORING:
+                return (f"volume {vol.name!r} is the SPVOL of pair {into.name!r} ({into.status.value}); "
+                        "hosts may write it only while the pair is SPLIT or SUSPENDED")
+        for p in self.pairs_from(vol):
+            if p.status is PairStatus.COPY and p.row.direction == "reverse":
+                return f"volume {vol.name!r} is the target of a reverse resync of pair {p.name!r}"
+        return None
+
+    async def fence(self, name: str, reason: str) -> None:
+        """Refuse host I/O (gRPC and NBD, connected clients too) on a volume."""
+        self.volume(name)
+        self.fences[name] = reason
+        await self.table.set_meta(f"fence:{name}", reason)
+        await self.table.sync()
+        log.warning("volume %s fenced: %s", name, reason)
+
+    async def unfence(self, name: str) -> None:
+        if self.fences.pop(name, None) is not None:
+            await self.table.delete_meta(f"fence:{name}")
+            await self.table.sync()
+            log.info("volume %s unfenced", name)
+
+    # -- copy table -----------------------------------------------------------
+    async def save_rows(self, pair: Pair) -> None:
+        """Persist status rows, durably: a status change is never lost."""
+        for end in pair.ends:
+            await self.table.save_pair(end.row)
+        await self.table.sync()
+
+    async def save_bitmaps(self, pair: Pair) -> None:
+        for end in pair.ends:
+            await self.table.save_bitmap(end.row.name, end.row.volume, end.bitmap)
