@@ -37,7 +37,7 @@ from .v1 import host_pb2 as pb
 from .v1 import interconnect_pb2 as ic
 
 if TYPE_CHECKING:
-    from .pairs import PairManager
+    from .pairs.manager import PairManager
 
 log = logging.getLogger("splitmirror.backup")
 
@@ -62,7 +62,7 @@ class BackupManager:
         return min(gens, key=lambda p: (p.row.backup_time is not None, p.row.backup_time or "", p.name))
 
     async def prepare(self, peer: int, req: ic.PrepareBackupRequest) -> ic.PrepareBackupReply:
-        pair = self.manager._mirror_pair(peer, req.pair)
+        pair = self.manager.mirror_pair(peer, req.pair)
         gens = self.generations(pair)
         assert pair.mirror is not None
         spvol = pair.mirror.volume.name
@@ -104,14 +104,14 @@ class BackupManager:
                                      f"{': ' + gen.row.reason if gen.row.reason else ''})")
         return pending
 
-    async def apply_marker(self, pair: Pair, entry: ic.WriteEntry) -> None:
+    async def apply_marker(self, pair: Pair, marker: BackupMarker) -> None:
         """Split the generation here: everything before the marker is applied."""
-        gen = self.system.pairs.get(entry.backup_generation)
-        outcome = ic.FinishBackupReply(known=True, generation=entry.backup_generation)
-        self._outcomes[entry.backup_marker] = outcome
+        gen = self.system.pairs.get(marker.generation)
+        outcome = ic.FinishBackupReply(known=True, generation=marker.generation)
+        self._outcomes[marker.marker] = outcome
         if gen is None or gen.remote or gen.primary is None or pair.mirror is None \
                 or gen.primary.volume is not pair.mirror.volume:
-            outcome.error = f"generation {entry.backup_generation!r} is not a local pair of pair {pair.name!r}"
+            outcome.error = f"generation {marker.generation!r} is not a local pair of pair {pair.name!r}"
         elif gen.status is not PairStatus.DUPLEX:
             outcome.error = (f"generation {gen.name!r} is {gen.status.value}, not DUPLEX, when the backup point "
                              "arrived; the previous generations are untouched")
@@ -119,18 +119,18 @@ class BackupManager:
             log.warning("backup of pair %s failed: %s", pair.name, outcome.error)
             return
         assert gen is not None
-        self.manager._set_status(gen, PairOp.SPLIT)  # no await before: the next entry is tracked
+        self.manager.set_status(gen, PairOp.SPLIT)  # no await before: the next entry is tracked
         for end in gen.ends:
-            end.row.split_time = entry.backup_time
-            end.row.backup_time = entry.backup_time
+            end.row.split_time = marker.backup_time
+            end.row.backup_time = marker.backup_time
             end.row.backup_seq += 1
         outcome.done = True
-        outcome.backup_time = entry.backup_time
+        outcome.backup_time = marker.backup_time
         outcome.sequence = gen.row.backup_seq
         log.info("backup of pair %s taken in generation %s (#%d) at %s", pair.name, gen.name, outcome.sequence,
-                 entry.backup_time)
+                 marker.backup_time)
         # Persist and make the SVOL durable without holding the stream.
-        self._flushes[entry.backup_marker] = asyncio.create_task(self._settle(gen))
+        self._flushes[marker.marker] = asyncio.create_task(self._settle(gen))
 
     async def _settle(self, gen: Pair) -> None:
         await self.system.save_rows(gen)
@@ -138,7 +138,7 @@ class BackupManager:
             await gen.mirror.volume.flush()
 
     async def finish(self, peer: int, req: ic.FinishBackupRequest) -> ic.FinishBackupReply:
-        self.manager._mirror_pair(peer, req.pair)
+        self.manager.mirror_pair(peer, req.pair)
         flush = self._flushes.pop(req.marker, None)
         if flush is not None:
             await flush
@@ -157,7 +157,7 @@ class BackupManager:
         return infos
 
     async def list_generations(self, peer: int, req: ic.ListGenerationsRequest) -> ic.ListGenerationsReply:
-        pair = self.manager._mirror_pair(peer, req.pair)
+        pair = self.manager.mirror_pair(peer, req.pair)
         return ic.ListGenerationsReply(generations=self.list_local(pair))
 
     # -- the primary's side ---------------------------------------------------------

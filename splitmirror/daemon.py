@@ -23,7 +23,8 @@ from .errors import SplitmirrorError
 from .hostapi import HostApiServicer
 from .interconnect import InterconnectServicer
 from .malformed import MalformedRequests
-from .pairs import PairManager, Settings
+from .pairs.manager import PairManager
+from .pairs.settings import Settings
 from .replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from .tls import TlsFiles
 from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
@@ -75,10 +76,11 @@ class Daemon:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         await self.system.open()
         for peer, address in cfg.peers.items():
+            recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
-                                        self.manager.on_peer_up, self.manager.on_peer_down, tls=self.tls,
+                                        recovery.on_peer_up, recovery.on_peer_down, tls=self.tls,
                                         max_message=cfg.max_message_bytes)
-            self.links[peer].on_hello = self.manager.on_hello
+            self.links[peer].on_hello = recovery.on_hello
         await self.manager.start()
 
         host_pb2_grpc.add_HostApiServicer_to_server(HostApiServicer(self.manager, self.policy),

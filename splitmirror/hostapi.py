@@ -11,7 +11,7 @@ import grpc
 
 from .access import AccessPolicy
 from .errors import InvalidArgument, SplitmirrorError
-from .pairs import PairManager
+from .pairs.manager import PairManager
 from .pairstate.pair import Pair, PairEnd
 from .storage.volume import Volume
 from .v1 import host_pb2 as pb

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from .errors import PermissionDenied, SplitmirrorError
-from .pairs import PairManager
+from .pairs.manager import PairManager
 from .replication.link import SYSTEM_ID_KEY
 from .tls import SYSTEM_OU, cert_subject
 from .v1 import interconnect_pb2 as ic
@@ -136,7 +136,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             if first is None:
                 return
             async with refusals(context):
-                pair = self.manager._mirror_pair(peer, first.pair)
+                pair = self.manager.mirror_pair(peer, first.pair)
             await self._take_over(pair.name, stream, pair.apply_lock)
             try:
                 batch: ic.ReplicateBatch | None = first

@@ -37,7 +37,7 @@ from .v1 import host_pb2 as pb
 from .v1 import interconnect_pb2 as ic
 
 if TYPE_CHECKING:
-    from .pairs import PairManager
+    from .pairs.manager import PairManager
 
 log = logging.getLogger("splitmirror.restore")
 

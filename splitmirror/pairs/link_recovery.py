@@ -1,0 +1,150 @@
+"""Link loss and recovery: what faults do to pairs, and how pairs come back.
+
+A broken replication stream, a lost peer or an async queue that would
+overflow suspends the pair at once, with no await before the status change,
+so writes from then on are tracked in the pending bitmap instead of queued:
+hosts are never blocked and nothing is lost.  When the peer answers again,
+or a keepalive shows that the mirror end suspended itself, the primary end
+brings both ends back to agreement and (with auto-resync) resyncs by bitmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ..datapath.writes import mark
+from ..errors import FailedPrecondition, SplitmirrorError
+from ..pairstate.channel import RemoteChannel
+from ..pairstate.pair import Pair
+from ..replication.link import PeerLink
+from ..replication.queue import Entry
+from ..status import MIRRORING, PairOp, PairStatus
+from ..v1 import interconnect_pb2 as ic
+from .context import PairContext, ResyncCommand
+from .copying import Copier
+from .peer import command
+
+log = logging.getLogger("splitmirror.pairs")
+
+
+class LinkRecovery:
+    def __init__(self, context: PairContext, copier: Copier, resync: ResyncCommand) -> None:
+        self.context = context
+        self.system = context.system
+        self.settings = context.settings
+        self.copier = copier
+        self.resync = resync
+
+    # -- faults -----------------------------------------------------------------------------
+    async def on_stream_failure(self, pair: Pair, lost: list[Entry], reason: str) -> None:
+        # No await before the status change: writes arriving from now on are
+        # tracked instead of queued.
+        changed = pair.status in MIRRORING and self.context.set_status(pair, PairOp.FAULT, reason)
+        assert pair.primary is not None
+        end = pair.primary
+        ts = end.volume.track_size
+        runs = [r for e in lost if not e.flush and e.length
+                for r in [mark(end.bitmap, e.offset, e.length, ts)] if r]
+        if runs:
+            await self.system.table.add_runs(pair.name, end.volume.name, runs)
+        if changed:
+            if pair.link is not None:
+                pair.link.suspect(reason)
+            await self.system.save_rows(pair)
+
+    async def auto_resync_local(self, pair: Pair) -> None:
+        try:
+            await self.resync(pair.name, reverse=False)
+        except SplitmirrorError as exc:
+            log.warning("pair %s: automatic resync failed: %s", pair.name, exc.message)
+
+    async def on_peer_down(self, link: PeerLink) -> None:
+        for pair in list(self.system.pairs.values()):
+            if not pair.remote or pair.peer_id != link.peer_id or pair.status not in MIRRORING:
+                continue
+            self.context.set_status(pair, PairOp.FAULT, link.reason or "peer-down")
+            await self.system.save_rows(pair)
+            if pair.primary is not None and isinstance(pair.channel, RemoteChannel):
+                await pair.channel.stream.close()
+
+    def on_overflow(self, pair: Pair) -> None:
+        """An async queue is full: suspend now (no await), then clean up."""
+        if self.context.set_status(pair, PairOp.FAULT, "queue-full"):
+            self.context.spawn(self._after_overflow(pair), f"overflow-{pair.name}")
+
+    async def _after_overflow(self, pair: Pair) -> None:
+        await self.system.save_rows(pair)
+        if isinstance(pair.channel, RemoteChannel):
+            await pair.channel.stream.close()  # unacknowledged writes become pending bits
+        if pair.remote:
+            with contextlib.suppress(SplitmirrorError):
+                await command(pair, ic.PAIR_OP_SUSPEND, reason="queue-full")
+        if self.settings.auto_resync and pair.status is PairStatus.SUSPENDED:
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(SplitmirrorError):
+                await self.resync(pair.name, reverse=False)
+
+    # -- recovery ---------------------------------------------------------------------------
+    async def on_peer_up(self, link: PeerLink) -> None:
+        for pair in self.context.pairs_with(link.peer_id):
+            if pair.primary is not None and not pair.reconciling:
+                pair.reconciling = True
+                await self._reconcile_once(pair)
+
+    def on_hello(self, link: PeerLink, reply: ic.HelloReply) -> None:
+        """Every keepalive answer: catch a mirror end that suspended itself
+        while we saw no fault (it lost us briefly), and retry automatic
+        resyncs that failed while the link stayed up."""
+        peer_status = {state.pair: state.status for state in reply.mirrors}
+        now = time.monotonic()
+        for pair in self.context.pairs_with(link.peer_id):
+            if pair.primary is None or pair.reconciling:
+                continue
+            if pair.status is PairStatus.DUPLEX:
+                pair.retry.reset()
+                stale = peer_status.get(pair.name) == PairStatus.SUSPENDED.value
+            else:
+                stale = (pair.status is PairStatus.SUSPENDED and self.settings.auto_resync
+                         and (pair.copy_task is None or pair.copy_task.done()) and pair.retry.due(now))
+            if stale:
+                pair.reconciling = True
+                self.context.spawn(self._reconcile_once(pair), f"reconcile-{pair.name}")
+
+    async def _reconcile_once(self, pair: Pair) -> None:
+        try:
+            await self._reconcile(pair)
+        except SplitmirrorError as exc:
+            log.warning("pair %s: reconnect handling failed: %s", pair.name, exc.message)
+        finally:
+            pair.reconciling = False
+            if pair.status is PairStatus.SUSPENDED:
+                pair.retry.failed(time.monotonic(), self.settings.link_timeout)
+
+    async def _reconcile(self, pair: Pair) -> None:
+        """After a reconnect: bring both ends back to agreement."""
+        state = await command(pair, ic.PAIR_OP_STATUS)
+        remote = PairStatus(state.status)
+        if pair.status is PairStatus.DUPLEX and remote is PairStatus.DUPLEX:
+            return
+        if pair.status is PairStatus.COPY:
+            if remote is not PairStatus.COPY:
+                await command(pair, ic.PAIR_OP_RESYNC_BEGIN, reverse=pair.row.direction == "reverse")
+            self.copier.start(pair)
+            return
+        if pair.status is PairStatus.SPLIT:
+            if remote in MIRRORING:  # a split the peer never heard of (crash)
+                await command(pair, ic.PAIR_OP_SPLIT, split_time=pair.row.split_time or "")
+            return
+        quiet = pair.status is PairStatus.DUPLEX and state.pending_tracks == 0
+        if pair.status is PairStatus.DUPLEX:
+            self.context.set_status(pair, PairOp.FAULT, f"peer {pair.peer_id} was {remote.value}")
+            await self.system.save_rows(pair)
+        if pair.status is PairStatus.SUSPENDED and (quiet or self.settings.auto_resync):
+            log.info("pair %s: peer %d back, resyncing automatically", pair.name, pair.peer_id)
+            try:
+                await self.resync(pair.name, reverse=False)
+            except FailedPrecondition as exc:
+                log.warning("%s; not resyncing automatically", exc.message)

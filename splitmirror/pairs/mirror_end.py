@@ -1,0 +1,218 @@
+"""The mirror end of a pair: what the primary system asks of the end copied into.
+
+The interconnect's handlers for a pair whose mirror end this system holds
+(a remote pair's SPVOL): attach a new pair, the pair commands the primary
+end sends, applying the ordered write stream (backup markers included),
+reading tracks back for a reverse copy, and per-track digests for verify.
+A peer may only reach the pairs whose mirror end it drives.  Commands
+issued here by a host for such a pair are refused: the primary drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn
+
+from ..datapath.copyengine import read_tracks
+from ..datapath.writes import WriteOp
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..names import check_name
+from ..pairstate.pair import MODES, EndRole, Pair, PairEnd
+from ..replication.queue import BackupMarker
+from ..status import MIRRORING, PairOp, PairStatus
+from ..storage.bitmap import TrackBitmap
+from ..storage.copytable import PairRow
+from ..v1 import interconnect_pb2 as ic
+from .context import PairContext
+from .membership import check_new_mirror, forget, initial_bitmap
+from .verify import VERIFY_CHUNK
+
+#: Splits a backup generation where the stream reaches a backup marker.
+MarkerHandler = Callable[[Pair, BackupMarker], Awaitable[None]]
+
+
+class MirrorEnd:
+    """The handlers of the pairs whose mirror end is here."""
+
+    role = EndRole.MIRROR
+
+    def __init__(self, context: PairContext) -> None:
+        self.context = context
+        self.system = context.system
+        #: Set by the daemon's wiring to the backup procedure; without it a
+        #: batch that carries a backup marker is refused.
+        self.marker_handler: MarkerHandler | None = None
+
+    # -- lookups --------------------------------------------------------------------------
+    def pair_for(self, peer: int, name: str) -> Pair:
+        """The pair ``name`` whose mirror end is here and whose primary is ``peer``."""
+        pair = self.system.pairs.get(name)
+        if pair is None or pair.mirror is None or pair.peer_id != peer:
+            raise NotFound(f"pair {name!r} has no secondary end on system {self.system.system_id} "
+                           f"for system {peer}")
+        return pair
+
+    def state(self, pair: Pair, with_bitmap: bool = False, allocated: bool = False) -> ic.MirrorState:
+        assert pair.mirror is not None
+        end = pair.mirror
+        state = ic.MirrorState(pair=pair.name, status=pair.status.value, volume=end.volume.name,
+                               pending_tracks=len(end.bitmap), size=end.volume.size,
+                               track_size=end.volume.track_size)
+        if with_bitmap:
+            state.pending_bitmap = end.bitmap.to_bytes()
+        if allocated:
+            state.allocated_bitmap = initial_bitmap(end.volume).to_bytes()
+        return state
+
+    # -- what the primary end asks ----------------------------------------------------------
+    async def attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
+        check_name("pair", req.pair)
+        check_name("volume", req.svol)
+        existing = self.system.pairs.get(req.pair)
+        if existing is not None:
+            owner = existing.peer_id if existing.mirror is not None else self.system.system_id
+            raise AlreadyExists(f"pair {req.pair!r} already exists on system {self.system.system_id} "
+                                f"(owned by system {owner})")
+        svol = self.system.volumes.get(req.svol)
+        if svol is None:
+            svol = await self.system.create_volume(req.svol, req.size, req.track_size)
+        else:
+            check_new_mirror(self.system, svol, req.size, req.track_size)
+        row = PairRow(req.pair, svol.name, "REMOTE", peer, req.pvol, False, PairStatus.SIMPLEX,
+                      req.mode or "sync", req.group)
+        pair = Pair(req.pair)
+        pair.mirror = PairEnd(row, svol, TrackBitmap(svol.tracks))
+        self.context.set_status(pair, PairOp.CREATE)
+        self.system.pairs[req.pair] = pair
+        await self.system.save_rows(pair)
+        await self.system.save_bitmaps(pair)
+        return self.state(pair, allocated=True)
+
+    async def command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
+        pair = self.pair_for(peer, req.pair)
+        assert pair.mirror is not None
+        op = req.op
+        if op == ic.PAIR_OP_STATUS:
+            return self.state(pair)
+        if op == ic.PAIR_OP_SPLIT:
+            self.context.set_status(pair, PairOp.SPLIT)
+            pair.mirror.row.split_time = req.split_time or pair.mirror.row.split_time
+        elif op == ic.PAIR_OP_SUSPEND:
+            self.context.set_status(pair, PairOp.FAULT, req.reason or "suspended by primary")
+        elif op == ic.PAIR_OP_RESYNC_BEGIN:
+            if pair.status is PairStatus.DUPLEX:
+                self.context.set_status(pair, PairOp.FAULT, "resync requested by primary")
+            if pair.status is not PairStatus.COPY:
+                self.context.set_status(pair, PairOp.RESYNC)
+            pair.mirror.row.direction = "reverse" if req.reverse else "forward"
+            await self.system.save_rows(pair)
+            return self.state(pair, with_bitmap=True)
+        elif op == ic.PAIR_OP_CLEAR_BITMAP:
+            pair.mirror.bitmap.clear()
+            await self.system.save_bitmaps(pair)
+            return self.state(pair)
+        elif op == ic.PAIR_OP_RESYNC_DONE:
+            if pair.status is not PairStatus.DUPLEX:
+                self.context.set_status(pair, PairOp.COPY_DONE)
+            pair.mirror.row.direction = "forward"
+            await self.system.volumes[pair.mirror.volume.name].flush()
+        elif op == ic.PAIR_OP_DELETE:
+            state = self.state(pair)
+            await forget(self.system, pair)
+            state.status = PairStatus.SIMPLEX.value
+            return state
+        elif op == ic.PAIR_OP_SET_MODE:
+            if req.mode not in MODES:
+                raise InvalidArgument(f"pair {pair.name!r}: unknown mode {req.mode!r}")
+            pair.mirror.row.mode = req.mode
+        else:
+            raise InvalidArgument(f"pair {pair.name!r}: unknown pair command {op}")
+        await self.system.save_rows(pair)
+        return self.state(pair)
+
+    async def apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
+        """Apply a batch of the ordered stream to the mirror end, in order."""
+        assert pair.mirror is not None
+        if pair.status not in MIRRORING:
+            # E.g. a batch delayed by a healed partition, arriving after this
+            # end suspended itself: applying it would fake host writes here.
+            raise FailedPrecondition(f"pair {pair.name!r} is {pair.status.value} on system "
+                                     f"{self.system.system_id}; replicated writes are not accepted")
+        vol = pair.mirror.volume
+        ops: list[WriteOp] = []
+        for e in entries:
+            if e.backup_marker:
+                if ops:
+                    await self.system.write_ops(vol, ops, replicated=True)
+                    ops = []
+                await self._backup_point(pair, e)
+                continue
+            if e.flush:
+                if ops:
+                    await self.system.write_ops(vol, ops, replicated=True)
+                    ops = []
+                await self.system.flush_volume(vol)
+                continue
+            data = e.data  # each access to a bytes field copies it: once only
+            length = e.zero_length or len(data)
+            if not length:
+                continue  # a barrier: acknowledged with the batch
+            vol.check_range(e.offset, length)
+            ops.append(WriteOp(e.offset, data, e.zero_length))
+            self.system.bytes_received += len(data)
+            if e.resync:
+                pair.counters.resync_tracks_received += length // vol.track_size
+                pair.counters.resync_bytes_received += len(data)
+            else:
+                pair.counters.replicated_writes += 1
+                pair.counters.replicated_bytes += len(data)
+        if ops:
+            await self.system.write_ops(vol, ops, replicated=True)
+
+    async def _backup_point(self, pair: Pair, entry: ic.WriteEntry) -> None:
+        """Every write before the marker is applied: hand it to the backup procedure."""
+        if self.marker_handler is None:
+            raise FailedPrecondition(f"pair {pair.name!r}: system {self.system.system_id} cannot take the backup "
+                                     f"{entry.backup_marker!r} (no backup procedure)")
+        await self.marker_handler(pair, BackupMarker(entry.backup_marker, entry.backup_generation,
+                                                     entry.backup_time))
+
+    def read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
+        pair = self.pair_for(peer, name)
+        assert pair.mirror is not None
+        try:
+            TrackBitmap.from_bytes(pair.mirror.volume.tracks, tracks)
+        except ValueError as exc:
+            raise InvalidArgument(f"pair {name!r}: the track bitmap from system {peer} does not parse "
+                                  f"({exc})") from None
+        return read_tracks(self.system, pair, tracks)
+
+    async def digests(self, peer: int, req: ic.TrackDigestsRequest) -> ic.TrackDigestsReply:
+        pair = self.pair_for(peer, req.pair)
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        if req.count == 0 or req.first_track + req.count > vol.tracks or req.count > (VERIFY_CHUNK // 4096):
+            raise InvalidArgument(f"pair {pair.name!r}: bad track range {req.first_track}+{req.count}")
+        digests = await vol.run(lambda: vol.track_digests(req.first_track, req.count))
+        return ic.TrackDigestsReply(algorithm="xxh3-64", digests=digests)
+
+    # -- commands a host issues here: the primary drives the pair ----------------------------
+    @staticmethod
+    def _refuse(pair: Pair, op: str) -> NoReturn:
+        raise FailedPrecondition(
+            f"pair {pair.name!r} is driven by its primary system {pair.peer_id}; issue {op} there")
+
+    async def split(self, pair: Pair) -> Pair:
+        self._refuse(pair, "split")
+
+    async def resync(self, pair: Pair, reverse: bool, force: bool = False) -> Pair:
+        self._refuse(pair, "resync")
+
+    async def delete(self, pair: Pair) -> None:
+        self._refuse(pair, "delete")
+
+    async def set_mode(self, pair: Pair, mode: str) -> Pair:
+        self._refuse(pair, "set-mode")
+
+    async def verify(self, pair: Pair, repair: bool) -> tuple[int, list[int], bool]:
+        self._refuse(pair, "verify")
