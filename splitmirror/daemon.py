@@ -25,6 +25,8 @@ from .interconnect import InterconnectServicer
 from .malformed import MalformedRequests
 from .pairs.manager import PairManager
 from .pairs.settings import Settings
+from .procedures.backup import BackupManager
+from .procedures.restore import RestoreManager
 from .replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from .tls import TlsFiles
 from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
@@ -56,6 +58,12 @@ class Daemon:
                                             async_queue_bytes=config.async_queue_bytes,
                                             pre_restore_hook=config.pre_restore_hook,
                                             post_restore_hook=config.post_restore_hook))
+        # The procedures sit above the pairs layer: built here, handed to the
+        # servicers, and reached by the mirror end only through its marker handler.
+        self.backups = BackupManager(self.manager)
+        self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
+                                       config.post_restore_hook)
+        self.manager.mirror_end.marker_handler = self.backups.apply_marker
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         options = server_options(config.max_message_bytes)
         self.tls = TlsFiles.load(Path(config.tls_dir), str(config.system_id)) if config.tls_dir else None
@@ -83,10 +91,11 @@ class Daemon:
             self.links[peer].on_hello = recovery.on_hello
         await self.manager.start()
 
-        host_pb2_grpc.add_HostApiServicer_to_server(HostApiServicer(self.manager, self.policy),
-                                                  self.host_server)
+        host_pb2_grpc.add_HostApiServicer_to_server(
+            HostApiServicer(self.manager, self.backups, self.restores, self.policy), self.host_server)
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, cfg.role, tls=self.tls is not None), self.peer_server)
+            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
+            self.peer_server)
         for server, service in ((self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"]),
                                 (self.peer_server, interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"])):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

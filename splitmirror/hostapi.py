@@ -13,6 +13,8 @@ from .access import AccessPolicy
 from .errors import InvalidArgument, SplitmirrorError
 from .pairs.manager import PairManager
 from .pairstate.pair import Pair, PairEnd
+from .procedures.backup import BackupManager
+from .procedures.restore import RestoreManager
 from .storage.volume import Volume
 from .v1 import host_pb2 as pb
 from .v1 import host_pb2_grpc as pb_grpc
@@ -50,8 +52,11 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 
 
 class HostApiServicer(pb_grpc.HostApiServicer):
-    def __init__(self, manager: PairManager, policy: AccessPolicy | None = None) -> None:
+    def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
+                 policy: AccessPolicy | None = None) -> None:
         self.manager = manager
+        self.backups = backups
+        self.restores = restores
         self.policy = policy or AccessPolicy(tls=False)
         self.system = manager.system
 
@@ -117,8 +122,8 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         fence = self.system.fences.get(row.volume)
         if fence:
             msg.reason = f"fenced: {fence}"
-        elif self.manager.restores.describe(row.name):
-            msg.reason = self.manager.restores.describe(row.name)
+        elif self.restores.describe(row.name):
+            msg.reason = self.restores.describe(row.name)
         if row.primary and row.mode == "async":
             msg.queue_bytes = pair.queued_bytes()
             msg.lag_seconds = pair.lag_seconds()
@@ -172,27 +177,27 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
-        return await self.manager.backups.backup(request.pair, request.group, request.generation, request.wait)
+        return await self.backups.backup(request.pair, request.group, request.generation, request.wait)
 
     @refusals
     async def ListBackups(self, request: pb.PairRef, context: Context) -> pb.GenerationList:
-        return await self.manager.backups.list_backups(request.name)
+        return await self.backups.list_backups(request.name)
 
     @refusals
     async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:
-        return await self.manager.restores.begin(request.pair, request.generation)
+        return await self.restores.begin(request.pair, request.generation)
 
     @refusals
     async def FinishRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
-        return await self.manager.restores.finish(request.name)
+        return await self.restores.finish(request.name)
 
     @refusals
     async def AbortRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
-        return await self.manager.restores.abort(request.name)
+        return await self.restores.abort(request.name)
 
     @refusals
     async def RestoreVolume(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreReport:
-        return await self.manager.restores.restore_volume(request.pair, request.generation)
+        return await self.restores.restore_volume(request.pair, request.generation)
 
     @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:

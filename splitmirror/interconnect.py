@@ -14,6 +14,8 @@ import grpc
 
 from .errors import PermissionDenied, SplitmirrorError
 from .pairs.manager import PairManager
+from .procedures.backup import BackupManager
+from .procedures.restore import RestoreManager
 from .replication.link import SYSTEM_ID_KEY
 from .tls import SYSTEM_OU, cert_subject
 from .v1 import interconnect_pb2 as ic
@@ -91,8 +93,11 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
 
 
 class InterconnectServicer(ic_grpc.InterconnectServicer):
-    def __init__(self, manager: PairManager, role: str, tls: bool = False) -> None:
+    def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager, role: str,
+                 tls: bool = False) -> None:
         self.manager = manager
+        self.backups = backups
+        self.restores = restores
         self.tls = tls
         self.system = manager.system
         self.role = role
@@ -188,21 +193,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
     @peer_call
     async def PrepareBackup(self, request: ic.PrepareBackupRequest, context: Context,
                             peer: int) -> ic.PrepareBackupReply:
-        return await self.manager.backups.prepare(peer, request)
+        return await self.backups.prepare(peer, request)
 
     @peer_call
     async def FinishBackup(self, request: ic.FinishBackupRequest, context: Context, peer: int) -> ic.FinishBackupReply:
-        return await self.manager.backups.finish(peer, request)
+        return await self.backups.finish(peer, request)
 
     @peer_call
     async def ListGenerations(self, request: ic.ListGenerationsRequest, context: Context,
                               peer: int) -> ic.ListGenerationsReply:
-        return await self.manager.backups.list_generations(peer, request)
+        return await self.backups.list_generations(peer, request)
 
     @peer_call
     async def RestoreControl(self, request: ic.RestoreControlRequest, context: Context,
                              peer: int) -> ic.RestoreControlReply:
-        return await self.manager.restores.control(peer, request)
+        return await self.restores.control(peer, request)
 
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: Context) -> AsyncIterator[ic.TrackData]:

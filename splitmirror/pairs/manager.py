@@ -15,13 +15,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from ..backup import BackupManager
 from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
 from ..errors import InvalidArgument
 from ..pairstate.pair import MODES, EndRole, Pair
 from ..replication.link import PeerLink
-from ..restore import RestoreManager
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
@@ -65,9 +63,6 @@ class PairManager:
                                                   EndRole.MIRROR: self.mirror_end}
         system.async_queue_bytes = settings.async_queue_bytes
         system.on_overflow = self.recovery.on_overflow
-        self.backups = BackupManager(self)
-        self.restores = RestoreManager(self, settings.pre_restore_hook, settings.post_restore_hook)
-        self.mirror_end.marker_handler = self.backups.apply_marker
 
     # -- startup / shutdown -----------------------------------------------------
     async def start(self) -> None:

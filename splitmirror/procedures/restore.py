@@ -23,30 +23,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 
-from .errors import FailedPrecondition, NotFound
-from .pairstate.pair import Pair
-from .replication.link import relay
-from .status import PairStatus
-from .v1 import host_pb2 as pb
-from .v1 import interconnect_pb2 as ic
-
-if TYPE_CHECKING:
-    from .pairs.manager import PairManager
+from ..errors import FailedPrecondition, NotFound
+from ..pairstate.pair import Pair
+from ..replication.link import relay
+from ..status import PairStatus
+from ..v1 import host_pb2 as pb
+from ..v1 import interconnect_pb2 as ic
+from .backup import BackupManager
+from .hooks import run_hook
+from .operations import PairOperations
 
 log = logging.getLogger("splitmirror.restore")
 
-HOOK_TIMEOUT = 300.0
-
 
 class RestoreManager:
-    def __init__(self, manager: PairManager, pre_hook: str = "", post_hook: str = "") -> None:
+    def __init__(self, manager: PairOperations, backups: BackupManager, pre_hook: str = "",
+                 post_hook: str = "") -> None:
         self.manager = manager
+        self.backups = backups
         self.system = manager.system
         self.pre_hook = pre_hook
         self.post_hook = post_hook
@@ -79,7 +77,7 @@ class RestoreManager:
 
     def _generation(self, pair: Pair, name: str) -> Pair:
         assert pair.mirror is not None
-        gens = self.manager.backups.generations(pair)
+        gens = self.backups.generations(pair)
         gen = next((g for g in gens if g.name == name), None)
         if gen is None:
             known = ", ".join(g.name for g in gens) or "none"
@@ -202,7 +200,7 @@ class RestoreManager:
         reply = ic.RestoreControlReply(pvol=pvol)
         if req.op == ic.RESTORE_OP_FENCE:
             if pvol not in self.system.fences:
-                await self._hook(self.pre_hook, pair, "pre-restore")
+                await run_hook(self.pre_hook, pair, "pre-restore", self.system.system_id)
                 await self.system.fence(pvol, req.reason or "restore")
             if pair.status is PairStatus.DUPLEX:
                 await self.manager.split(pair.name)
@@ -216,11 +214,11 @@ class RestoreManager:
             reply.bytes = pair.counters.resync_bytes_received - before[1]
         elif req.op == ic.RESTORE_OP_UNFENCE:
             await self.system.unfence(pvol)
-            reply.warning = await self._hook(self.post_hook, pair, "post-restore", fatal=False)
+            reply.warning = await run_hook(self.post_hook, pair, "post-restore", self.system.system_id, fatal=False)
         elif req.op == ic.RESTORE_OP_ABORT:
             await self._resync(pair, reverse=False)
             await self.system.unfence(pvol)
-            reply.warning = await self._hook(self.post_hook, pair, "post-restore", fatal=False)
+            reply.warning = await run_hook(self.post_hook, pair, "post-restore", self.system.system_id, fatal=False)
         else:
             raise FailedPrecondition(f"unknown restore operation {req.op}")
         return reply
@@ -234,31 +232,6 @@ class RestoreManager:
         if not _duplex(pair):
             raise FailedPrecondition(f"pair {pair.name!r} did not return to DUPLEX ({pair.status.value}"
                                      f"{': ' + pair.row.reason if pair.row.reason else ''}); the PVOL stays fenced")
-
-    async def _hook(self, command: str, pair: Pair, phase: str, fatal: bool = True) -> str:
-        if not command:
-            return ""
-        assert pair.primary is not None
-        env = dict(os.environ, SPLITMIRROR_PAIR=pair.name, SPLITMIRROR_VOLUME=pair.primary.volume.name,
-                   SPLITMIRROR_PHASE=phase, SPLITMIRROR_SYSTEM_ID=str(self.system.system_id))
-        proc = await asyncio.create_subprocess_shell(command, env=env, stdout=asyncio.subprocess.PIPE,
-                                                     stderr=asyncio.subprocess.STDOUT)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            problem = f"{phase} hook timed out after {HOOK_TIMEOUT:g}s"
-        else:
-            if proc.returncode == 0:
-                log.info("%s hook for pair %s ran: %s", phase, pair.name, out.decode(errors="replace").strip()[:200])
-                return ""
-            problem = (f"{phase} hook exited with {proc.returncode}: "
-                       f"{out.decode(errors='replace').strip().splitlines()[-1:] or ''}")
-        log.error("pair %s: %s", pair.name, problem)
-        if fatal:
-            raise FailedPrecondition(f"pair {pair.name!r}: {problem}; restore not started")
-        return problem
 
 
 def _duplex(pair: Pair) -> bool:

@@ -23,27 +23,24 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 import grpc
 
-from .clock import utc_now
-from .errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
-from .pairstate.pair import Pair
-from .replication.link import relay
-from .replication.queue import BackupMarker
-from .status import PairOp, PairStatus
-from .v1 import host_pb2 as pb
-from .v1 import interconnect_pb2 as ic
-
-if TYPE_CHECKING:
-    from .pairs.manager import PairManager
+from ..clock import utc_now
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
+from ..pairstate.pair import Pair
+from ..replication.link import relay
+from ..replication.queue import BackupMarker
+from ..status import PairOp, PairStatus
+from ..v1 import host_pb2 as pb
+from ..v1 import interconnect_pb2 as ic
+from .operations import PairOperations
 
 log = logging.getLogger("splitmirror.backup")
 
 
 class BackupManager:
-    def __init__(self, manager: PairManager) -> None:
+    def __init__(self, manager: PairOperations) -> None:
         self.manager = manager
         self.system = manager.system
         #: mirror end: marker id -> outcome (and the SVOL flush in progress)
