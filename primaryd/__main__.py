@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from splitmirror.daemon import main as daemon_main
+from splitmirror.daemon.main import main as daemon_main
 
 
 def main() -> None:

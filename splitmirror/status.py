@@ -1,8 +1,9 @@
 """The pair state machine: statuses, operations and every allowed transition.
 
 This module is the only place that decides whether a pair may change status.
-It is pure (no I/O): the storage system asks :func:`transition` for the next
-status and persists the result itself.
+It is pure (no I/O): the pairs layer asks :func:`transition` for the next
+status, applies it to the ends it holds (:mod:`splitmirror.pairs.transitions`)
+and persists the result itself.
 """
 
 from __future__ import annotations

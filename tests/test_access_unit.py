@@ -6,8 +6,8 @@ import contextlib
 
 import pytest
 
-from splitmirror.access import AccessPolicy, Identity
 from splitmirror.errors import ResourceExhausted
+from splitmirror.ports.access import AccessPolicy, Identity
 
 
 class Caller:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from splitmirror.config import DaemonConfig, load_config
+from splitmirror.daemon.config import DaemonConfig, load_config
 from splitmirror.errors import InvalidArgument
 from splitmirror.sizes import format_size, parse_size
 from splitmirror.storage.copytable import CopyTable

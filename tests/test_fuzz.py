@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitmirror.config import load_config
+from splitmirror.daemon.config import load_config
 from splitmirror.errors import InvalidArgument
 from splitmirror.replication.link import SYSTEM_ID_KEY
 from splitmirror.storage.bitmap import TrackBitmap

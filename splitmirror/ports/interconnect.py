@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .errors import PermissionDenied, SplitmirrorError
-from .pairs.manager import PairManager
-from .procedures.backup import BackupManager
-from .procedures.restore import RestoreManager
-from .replication.link import SYSTEM_ID_KEY
-from .tls import SYSTEM_OU, cert_subject
-from .v1 import interconnect_pb2 as ic
-from .v1 import interconnect_pb2_grpc as ic_grpc
+from ..errors import PermissionDenied, SplitmirrorError
+from ..pairs.manager import PairManager
+from ..procedures.backup import BackupManager
+from ..procedures.restore import RestoreManager
+from ..replication.link import SYSTEM_ID_KEY
+from ..tls import SYSTEM_OU, cert_subject
+from ..v1 import interconnect_pb2 as ic
+from ..v1 import interconnect_pb2_grpc as ic_grpc
 
 log = logging.getLogger("splitmirror.interconnect")
 

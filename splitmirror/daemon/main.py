@@ -16,20 +16,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .access import AccessPolicy, load_tokens
+from ..datapath.system import StorageSystem
+from ..errors import SplitmirrorError
+from ..pairs.manager import PairManager
+from ..pairs.settings import Settings
+from ..ports.access import AccessPolicy, load_tokens
+from ..ports.hostapi import HostApiServicer
+from ..ports.interconnect import InterconnectServicer
+from ..ports.malformed import MalformedRequests
+from ..procedures.backup import BackupManager
+from ..procedures.restore import RestoreManager
+from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
+from ..tls import TlsFiles
+from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
-from .datapath.system import StorageSystem
-from .errors import SplitmirrorError
-from .hostapi import HostApiServicer
-from .interconnect import InterconnectServicer
-from .malformed import MalformedRequests
-from .pairs.manager import PairManager
-from .pairs.settings import Settings
-from .procedures.backup import BackupManager
-from .procedures.restore import RestoreManager
-from .replication.link import RECONNECT_OPTIONS, PeerLink, message_options
-from .tls import TlsFiles
-from .v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 
 log = logging.getLogger("splitmirror.daemon")
 
@@ -127,7 +127,7 @@ class Daemon:
                  f"mutual TLS from {cfg.tls_dir}" if self.tls else "no TLS")
 
     async def _start_nbd(self) -> str:
-        from .nbdexport import start_nbd
+        from ..ports.nbdexport import start_nbd
 
         server, port = await start_nbd(self.system, self.config.nbd, tls=self.tls,
                                        allow=self.config.nbd_allow, policy=self.policy)

@@ -9,15 +9,15 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ..errors import InvalidArgument, SplitmirrorError
+from ..pairs.manager import PairManager
+from ..pairstate.pair import Pair, PairEnd
+from ..procedures.backup import BackupManager
+from ..procedures.restore import RestoreManager
+from ..storage.volume import Volume
+from ..v1 import host_pb2 as pb
+from ..v1 import host_pb2_grpc as pb_grpc
 from .access import AccessPolicy
-from .errors import InvalidArgument, SplitmirrorError
-from .pairs.manager import PairManager
-from .pairstate.pair import Pair, PairEnd
-from .procedures.backup import BackupManager
-from .procedures.restore import RestoreManager
-from .storage.volume import Volume
-from .v1 import host_pb2 as pb
-from .v1 import host_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitmirror.hostapi")
 

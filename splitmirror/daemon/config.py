@@ -13,9 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .addresses import parse_address
-from .errors import InvalidArgument
-from .sizes import parse_size
+from ..addresses import parse_address
+from ..errors import InvalidArgument
+from ..sizes import parse_size
 
 
 @dataclasses.dataclass
@@ -206,7 +206,7 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         raise InvalidArgument(f"setting 'max_concurrent_rpcs': must be positive, got {concurrent}")
     tls_dir = pick("tls_dir", args.tls_dir, str, "")
     if tls_dir:
-        from .tls import TlsFiles
+        from ..tls import TlsFiles
 
         TlsFiles.load(Path(tls_dir), str(system_id))  # a missing file is a setting mistake: say so now
     nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)

@@ -13,13 +13,13 @@ import ipaddress
 import logging
 from collections.abc import Mapping
 
+from ..addresses import parse_address
+from ..datapath.system import StorageSystem
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
+from ..nbd import ExportError, NbdServer
+from ..storage.volume import Volume
+from ..tls import TlsFiles, subject_from_der
 from .access import AccessPolicy
-from .addresses import parse_address
-from .datapath.system import StorageSystem
-from .errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
-from .nbd import ExportError, NbdServer
-from .storage.volume import Volume
-from .tls import TlsFiles, subject_from_der
 
 log = logging.getLogger("splitmirror.nbd")
 

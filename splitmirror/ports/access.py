@@ -28,8 +28,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from .tls import ROLES, SYSTEM_OU, Subject, cert_subject
+from ..errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from ..tls import ROLES, SYSTEM_OU, Subject, cert_subject
 
 audit = logging.getLogger("splitmirror.audit")
 
