@@ -22,6 +22,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check splitmirror primaryd secondaryd client tests bench scripts
 	$(VENV)/bin/mypy --strict splitmirror primaryd secondaryd client
+	$(VENV)/bin/lint-imports
 
 test: install lint
 	$(VENV)/bin/pytest -q tests
