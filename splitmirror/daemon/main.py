@@ -55,9 +55,7 @@ class Daemon:
         self.links: dict[int, PeerLink] = {}
         self.manager = PairManager(self.system, self.links,
                                    Settings(link_timeout=config.link_timeout, auto_resync=config.auto_resync,
-                                            async_queue_bytes=config.async_queue_bytes,
-                                            pre_restore_hook=config.pre_restore_hook,
-                                            post_restore_hook=config.post_restore_hook))
+                                            async_queue_bytes=config.async_queue_bytes))
         # The procedures sit above the pairs layer: built here, handed to the
         # servicers, and reached by the mirror end only through its marker handler.
         self.backups = BackupManager(self.manager)

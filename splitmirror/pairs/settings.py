@@ -11,5 +11,3 @@ class Settings:
     auto_resync: bool = True
     max_batch_bytes: int = 4 << 20
     async_queue_bytes: int = 256 << 20
-    pre_restore_hook: str = ""
-    post_restore_hook: str = ""
