@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final
 
 from .backend import Export, ExportCatalog, ExportError
@@ -35,8 +35,16 @@ from .constants import (
     Info,
     Option,
     OptionReply,
-    StateFlag,
-    TransmissionFlag,
+)
+from .reply_values import (
+    ALLOCATION_ID,
+    command_name,
+    descriptors,
+    meta_context_id,
+    option_refusal,
+    preferred_block_size,
+    transmission_flags,
+    wire_errno,
 )
 
 __all__ = ["Admission", "NbdServer"]
@@ -47,18 +55,6 @@ Admission = Callable[[str, str, bytes | None, bool], str | None]
 DEFAULT_MAX_IN_FLIGHT: Final = 64
 _READ_CHUNK: Final = 1024 * 1024
 _SHUTDOWN_GRACE: Final = 5.0  # seconds in-flight commands get on shutdown
-_ALLOCATION_ID: Final = 1  # context id of base:allocation
-# Status reported for extents the backend calls unallocated: holes of a
-# sparse volume read as zeroes, so clients may skip reading them.
-_UNALLOCATED: Final = StateFlag.HOLE | StateFlag.ZERO
-_BASE_FLAGS: Final = (
-    TransmissionFlag.HAS_FLAGS
-    | TransmissionFlag.SEND_FLUSH
-    | TransmissionFlag.SEND_FUA
-    | TransmissionFlag.SEND_TRIM
-    | TransmissionFlag.SEND_WRITE_ZEROES
-    | TransmissionFlag.CAN_MULTI_CONN
-)
 
 
 class NbdServer:
@@ -149,54 +145,6 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
-
-
-def _wire_errno(errno: int) -> Errno:
-    try:
-        return Errno(errno)
-    except ValueError:
-        return Errno.EIO
-
-
-def _option_refusal(exc: ExportError) -> OptionReply:
-    if exc.errno == Errno.EPERM:
-        return OptionReply.ERR_POLICY
-    if exc.errno == Errno.ESHUTDOWN:
-        return OptionReply.ERR_SHUTDOWN
-    if exc.errno == Errno.EINVAL:
-        return OptionReply.ERR_INVALID
-    return OptionReply.ERR_UNKNOWN
-
-
-def _preferred_block_size(export: Export, max_request: int) -> int:
-    """A power of two >= 512 (as the spec wants), not above max_request."""
-    size = export.block_size
-    if size < 512 or size & (size - 1):
-        size = 4096
-    while size > max_request and size > 512:
-        size //= 2
-    return size
-
-
-def _descriptors(extents: Sequence[tuple[int, bool]], length: int, req_one: bool) -> list[tuple[int, int]]:
-    """Backend extents -> merged NBD descriptors covering at most ``length``."""
-    out: list[tuple[int, int]] = []
-    covered = 0
-    for extent_length, allocated in extents:
-        if covered >= length:
-            break
-        if extent_length <= 0:
-            continue
-        extent_length = min(extent_length, length - covered)
-        status = 0 if allocated else int(_UNALLOCATED)
-        if out and out[-1][1] == status:
-            out[-1] = (out[-1][0] + extent_length, status)
-        else:
-            out.append((extent_length, status))
-        covered += extent_length
-    if not out:
-        out.append((length, 0))  # "status unknown" is always a safe answer
-    return out[:1] if req_one else out
 
 
 class _Connection:
@@ -323,14 +271,6 @@ class _Connection:
             self.log.exception("nbd %s: opening export %r failed", self.peer, name)
             return ExportError(Errno.EIO, "internal error opening the export")
 
-    def _flags(self, export: Export) -> TransmissionFlag:
-        flags = _BASE_FLAGS
-        if self.codec.structured_replies:
-            flags |= TransmissionFlag.SEND_DF
-        if export.read_only():
-            flags |= TransmissionFlag.READ_ONLY
-        return flags
-
     def _attach(self, export: Export) -> None:
         self.export = export
         self.export_name = export.name
@@ -362,7 +302,8 @@ class _Connection:
                     self._refused_export(request.name, export)
                     return "NBD_OPT_EXPORT_NAME refused"
                 self._attach(export)
-                await self._send(codec.send_export_name_reply(export.size, self._flags(export)))
+                flags = transmission_flags(export, codec.structured_replies)
+                await self._send(codec.send_export_name_reply(export.size, flags))
             case Option.INFO | Option.GO:
                 await self._info_or_go(request)
             case Option.LIST:
@@ -413,13 +354,13 @@ class _Connection:
         export = self._open(request.name)
         if isinstance(export, ExportError):
             self._refused_export(request.name, export)
-            reply = _option_refusal(export)
+            reply = option_refusal(export)
             await self._send(codec.send_option_error(option, reply, export.message))
             return
         out = [
-            codec.send_export_info(option, export.size, self._flags(export)),
+            codec.send_export_info(option, export.size, transmission_flags(export, codec.structured_replies)),
             codec.send_block_size_info(
-                option, 1, _preferred_block_size(export, self.server.max_request), self.server.max_request
+                option, 1, preferred_block_size(export, self.server.max_request), self.server.max_request
             ),
         ]
         if Info.NAME in request.info_requests:
@@ -432,13 +373,8 @@ class _Connection:
     async def _meta_context(self, request: OptionRequest) -> None:
         codec = self.codec
         option = request.option
-        listing = option == Option.LIST_META_CONTEXT
-        wanted = {BASE_ALLOCATION} | ({"base:"} if listing else set())
-        queries = request.queries or ((BASE_ALLOCATION,) if listing else ())
-        out: list[bytes] = []
-        if any(query in wanted for query in queries):
-            context_id = 0 if listing else _ALLOCATION_ID
-            out.append(codec.send_meta_context(option, context_id, BASE_ALLOCATION))
+        context_id = meta_context_id(option, request.queries)
+        out = [] if context_id is None else [codec.send_meta_context(option, context_id, BASE_ALLOCATION)]
         out.append(codec.send_option_ack(option))
         await self._send(b"".join(out))
 
@@ -448,19 +384,15 @@ class _Connection:
     # --------------------------------------------------------------- commands
 
     def _refused(self, ctype: int, offset: int, length: int, error: int, message: str) -> None:
-        try:
-            what = Command(ctype).name
-        except ValueError:
-            what = f"command {ctype}"
         self.log.warning(
             "nbd %s: refused %s offset=%d length=%d on export %s: %s (%s)",
             self.peer,
-            what,
+            command_name(ctype),
             offset,
             length,
             self.export_name,
             message,
-            _wire_errno(error).name,
+            wire_errno(error).name,
         )
 
     async def _run_command(self, request: CommandRequest) -> None:
@@ -469,7 +401,7 @@ class _Connection:
             try:
                 reply = await self._execute(request)
             except ExportError as exc:
-                errno = _wire_errno(exc.errno)
+                errno = wire_errno(exc.errno)
                 self._refused(request.type, request.offset, request.length, errno, exc.message)
                 reply = codec.send_error(request.handle, errno, exc.message)
             except Exception:
@@ -518,8 +450,7 @@ class _Connection:
             case Command.BLOCK_STATUS:
                 extents = await export.allocation(offset, length)
                 req_one = CommandFlag.REQ_ONE in request.flags
-                descriptors = _descriptors(extents, length, req_one)
-                return codec.send_block_status(handle, _ALLOCATION_ID, descriptors)
+                return codec.send_block_status(handle, ALLOCATION_ID, descriptors(extents, length, req_one))
             case _:
                 raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
         return codec.send_ok(handle)
