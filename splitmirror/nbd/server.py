@@ -13,10 +13,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
 from typing import Final
 
-from .backend import Export, ExportCatalog, ExportError
+from .backend import Admission, Export, ExportCatalog, ExportError
 from .codec import (
     CommandRejected,
     CommandRequest,
@@ -48,9 +47,6 @@ from .reply_values import (
 )
 
 __all__ = ["Admission", "NbdServer"]
-
-#: (export name, client address, DER client certificate or None, only listing) -> why refused, or None.
-Admission = Callable[[str, str, bytes | None, bool], str | None]
 
 DEFAULT_MAX_IN_FLIGHT: Final = 64
 _READ_CHUNK: Final = 1024 * 1024
