@@ -336,7 +336,9 @@ class Connection:
         codec = self.codec
         try:
             try:
-                reply = await self._execute(request)
+                export = self.export
+                assert export is not None  # commands come only after EXPORT_NAME or GO attached one
+                reply = await _execute(export, codec, request)
             except ExportError as exc:
                 errno = wire_errno(exc.errno)
                 self._refused(request.type, request.offset, request.length, errno, exc.message)
@@ -355,39 +357,42 @@ class Connection:
         finally:
             self._slots.release()
 
-    def _check_writable(self, export: Export) -> None:
-        if export.read_only():
-            raise ExportError(Errno.EPERM, "export is read-only")
 
-    async def _execute(self, request: CommandRequest) -> bytes:
-        export = self.export
-        assert export is not None
-        codec = self.codec
-        handle, offset, length = request.handle, request.offset, request.length
-        fua = CommandFlag.FUA in request.flags
-        match request.type:
-            case Command.READ:
-                data = await export.read(offset, length)
-                if len(data) != length:
-                    raise ExportError(Errno.EIO, f"backend returned {len(data)} of {length} bytes")
-                return codec.send_read_reply(handle, offset, data)
-            case Command.WRITE:
-                self._check_writable(export)
-                await export.write(offset, request.data, fua)
-            case Command.FLUSH:
+def _check_writable(export: Export) -> None:
+    if export.read_only():
+        raise ExportError(Errno.EPERM, "export is read-only")
+
+
+async def _execute(export: Export, codec: NbdCodec, request: CommandRequest) -> bytes:
+    """Run one transmission command on ``export``; returns the encoded reply.
+
+    Raises :class:`ExportError` for what the export refuses.
+    """
+    handle, offset, length = request.handle, request.offset, request.length
+    fua = CommandFlag.FUA in request.flags
+    match request.type:
+        case Command.READ:
+            data = await export.read(offset, length)
+            if len(data) != length:
+                raise ExportError(Errno.EIO, f"backend returned {len(data)} of {length} bytes")
+            return codec.send_read_reply(handle, offset, data)
+        case Command.WRITE:
+            _check_writable(export)
+            await export.write(offset, request.data, fua)
+        case Command.FLUSH:
+            await export.flush()
+        case Command.TRIM:
+            _check_writable(export)
+            await export.trim(offset, length)
+            if fua:
                 await export.flush()
-            case Command.TRIM:
-                self._check_writable(export)
-                await export.trim(offset, length)
-                if fua:
-                    await export.flush()
-            case Command.WRITE_ZEROES:
-                self._check_writable(export)
-                await export.write_zeroes(offset, length, fua)
-            case Command.BLOCK_STATUS:
-                extents = await export.allocation(offset, length)
-                req_one = CommandFlag.REQ_ONE in request.flags
-                return codec.send_block_status(handle, ALLOCATION_ID, descriptors(extents, length, req_one))
-            case _:
-                raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
-        return codec.send_ok(handle)
+        case Command.WRITE_ZEROES:
+            _check_writable(export)
+            await export.write_zeroes(offset, length, fua)
+        case Command.BLOCK_STATUS:
+            extents = await export.allocation(offset, length)
+            req_one = CommandFlag.REQ_ONE in request.flags
+            return codec.send_block_status(handle, ALLOCATION_ID, descriptors(extents, length, req_one))
+        case _:
+            raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
+    return codec.send_ok(handle)
