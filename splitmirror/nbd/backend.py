@@ -1,13 +1,17 @@
-"""What the NBD server needs from the storage system: named exports.
+"""What the NBD server needs from the storage system: named exports, and
+who may attach them.
 
 The NBD layer knows nothing about pairs or replication.  The storage system
 hands it an :class:`ExportCatalog`; each export opened from it routes reads,
 writes and flushes through the same code path as the gRPC host API, so
-replication, pending bitmaps and fencing apply to NBD writes too.
+replication, pending bitmaps and fencing apply to NBD writes too.  An
+optional :data:`Admission` callback decides which client may open or list
+which export.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -79,3 +83,8 @@ class ExportCatalog(Protocol):
         when the export may not be attached now.
         """
         ...
+
+
+#: Asked before an export is opened or listed: (export name, client address, DER client certificate
+#: or None, only listing) -> why refused, or None.
+Admission = Callable[[str, str, bytes | None, bool], str | None]

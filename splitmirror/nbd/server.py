@@ -1,64 +1,28 @@
-"""Asyncio NBD server: sockets around :class:`~splitmirror.nbd.codec.NbdCodec`.
+"""Asyncio NBD server: the listener.
 
-One task per connection reads and decodes; every command runs as its own
-task, so many requests are in flight per connection and replies go out in
-completion order.  Writes to the socket are serialised by a lock and the
-number of commands in flight per connection is bounded.  Works on the
-default event loop and on uvloop.
+:class:`NbdServer` accepts clients, keeps track of their connections and ends
+them all on close.  Each client is driven by a
+:class:`~splitmirror.nbd.connection.Connection` around its own
+:class:`~splitmirror.nbd.codec.NbdCodec`.  Works on the default event loop and
+on uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
 from typing import Final
 
-from .backend import Export, ExportCatalog, ExportError
-from .codec import (
-    CommandRejected,
-    CommandRequest,
-    ConnectionClosed,
-    NbdCodec,
-    NeedData,
-    OptionRequest,
-    ProtocolError,
-)
-from .constants import (
-    BASE_ALLOCATION,
-    DEFAULT_MAX_REQUEST,
-    Command,
-    CommandFlag,
-    Errno,
-    Info,
-    Option,
-    OptionReply,
-    StateFlag,
-    TransmissionFlag,
-)
+from .backend import Admission, ExportCatalog
+from .codec import NbdCodec
+from .connection import READ_CHUNK, Connection
+from .constants import DEFAULT_MAX_REQUEST
 
 __all__ = ["Admission", "NbdServer"]
 
-#: (export name, client address, DER client certificate or None, only listing) -> why refused, or None.
-Admission = Callable[[str, str, bytes | None, bool], str | None]
-
 DEFAULT_MAX_IN_FLIGHT: Final = 64
-_READ_CHUNK: Final = 1024 * 1024
-_SHUTDOWN_GRACE: Final = 5.0  # seconds in-flight commands get on shutdown
-_ALLOCATION_ID: Final = 1  # context id of base:allocation
-# Status reported for extents the backend calls unallocated: holes of a
-# sparse volume read as zeroes, so clients may skip reading them.
-_UNALLOCATED: Final = StateFlag.HOLE | StateFlag.ZERO
-_BASE_FLAGS: Final = (
-    TransmissionFlag.HAS_FLAGS
-    | TransmissionFlag.SEND_FLUSH
-    | TransmissionFlag.SEND_FUA
-    | TransmissionFlag.SEND_TRIM
-    | TransmissionFlag.SEND_WRITE_ZEROES
-    | TransmissionFlag.CAN_MULTI_CONN
-)
+_SHUTDOWN_GRACE: Final = 5.0  # seconds in-flight commands get on shutdown; handed to each Connection
 
 
 class NbdServer:
@@ -99,7 +63,7 @@ class NbdServer:
         """Bind and start accepting connections."""
         if self._server is not None:
             raise RuntimeError("NbdServer already started")
-        self._server = await asyncio.start_server(self._on_client, self.host, self.port, limit=_READ_CHUNK)
+        self._server = await asyncio.start_server(self._on_client, self.host, self.port, limit=READ_CHUNK)
 
     @property
     def bound_port(self) -> int:
@@ -134,7 +98,7 @@ class NbdServer:
             return
         self._connections.add(task)
         try:
-            await _Connection(self, reader, writer).serve()
+            await Connection(self, reader, writer, shutdown_grace=_SHUTDOWN_GRACE).serve()
         except asyncio.CancelledError:
             # Cancelled by close(): end normally, else asyncio's stream protocol
             # (3.11) logs the cancellation as an error in its done-callback.
@@ -142,384 +106,3 @@ class NbdServer:
                 raise
         finally:
             self._connections.discard(task)
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
-
-
-def _wire_errno(errno: int) -> Errno:
-    try:
-        return Errno(errno)
-    except ValueError:
-        return Errno.EIO
-
-
-def _option_refusal(exc: ExportError) -> OptionReply:
-    if exc.errno == Errno.EPERM:
-        return OptionReply.ERR_POLICY
-    if exc.errno == Errno.ESHUTDOWN:
-        return OptionReply.ERR_SHUTDOWN
-    if exc.errno == Errno.EINVAL:
-        return OptionReply.ERR_INVALID
-    return OptionReply.ERR_UNKNOWN
-
-
-def _preferred_block_size(export: Export, max_request: int) -> int:
-    """A power of two >= 512 (as the spec wants), not above max_request."""
-    size = export.block_size
-    if size < 512 or size & (size - 1):
-        size = 4096
-    while size > max_request and size > 512:
-        size //= 2
-    return size
-
-
-def _descriptors(extents: Sequence[tuple[int, bool]], length: int, req_one: bool) -> list[tuple[int, int]]:
-    """Backend extents -> merged NBD descriptors covering at most ``length``."""
-    out: list[tuple[int, int]] = []
-    covered = 0
-    for extent_length, allocated in extents:
-        if covered >= length:
-            break
-        if extent_length <= 0:
-            continue
-        extent_length = min(extent_length, length - covered)
-        status = 0 if allocated else int(_UNALLOCATED)
-        if out and out[-1][1] == status:
-            out[-1] = (out[-1][0] + extent_length, status)
-        else:
-            out.append((extent_length, status))
-        covered += extent_length
-    if not out:
-        out.append((length, 0))  # "status unknown" is always a safe answer
-    return out[:1] if req_one else out
-
-
-class _Connection:
-    """One client: handshake, then a read loop spawning command tasks."""
-
-    def __init__(
-        self,
-        server: NbdServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        self.server = server
-        self.log = server.log
-        self.reader = reader
-        self.writer = writer
-        self.peer = _peer_name(writer)
-        self.codec = NbdCodec(max_request=server.max_request)
-        self.export: Export | None = None
-        self.export_name = "-"
-        self._write_lock = asyncio.Lock()
-        self._slots = asyncio.Semaphore(server.max_in_flight)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._broken = False
-        self._tls_done = False
-        self._peer_cert: bytes | None = None
-        peer = writer.get_extra_info("peername")
-        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-
-    async def serve(self) -> None:
-        self.log.info("nbd %s: connection opened", self.peer)
-        reason = "connection lost"
-        grace: float | None = None  # a departed client's commands still complete
-        try:
-            await self._send(self.codec.send_greeting())
-            reason = await self._read_loop()
-        except asyncio.CancelledError:
-            reason = "server shutting down"
-            grace = _SHUTDOWN_GRACE
-            raise
-        except Exception:
-            self.log.exception("nbd %s: internal error (export %s)", self.peer, self.export_name)
-            reason = "internal error"
-        finally:
-            try:
-                await self._finish_commands(grace)
-            finally:
-                self.writer.close()
-                with contextlib.suppress(ConnectionError, OSError):
-                    await self.writer.wait_closed()
-                self.log.info("nbd %s: connection closed (export %s): %s", self.peer, self.export_name, reason)
-
-    async def _read_loop(self) -> str:
-        """Decode and dispatch until the connection ends; returns why."""
-        codec = self.codec
-        while True:
-            event = codec.next_event()
-            if isinstance(event, NeedData):
-                codec.receive_data(await self._receive())
-            elif isinstance(event, OptionRequest):
-                end = await self._handle_option(event)
-                if end is not None:
-                    return end
-            elif isinstance(event, CommandRequest):
-                await self._slots.acquire()
-                task = asyncio.create_task(self._run_command(event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            elif isinstance(event, CommandRejected):
-                self._refused(event.type, event.offset, event.length, event.error, event.message)
-                await self._send(codec.send_error(event.handle, event.error, event.message))
-            elif isinstance(event, ProtocolError):
-                self.log.warning(
-                    "nbd %s: protocol error (export %s): %s",
-                    self.peer,
-                    self.export_name,
-                    event.message,
-                )
-                return "protocol error"
-            else:
-                assert isinstance(event, ConnectionClosed)
-                return event.reason
-
-    async def _receive(self) -> bytes:
-        if self._broken:
-            return b""
-        try:
-            return await self.reader.read(_READ_CHUNK)
-        except (ConnectionError, OSError):
-            return b""
-
-    async def _send(self, data: bytes) -> None:
-        async with self._write_lock:
-            if self._broken or self.writer.is_closing():
-                return
-            try:
-                self.writer.write(data)
-                await self.writer.drain()
-            except (ConnectionError, OSError):
-                self._broken = True
-
-    async def _finish_commands(self, grace: float | None) -> None:
-        """Let in-flight commands complete; cancel those still running after ``grace`` s."""
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-
-    # ---------------------------------------------------------------- options
-
-    def _refusal(self, name: str, listing: bool = False) -> str | None:
-        admit = self.server.admit
-        return None if admit is None else admit(name, self.address, self._peer_cert, listing)
-
-    def _open(self, name: str) -> Export | ExportError:
-        refusal = self._refusal(name)
-        if refusal is not None:
-            return ExportError(Errno.EPERM, refusal)
-        try:
-            return self.server.catalog.open_export(name)
-        except ExportError as exc:
-            return exc
-        except Exception:
-            self.log.exception("nbd %s: opening export %r failed", self.peer, name)
-            return ExportError(Errno.EIO, "internal error opening the export")
-
-    def _flags(self, export: Export) -> TransmissionFlag:
-        flags = _BASE_FLAGS
-        if self.codec.structured_replies:
-            flags |= TransmissionFlag.SEND_DF
-        if export.read_only():
-            flags |= TransmissionFlag.READ_ONLY
-        return flags
-
-    def _attach(self, export: Export) -> None:
-        self.export = export
-        self.export_name = export.name
-        self.log.debug("nbd %s: attached export %s", self.peer, export.name)
-
-    async def _handle_option(self, request: OptionRequest) -> str | None:
-        """Answer one option; returns why the connection must end, if it must."""
-        codec = self.codec
-        option = request.option
-        if request.invalid is not None:
-            self.log.warning("nbd %s: invalid option %d: %s", self.peer, option, request.invalid)
-            if option == Option.EXPORT_NAME:
-                return "invalid NBD_OPT_EXPORT_NAME"
-            await self._send(codec.send_option_error(option, OptionReply.ERR_INVALID, request.invalid))
-            return None
-        if option == Option.STARTTLS:
-            return await self._starttls()
-        if self.server.tls is not None and not self._tls_done:
-            if option == Option.EXPORT_NAME:
-                self.log.warning("nbd %s: NBD_OPT_EXPORT_NAME without TLS refused", self.peer)
-                return "TLS required"
-            if option != Option.ABORT:
-                await self._send(codec.send_option_error(option, OptionReply.ERR_TLS_REQD, "TLS is required"))
-                return None
-        match option:
-            case Option.EXPORT_NAME:
-                export = self._open(request.name)
-                if isinstance(export, ExportError):
-                    self._refused_export(request.name, export)
-                    return "NBD_OPT_EXPORT_NAME refused"
-                self._attach(export)
-                await self._send(codec.send_export_name_reply(export.size, self._flags(export)))
-            case Option.INFO | Option.GO:
-                await self._info_or_go(request)
-            case Option.LIST:
-                names = [n for n in self.server.catalog.export_names() if self._refusal(n, listing=True) is None]
-                out = [codec.send_server_entry(name) for name in names]
-                out.append(codec.send_option_ack(option))
-                await self._send(b"".join(out))
-            case Option.ABORT:
-                await self._send(codec.send_option_ack(option))
-                return "client sent NBD_OPT_ABORT"
-            case Option.STRUCTURED_REPLY:
-                await self._send(codec.send_option_ack(option))
-            case Option.LIST_META_CONTEXT | Option.SET_META_CONTEXT:
-                await self._meta_context(request)
-            case _:
-                self.log.debug("nbd %s: unsupported option %d", self.peer, option)
-                await self._send(
-                    codec.send_option_error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
-                )
-        return None
-
-    async def _starttls(self) -> str | None:
-        codec = self.codec
-        tls = self.server.tls
-        if tls is None:
-            await self._send(codec.send_option_error(Option.STARTTLS, OptionReply.ERR_UNSUP, "TLS is not configured"))
-            return None
-        if self._tls_done:
-            await self._send(codec.send_option_error(Option.STARTTLS, OptionReply.ERR_INVALID, "TLS already on"))
-            return None
-        await self._send(codec.send_option_ack(Option.STARTTLS))
-        try:
-            async with self._write_lock:
-                await self.writer.start_tls(tls)
-        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
-            self.log.warning("nbd %s: TLS handshake failed: %s", self.peer, exc)
-            self._broken = True
-            return "TLS handshake failed"
-        self._tls_done = True
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        self._peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        self.log.debug("nbd %s: TLS on", self.peer)
-        return None
-
-    async def _info_or_go(self, request: OptionRequest) -> None:
-        codec = self.codec
-        option = request.option
-        export = self._open(request.name)
-        if isinstance(export, ExportError):
-            self._refused_export(request.name, export)
-            reply = _option_refusal(export)
-            await self._send(codec.send_option_error(option, reply, export.message))
-            return
-        out = [
-            codec.send_export_info(option, export.size, self._flags(export)),
-            codec.send_block_size_info(
-                option, 1, _preferred_block_size(export, self.server.max_request), self.server.max_request
-            ),
-        ]
-        if Info.NAME in request.info_requests:
-            out.append(codec.send_text_info(option, Info.NAME, export.name))
-        out.append(codec.send_option_ack(option))
-        if option == Option.GO:
-            self._attach(export)
-        await self._send(b"".join(out))
-
-    async def _meta_context(self, request: OptionRequest) -> None:
-        codec = self.codec
-        option = request.option
-        listing = option == Option.LIST_META_CONTEXT
-        wanted = {BASE_ALLOCATION} | ({"base:"} if listing else set())
-        queries = request.queries or ((BASE_ALLOCATION,) if listing else ())
-        out: list[bytes] = []
-        if any(query in wanted for query in queries):
-            context_id = 0 if listing else _ALLOCATION_ID
-            out.append(codec.send_meta_context(option, context_id, BASE_ALLOCATION))
-        out.append(codec.send_option_ack(option))
-        await self._send(b"".join(out))
-
-    def _refused_export(self, name: str, exc: ExportError) -> None:
-        self.log.warning("nbd %s: refused export %r: %s (errno %d)", self.peer, name, exc.message, exc.errno)
-
-    # --------------------------------------------------------------- commands
-
-    def _refused(self, ctype: int, offset: int, length: int, error: int, message: str) -> None:
-        try:
-            what = Command(ctype).name
-        except ValueError:
-            what = f"command {ctype}"
-        self.log.warning(
-            "nbd %s: refused %s offset=%d length=%d on export %s: %s (%s)",
-            self.peer,
-            what,
-            offset,
-            length,
-            self.export_name,
-            message,
-            _wire_errno(error).name,
-        )
-
-    async def _run_command(self, request: CommandRequest) -> None:
-        codec = self.codec
-        try:
-            try:
-                reply = await self._execute(request)
-            except ExportError as exc:
-                errno = _wire_errno(exc.errno)
-                self._refused(request.type, request.offset, request.length, errno, exc.message)
-                reply = codec.send_error(request.handle, errno, exc.message)
-            except Exception:
-                self.log.exception(
-                    "nbd %s: %s offset=%d length=%d on export %s failed",
-                    self.peer,
-                    request.type.name,
-                    request.offset,
-                    request.length,
-                    self.export_name,
-                )
-                reply = codec.send_error(request.handle, Errno.EIO, "internal server error")
-            await self._send(reply)
-        finally:
-            self._slots.release()
-
-    def _check_writable(self, export: Export) -> None:
-        if export.read_only():
-            raise ExportError(Errno.EPERM, "export is read-only")
-
-    async def _execute(self, request: CommandRequest) -> bytes:
-        export = self.export
-        assert export is not None
-        codec = self.codec
-        handle, offset, length = request.handle, request.offset, request.length
-        fua = CommandFlag.FUA in request.flags
-        match request.type:
-            case Command.READ:
-                data = await export.read(offset, length)
-                if len(data) != length:
-                    raise ExportError(Errno.EIO, f"backend returned {len(data)} of {length} bytes")
-                return codec.send_read_reply(handle, offset, data)
-            case Command.WRITE:
-                self._check_writable(export)
-                await export.write(offset, request.data, fua)
-            case Command.FLUSH:
-                await export.flush()
-            case Command.TRIM:
-                self._check_writable(export)
-                await export.trim(offset, length)
-                if fua:
-                    await export.flush()
-            case Command.WRITE_ZEROES:
-                self._check_writable(export)
-                await export.write_zeroes(offset, length, fua)
-            case Command.BLOCK_STATUS:
-                extents = await export.allocation(offset, length)
-                req_one = CommandFlag.REQ_ONE in request.flags
-                descriptors = _descriptors(extents, length, req_one)
-                return codec.send_block_status(handle, _ALLOCATION_ID, descriptors)
-            case _:
-                raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
-        return codec.send_ok(handle)
