@@ -20,7 +20,9 @@ import grpc.aio
 import pytest
 
 from client import Client, ClientError
-from client.cli import build_parser, error_message, main, parse_args, resolve_sizes
+from client.cli import main
+from client.cli.entry import error_message
+from client.cli.parser import build_parser, parse_args, resolve_sizes
 from client.render import PAIR_KEYS, pair_row_json, progress_json, volume_json
 from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2, host_pb2_grpc

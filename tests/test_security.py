@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from client import Client
-from client.agent import _nbdfuse_argv, mounted_filesystem
+from client.agent import mounted_filesystem
+from client.agent.attach import _nbdfuse_argv
 from splitmirror import tls
 from splitmirror.replication.link import SYSTEM_ID_KEY
 from splitmirror.testing import Site, free_port, wait_status

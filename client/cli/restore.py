@@ -1,4 +1,4 @@
-"""``splitmirror restore files|volume``: the restore agent on host B.
+"""``splitmirror restore files|volume|abort``: the restore agent on host B.
 
 Talks to the secondary's daemon.  For files it first checks every path
 against the backup (the SVOL mounted read-only, nothing fenced yet), then
@@ -29,10 +29,29 @@ from splitmirror.errors import FailedPrecondition, SplitmirrorError
 from splitmirror.sizes import format_size
 from splitmirror.v1 import host_pb2
 
-from .agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
-from .library import Client
+from ..agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
+from ..library import Client
+from .output import Output
+
+__all__ = ["render_report", "restore", "restore_files", "restore_volume"]
 
 T = TypeVar("T")
+
+
+async def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if args.action == "abort":
+        report = await client.abort_restore(args.name)
+        result: dict[str, object] = {"pair": report.pair, "aborted": True, "warning": report.warning or None}
+        lines = [f"restore of {args.name} aborted; the PVOL is unfenced and unchanged"]
+    else:
+        handler = restore_files if args.action == "files" else restore_volume
+        result = await handler(client, args, out.as_json)
+        lines = render_report(result)
+    if out.as_json:
+        out.json(result)
+    else:
+        for line in lines:
+            out.text(line)
 
 
 class Reporter:

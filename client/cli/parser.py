@@ -1,0 +1,204 @@
+"""The argparse tree of ``splitmirror`` and the checks made before any connection."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from splitmirror.errors import SplitmirrorError
+from splitmirror.sizes import parse_size
+
+__all__ = [
+    "ENV_IDENTITY", "ENV_SERVER", "ENV_TLS_DIR", "ENV_TOKEN", "PROG", "SIZE_OPTIONS",
+    "build_parser", "parse_args", "resolve_sizes",
+]
+
+PROG = "splitmirror"
+ENV_SERVER = "SPLITMIRROR_SERVER"
+ENV_TLS_DIR = "SPLITMIRROR_TLS_DIR"
+ENV_IDENTITY = "SPLITMIRROR_IDENTITY"
+ENV_TOKEN = "SPLITMIRROR_TOKEN"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors of every sub-command end in ``splitmirror: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Manage splitmirror volumes and pairs through a storage system's host API.",
+    )
+    parser.add_argument(
+        "--server", metavar="HOST:PORT", default=os.environ.get(ENV_SERVER) or None,
+        help=f"host API address of primaryd/secondaryd (default: ${ENV_SERVER})",
+    )
+    parser.add_argument(
+        "--tls-dir", metavar="DIR", default=os.environ.get(ENV_TLS_DIR) or None,
+        help=f"mutual TLS with the certificates of 'certs init' (default: ${ENV_TLS_DIR})",
+    )
+    parser.add_argument(
+        "--identity", metavar="NAME", default=os.environ.get(ENV_IDENTITY) or "admin",
+        help=f"with --tls-dir: use client-NAME.pem/.key (default: ${ENV_IDENTITY} or admin)",
+    )
+    parser.add_argument(
+        "--token-file", metavar="FILE",
+        help=f"send the bearer token read from FILE (default: ${ENV_TOKEN}, if set)",
+    )
+    parser.add_argument("--json", action="store_true", default=False, help="machine-readable output")
+    # Also accept --json after the command ("splitmirror pair display --json").
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    volume = commands.add_parser("volume", help="create, list, show and delete volumes")
+    vol_cmds = volume.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = vol_cmds.add_parser("create", parents=[common], help="create a volume")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", required=True, help="volume size, e.g. 16G")
+    p.add_argument("--track-size", default="0", help="change-tracking unit, power of two >= 4K (default 8K)")
+    vol_cmds.add_parser("list", parents=[common], help="list volumes")
+    p = vol_cmds.add_parser("show", parents=[common], help="show one volume")
+    p.add_argument("name", metavar="NAME")
+    p = vol_cmds.add_parser("delete", parents=[common], help="delete a volume (not while it is in a pair)")
+    p.add_argument("name", metavar="NAME")
+
+    p = commands.add_parser("write", parents=[common], help="write a file into a volume")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--offset", default="0", help="byte offset in the volume (sizes like 1M accepted)")
+    p.add_argument("--file", required=True, metavar="PATH", help="data to write ('-' for stdin)")
+    p.add_argument("--fua", action="store_true", help="force unit access: durable when acknowledged")
+
+    p = commands.add_parser("read", parents=[common], help="read a byte range of a volume")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--offset", default="0", help="byte offset in the volume (sizes like 1M accepted)")
+    p.add_argument("--length", required=True, help="number of bytes (sizes like 1M accepted)")
+    p.add_argument("--out", metavar="PATH", help="output file (default: stdout)")
+
+    p = commands.add_parser("flush", parents=[common], help="make acknowledged writes durable")
+    p.add_argument("name", metavar="NAME")
+
+    p = commands.add_parser("checksum", parents=[common], help="checksum a volume or a byte range")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--offset", default="0", help="byte offset (default 0)")
+    p.add_argument("--length", default="0", help="number of bytes (default: to the end)")
+
+    pair = commands.add_parser("pair", help="create, display, split, resync and delete pairs")
+    pair_cmds = pair.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = pair_cmds.add_parser("create", parents=[common], help="create a pair and start the initial copy")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--pvol", required=True, metavar="VOLUME", help="primary volume")
+    p.add_argument("--svol", required=True, metavar="VOLUME", help="secondary volume")
+    p.add_argument("--peer", type=_system_id, default=0, metavar="SYSTEM_ID",
+                   help="system id of the remote storage system (omit for a local pair)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--group", default="", help="consistency group")
+    _add_wait(p)
+    p = pair_cmds.add_parser("display", parents=[common], help="show the copy management table")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p = pair_cmds.add_parser("split", parents=[common], help="split a pair (writes are tracked)")
+    p.add_argument("name", metavar="NAME")
+    p = pair_cmds.add_parser("resync", parents=[common], help="resync a split or suspended pair by bitmap")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--reverse", action="store_true", help="copy from the secondary end to the primary end")
+    p.add_argument("--force", action="store_true", help="resync even where the server would refuse")
+    _add_wait(p)
+    p = pair_cmds.add_parser("delete", parents=[common], help="delete a pair")
+    p.add_argument("name", metavar="NAME")
+    p = pair_cmds.add_parser("set-mode", parents=[common], help="switch a live pair between sync and async")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("mode", choices=("sync", "async"))
+
+    p = commands.add_parser("backup", parents=[common],
+                            help="point-in-time backup of a remote pair into a generation at the secondary")
+    p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="", help="back up every remote pair of this consistency group at one point")
+    p.add_argument("--generation", default="", metavar="LOCAL_PAIR",
+                   help="generation to use (default: the one whose backup is oldest)")
+    p.add_argument("--wait", action="store_true",
+                   help="return once the generation is split (default: once the backup point is fixed)")
+    p = commands.add_parser("backups", parents=[common], help="list the backup generations of a remote pair")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+
+    restore = commands.add_parser("restore", help="restore files or a whole volume from a backup generation "
+                                                  "(issued at the secondary, on host B)")
+    restore_cmds = restore.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = restore_cmds.add_parser("files", parents=[common], help="copy files back from a generation")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+    p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="absolute paths inside the filesystem ('/' = all)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = restore_cmds.add_parser("volume", parents=[common], help="bring the whole PVOL back to a generation")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+    p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = restore_cmds.add_parser("abort", parents=[common],
+                                help="undo an interrupted restore: resync the mirror back and unfence")
+    p.add_argument("name", metavar="REMOTE_PAIR")
+
+    p = commands.add_parser("verify", parents=[common],
+                            help="compare per-track digests of both ends of a pair (no data is sent)")
+    p.add_argument("name", metavar="PAIR")
+    p.add_argument("--repair", action="store_true", help="mark mismatching tracks pending and resync them")
+
+    commands.add_parser("stats", parents=[common], help="replication and interconnect counters")
+
+    certs = commands.add_parser("certs", help="make the certificates for mutual TLS (no server needed)")
+    certs_cmds = certs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = certs_cmds.add_parser("init", parents=[common], help="create a CA and certificates in DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--systems", required=True, metavar="ID[,ID...]", help="system ids, one daemon certificate each")
+    p.add_argument("--clients", default="admin,host,viewer", metavar="NAME[:ROLE][,...]",
+                   help="client certificates (role admin, host or viewer; default admin,host,viewer)")
+    p.add_argument("--hosts", default="", metavar="NAME[,NAME...]",
+                   help="extra DNS names or addresses for the daemon certificates")
+    return parser
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="block until the pair is DUPLEX, showing progress")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --wait: give up after this many seconds")
+
+
+def _system_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid system id {text!r}: expected a non-negative integer")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; usage errors exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.server and args.command != "certs":
+        parser.error(f"no server: pass --server HOST:PORT or set {ENV_SERVER}")
+    return args
+
+
+#: Options that take a size string, checked before any connection is made.
+SIZE_OPTIONS = ("size", "track_size", "offset", "length")
+
+
+def resolve_sizes(args: argparse.Namespace) -> None:
+    """Replace every size option of ``args`` by its value in bytes."""
+    for attr in SIZE_OPTIONS:
+        text = getattr(args, attr, None)
+        if isinstance(text, str):
+            try:
+                setattr(args, attr, parse_size(text))
+            except SplitmirrorError as err:
+                flag = "--" + attr.replace("_", "-")
+                raise SplitmirrorError(f"{flag}: {err.message}") from None

@@ -1,0 +1,41 @@
+"""Backup and restore calls: take a backup, list the generations, restore files or a volume."""
+
+from __future__ import annotations
+
+from splitmirror.v1 import host_pb2
+
+from .connection import Connection
+
+__all__ = ["BackupRestoreCalls"]
+
+
+class BackupRestoreCalls(Connection):
+    """Backups (issued at the primary) and restores (issued at the secondary)."""
+
+    async def backup(self, pair: str = "", *, group: str = "", generation: str = "",
+                     wait: bool = True) -> host_pb2.BackupReply:
+        req = host_pb2.BackupRequest(pair=pair, group=group, generation=generation, wait=wait)
+        reply: host_pb2.BackupReply = await self._call(lambda s: s.Backup, req)
+        return reply
+
+    async def list_backups(self, pair: str) -> list[host_pb2.Generation]:
+        reply = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
+        return list(reply.generations)
+
+    async def begin_restore(self, pair: str, generation: str) -> host_pb2.RestoreSession:
+        reply: host_pb2.RestoreSession = await self._call(
+            lambda s: s.BeginRestore, host_pb2.RestoreRequest(pair=pair, generation=generation))
+        return reply
+
+    async def finish_restore(self, pair: str) -> host_pb2.RestoreReport:
+        reply: host_pb2.RestoreReport = await self._call(lambda s: s.FinishRestore, host_pb2.PairRef(name=pair))
+        return reply
+
+    async def abort_restore(self, pair: str) -> host_pb2.RestoreReport:
+        reply: host_pb2.RestoreReport = await self._call(lambda s: s.AbortRestore, host_pb2.PairRef(name=pair))
+        return reply
+
+    async def restore_volume(self, pair: str, generation: str) -> host_pb2.RestoreReport:
+        reply: host_pb2.RestoreReport = await self._call(
+            lambda s: s.RestoreVolume, host_pb2.RestoreRequest(pair=pair, generation=generation))
+        return reply
