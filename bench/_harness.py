@@ -551,7 +551,8 @@ def profiled(out_dir: Path, tag: str, pids: dict[str, int], rate: int, native: b
     return result, use, costs
 
 
-def print_stage_table(title: str, costs: dict[str, dict[str, float]], requests: dict[str, int]) -> None:
+def print_stage_table(title: str, costs: dict[str, dict[str, float]], requests: dict[str, int],
+                      unit: str = "request") -> None:
     """µs of CPU per request per stage; ``costs`` is column -> stage -> CPU seconds."""
     columns = list(costs)
     print(title)
@@ -561,7 +562,7 @@ def print_stage_table(title: str, costs: dict[str, dict[str, float]], requests: 
         if any(v >= 0.05 for v in values):
             print(f"{stage:<36}" + "".join(f"{v:>14.1f}" for v in values))
     totals = [sum(costs[c].values()) / max(1, requests[c]) * 1e6 for c in columns]
-    print(f"{'total (us CPU / request)':<36}" + "".join(f"{v:>14.1f}" for v in totals))
+    print(f"{f'total (us CPU / {unit})':<36}" + "".join(f"{v:>14.1f}" for v in totals))
 
 
 def merge_costs(parts: Iterable[dict[str, float]]) -> dict[str, float]:
@@ -591,4 +592,4 @@ def print_profiles(costs: dict[str, dict[str, dict[str, float]]], requests: dict
     daemons = sorted({d for by_daemon in costs.values() for d in by_daemon})
     for daemon in daemons:
         print_stage_table(f"{daemon}: CPU us per {unit}, by stage (py-spy)",
-                          {col: by_daemon.get(daemon, {}) for col, by_daemon in costs.items()}, requests)
+                          {col: by_daemon.get(daemon, {}) for col, by_daemon in costs.items()}, requests, unit)
