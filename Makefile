@@ -47,6 +47,9 @@ bench: install
 	$(PY) bench/restore.py
 	$(PY) bench/async.py
 	$(PY) bench/resync.py
+	$(PY) bench/qemu_bench.py
+	$(PY) bench/flush_latency.py
+	$(PY) bench/pgbench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
