@@ -30,13 +30,15 @@ class Site:
 
     def __init__(self, role: str, system_id: int, base: Path, link_timeout: float = 2.0,
                  auto_resync: bool = True, nbd: bool = False, async_queue: str = "",
-                 tls_dir: Path | None = None, identity: str = "admin") -> None:
+                 tls_dir: Path | None = None, identity: str = "admin", metrics: bool = False) -> None:
         self.role = role
         self.system_id = system_id
         self.data_dir = base / f"{role}-{system_id}"
         self.listen_port = free_port()
         self.peer_port = free_port()
         self.nbd_port = free_port() if nbd else 0
+        #: Prometheus metrics at http(s)://127.0.0.1:PORT/metrics (0: off).
+        self.metrics_port = free_port() if metrics else 0
         self.link_timeout = link_timeout
         self.auto_resync = auto_resync
         self.async_queue = async_queue
@@ -77,6 +79,8 @@ class Site:
         argv += self.extra_args
         if self.nbd_port:
             argv += ["--nbd", f"127.0.0.1:{self.nbd_port}"]
+        if self.metrics_port:
+            argv += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
         return argv
 
     def start(self, timeout: float = 10.0) -> float:

@@ -48,6 +48,8 @@ class DaemonConfig:
     nbd_allow: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: Host identity -> volume name patterns it may do I/O on (absent: any).
     host_volumes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: HOST:PORT of the Prometheus metrics (HTTP; HTTPS with --tls-dir); "" serves none.
+    metrics: str = ""
 
 
 def parse_nbd_address(value: str) -> str:
@@ -55,6 +57,13 @@ def parse_nbd_address(value: str) -> str:
     if value.isdecimal():
         value = f"127.0.0.1:{value}"
     return parse_address("nbd", value)
+
+
+def parse_metrics_address(value: str) -> str:
+    """``PORT`` alone means loopback: metrics are not exposed unless asked."""
+    if value.isdecimal():
+        value = f"127.0.0.1:{value}"
+    return parse_address("metrics", value)
 
 
 def _named_list(setting: str, value: str, item: str) -> tuple[str, list[str]]:
@@ -111,6 +120,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--peer", action="append", default=[], metavar="ID=HOST:PORT",
                         help="a peer system's interconnect address (repeatable)")
     parser.add_argument("--nbd", help="HOST:PORT of the NBD server (one export per volume)")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (PORT alone: loopback; "
+                             "HTTPS with a viewer client certificate when --tls-dir is given)")
     parser.add_argument("--link-timeout", type=float, help="seconds before a silent peer counts as lost")
     parser.add_argument("--auto-resync", choices=["on", "off"], help="resync suspended pairs when the peer returns")
     parser.add_argument("--async-queue", metavar="SIZE",
@@ -190,6 +202,7 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     if timeout <= 0:
         raise InvalidArgument(f"setting 'link_timeout': must be positive, got {timeout}")
     nbd = pick("nbd", args.nbd, str, "")
+    metrics = pick("metrics", args.metrics, str, "")
     queue = pick("async_queue", args.async_queue, str, "256M")
     queue_bytes = parse_size(queue)
     if queue_bytes <= 0:
@@ -235,4 +248,5 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         max_concurrent_rpcs=concurrent,
         nbd_allow=nbd_allow,
         host_volumes=host_volumes,
+        metrics=parse_metrics_address(metrics) if metrics else "",
     )

@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ..datapath.system import StorageSystem
 from ..errors import SplitmirrorError
+from ..observe.events import EventLog
+from ..observe.iometer import IoMeter
 from ..pairs.manager import PairManager
 from ..pairs.settings import Settings
 from ..ports.access import AccessPolicy, load_tokens
@@ -62,6 +64,11 @@ class Daemon:
         self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
                                        config.post_restore_hook)
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
+        self.events = EventLog(self.system.table)
+        self.system.events = self.events
+        #: Host I/O is measured only when metrics are served.
+        self.meter = IoMeter() if config.metrics else None
+        self.metrics: object | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         options = server_options(config.max_message_bytes)
         self.tls = TlsFiles.load(Path(config.tls_dir), str(config.system_id)) if config.tls_dir else None
@@ -81,6 +88,8 @@ class Daemon:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         await self.system.open()
+        await self.events.open()
+        await self.backups.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -90,7 +99,8 @@ class Daemon:
         await self.manager.start()
 
         host_pb2_grpc.add_HostApiServicer_to_server(
-            HostApiServicer(self.manager, self.backups, self.restores, self.policy), self.host_server)
+            HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter),
+            self.host_server)
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
             InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
             self.peer_server)
@@ -117,6 +127,8 @@ class Daemon:
         nbd_text = ""
         if cfg.nbd:
             nbd_text = await self._start_nbd()
+        if cfg.metrics:
+            nbd_text += await self._start_metrics()
         for link in self.links.values():
             link.start()
         log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s, %s", cfg.role,
@@ -128,10 +140,30 @@ class Daemon:
         from ..ports.nbdexport import start_nbd
 
         server, port = await start_nbd(self.system, self.config.nbd, tls=self.tls,
-                                       allow=self.config.nbd_allow, policy=self.policy)
+                                       allow=self.config.nbd_allow, policy=self.policy, meter=self.meter)
         self.nbd = server
         self.system.nbd_port = port
         return f", NBD port {port}"
+
+    async def _start_metrics(self) -> str:
+        from prometheus_client import GCCollector, ProcessCollector
+        from prometheus_client.registry import CollectorRegistry
+
+        from ..observe.metrics import SystemCollector
+        from ..ports.metrics_http import MetricsServer
+
+        registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        nbd = self.nbd
+        registry.register(SystemCollector(self.system, self.links, self.events, self.backups, self.meter,
+                                          nbd.export_connections if nbd is not None else None))  # type: ignore[attr-defined]
+        tls = self.tls.server_ssl_context() if self.tls is not None else None
+        server = MetricsServer(registry, self.config.metrics, tls, self.policy.scrape_refusal if tls else None)
+        port = await server.start()
+        self.metrics = server
+        self.system.metrics_port = port
+        return f", metrics port {port}{' (HTTPS)' if tls else ''}"
 
     async def _set_health(self, service: str, status: int) -> None:
         result = self.health.set(service, status)
@@ -142,6 +174,9 @@ class Daemon:
         log.info("%sd system %d stopping", self.config.role, self.config.system_id)
         for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.events.close_followers()
+        if self.metrics is not None:
+            await self.metrics.close()  # type: ignore[attr-defined]
         if self.nbd is not None:
             await self.nbd.close()  # type: ignore[attr-defined]
         await self.host_server.stop(grace=5)
@@ -149,6 +184,7 @@ class Daemon:
         await self.peer_server.stop(grace=2)
         for link in self.links.values():
             await link.close()
+        await self.events.flush()
         await self.system.close()
         log.info("%sd system %d stopped cleanly", self.config.role, self.config.system_id)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..clock import utc_now
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..eventsink import FENCE, UNFENCE, DiscardEvents, Event, EventSink
 from ..names import check_name
 from ..pairstate.pair import Pair, PairEnd
 from ..status import MIRRORING, PairStatus
@@ -46,8 +47,11 @@ class StorageSystem(WritePath):
         self.bytes_received = 0
         self.clean_start = True
         self.nbd_port = 0
+        self.metrics_port = 0
         self.async_queue_bytes = 256 << 20
         self.on_overflow = None
+        #: Where status changes, copies, fences... are reported (the daemon's event log).
+        self.events: EventSink = DiscardEvents()
 
     # -- lifecycle ----------------------------------------------------------
     async def open(self) -> None:
@@ -177,12 +181,14 @@ class StorageSystem(WritePath):
         self.fences[name] = reason
         await self.table.set_meta(f"fence:{name}", reason)
         await self.table.sync()
+        self.events.emit(Event(FENCE, volume=name, reason=reason))
         log.warning("volume %s fenced: %s", name, reason)
 
     async def unfence(self, name: str) -> None:
         if self.fences.pop(name, None) is not None:
             await self.table.delete_meta(f"fence:{name}")
             await self.table.sync()
+            self.events.emit(Event(UNFENCE, volume=name))
             log.info("volume %s unfenced", name)
 
     # -- copy table -----------------------------------------------------------

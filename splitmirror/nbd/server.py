@@ -10,6 +10,7 @@ on uvloop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 from typing import Final
@@ -57,6 +58,7 @@ class NbdServer:
         self.log = logger or logging.getLogger("splitmirror.nbd")
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], Connection] = {}
         self._closing = False
 
     async def start(self) -> None:
@@ -97,8 +99,9 @@ class NbdServer:
             writer.close()
             return
         self._connections.add(task)
+        connection = self._clients[task] = Connection(self, reader, writer, shutdown_grace=_SHUTDOWN_GRACE)
         try:
-            await Connection(self, reader, writer, shutdown_grace=_SHUTDOWN_GRACE).serve()
+            await connection.serve()
         except asyncio.CancelledError:
             # Cancelled by close(): end normally, else asyncio's stream protocol
             # (3.11) logs the cancellation as an error in its done-callback.
@@ -106,3 +109,8 @@ class NbdServer:
                 raise
         finally:
             self._connections.discard(task)
+            self._clients.pop(task, None)
+
+    def export_connections(self) -> dict[str, int]:
+        """Connections attached to each export now."""
+        return dict(collections.Counter(c.export_name for c in self._clients.values() if c.export is not None))

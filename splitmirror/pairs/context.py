@@ -48,7 +48,7 @@ class PairContext:
     # -- status -------------------------------------------------------------------
     def set_status(self, pair: Pair, op: PairOp, reason: str = "") -> bool:
         """Apply a transition to every end held here (in memory, no await)."""
-        return apply_transition(pair, op, reason)
+        return apply_transition(pair, op, reason, self.system.events)
 
     # -- lookups ------------------------------------------------------------------
     def pair(self, name: str) -> Pair:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from ..datapath.copyengine import CopyFailed, copy_forward, copy_reverse, read_tracks
 from ..errors import SplitmirrorError
+from ..eventsink import RESYNC_FINISH, RESYNC_PROGRESS, RESYNC_START, Event
 from ..pairstate.pair import Pair
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -26,6 +28,7 @@ from .peer import command
 log = logging.getLogger("splitmirror.pairs")
 
 CHECKPOINT_SECONDS = 1.0  # how often a running copy saves its pending bitmap
+PROGRESS_EVENT_SECONDS = 10.0  # how often a running copy reports its progress as an event
 
 
 class Copier:
@@ -41,26 +44,36 @@ class Copier:
     async def _copy(self, pair: Pair) -> None:
         assert pair.primary is not None
         reverse = pair.row.direction == "reverse"
+        end = pair.primary
+        tracks = len(end.bitmap) + (len(pair.mirror.bitmap) if pair.mirror is not None and not pair.remote else 0)
+        direction = pair.row.direction
+        self._report(pair, RESYNC_START, direction, tracks=tracks, bytes=tracks * end.volume.track_size)
+        outcome = "stopped"  # cancelled: the daemon stops or the pair is deleted
         checkpoints = asyncio.create_task(self._checkpoint_copy(pair), name=f"checkpoint-{pair.name}")
         try:
             if reverse:
                 await copy_reverse(self.system, pair, lambda tracks: self._track_source(pair, tracks))
             else:
                 await copy_forward(self.system, pair)
+            outcome = "interrupted"
             if pair.status is not PairStatus.COPY:
                 return
             if pair.remote:
                 await command(pair, ic.PAIR_OP_RESYNC_DONE)
+            outcome = "done"
+            self._finished(pair, direction, outcome)  # before the status it leads to
             self.context.set_status(pair, PairOp.COPY_DONE)
             for end in pair.ends:
                 end.row.direction = "forward"
             await self.system.save_rows(pair)
             await self.system.save_bitmaps(pair)
         except CopyFailed as exc:
+            outcome = "interrupted"
             log.warning("%s; %d tracks still pending", exc, len(pair.primary.bitmap))
             await self.system.save_bitmaps(pair)
         except (grpc.aio.AioRpcError, SplitmirrorError) as exc:
             reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
+            outcome = "interrupted"
             log.warning("pair %s: copy interrupted: %s", pair.name, reason)
             if pair.status is PairStatus.COPY:
                 self.context.set_status(pair, PairOp.FAULT, "copy-interrupted")
@@ -70,6 +83,7 @@ class Copier:
             await asyncio.shield(self.system.save_bitmaps(pair))
             raise
         except Exception:
+            outcome = "failed"
             log.exception("pair %s: copy failed", pair.name)
             if pair.status is PairStatus.COPY:
                 self.context.set_status(pair, PairOp.FAULT, "copy-error")
@@ -77,7 +91,20 @@ class Copier:
             await self.system.save_bitmaps(pair)
         finally:
             checkpoints.cancel()
+            if outcome != "done":
+                self._finished(pair, direction, outcome)
             pair.progress = None if pair.status is not PairStatus.COPY else pair.progress
+
+    def _finished(self, pair: Pair, direction: str, outcome: str) -> None:
+        progress = pair.progress
+        self._report(pair, RESYNC_FINISH, direction, reason=outcome, tracks=progress.done_tracks if progress else 0,
+                     bytes=progress.bytes_moved if progress else 0, progress=progress.percent if progress else 0.0)
+
+    def _report(self, pair: Pair, kind: str, direction: str, *, reason: str = "", tracks: int = 0, bytes: int = 0,
+                progress: float = 0.0) -> None:
+        self.system.events.emit(Event(kind, pair=pair.name, volume=pair.primary.volume.name if pair.primary else "",
+                                      peer=pair.peer_id if pair.remote else 0, op=direction, reason=reason,
+                                      tracks=tracks, bytes=bytes, progress=progress))
 
     async def _checkpoint_copy(self, pair: Pair) -> None:
         """Save the shrinking bitmap while a copy runs, so that a copy cut
@@ -85,12 +112,17 @@ class Copier:
         Bits are cleared only for acknowledged tracks, so what is saved
         always covers what is still to copy."""
         saved = -1
+        reported = time.monotonic()
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
             progress = pair.progress
             if progress is not None and progress.done_tracks != saved:
                 saved = progress.done_tracks
                 await self.system.save_bitmaps(pair)
+                if time.monotonic() - reported >= PROGRESS_EVENT_SECONDS:
+                    reported = time.monotonic()
+                    self._report(pair, RESYNC_PROGRESS, pair.row.direction, tracks=progress.done_tracks,
+                                 bytes=progress.bytes_moved, progress=progress.percent)
 
     def _track_source(self, pair: Pair, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         if not pair.remote:

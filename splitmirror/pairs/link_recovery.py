@@ -17,6 +17,7 @@ import time
 
 from ..datapath.writes import mark
 from ..errors import FailedPrecondition, SplitmirrorError
+from ..eventsink import LINK_DOWN, LINK_UP, Event, caused_by
 from ..pairstate.channel import RemoteChannel
 from ..pairstate.pair import Pair
 from ..replication.link import PeerLink
@@ -52,16 +53,20 @@ class LinkRecovery:
             await self.system.table.add_runs(pair.name, end.volume.name, runs)
         if changed:
             if pair.link is not None:
+                if pair.link.up:
+                    self.system.events.emit(Event(LINK_DOWN, peer=pair.peer_id, reason=reason))
                 pair.link.suspect(reason)
             await self.system.save_rows(pair)
 
     async def auto_resync_local(self, pair: Pair) -> None:
         try:
-            await self.resync(pair.name, reverse=False)
+            with caused_by("auto-resync"):
+                await self.resync(pair.name, reverse=False)
         except SplitmirrorError as exc:
             log.warning("pair %s: automatic resync failed: %s", pair.name, exc.message)
 
     async def on_peer_down(self, link: PeerLink) -> None:
+        self.system.events.emit(Event(LINK_DOWN, peer=link.peer_id, reason=link.reason or "peer-down"))
         for pair in list(self.system.pairs.values()):
             if not pair.remote or pair.peer_id != link.peer_id or pair.status not in MIRRORING:
                 continue
@@ -84,11 +89,12 @@ class LinkRecovery:
                 await command(pair, ic.PAIR_OP_SUSPEND, reason="queue-full")
         if self.settings.auto_resync and pair.status is PairStatus.SUSPENDED:
             await asyncio.sleep(0.2)
-            with contextlib.suppress(SplitmirrorError):
+            with contextlib.suppress(SplitmirrorError), caused_by("auto-resync"):
                 await self.resync(pair.name, reverse=False)
 
     # -- recovery ---------------------------------------------------------------------------
     async def on_peer_up(self, link: PeerLink) -> None:
+        self.system.events.emit(Event(LINK_UP, peer=link.peer_id))
         for pair in self.context.pairs_with(link.peer_id):
             if pair.primary is not None and not pair.reconciling:
                 pair.reconciling = True
@@ -145,6 +151,7 @@ class LinkRecovery:
         if pair.status is PairStatus.SUSPENDED and (quiet or self.settings.auto_resync):
             log.info("pair %s: peer %d back, resyncing automatically", pair.name, pair.peer_id)
             try:
-                await self.resync(pair.name, reverse=False)
+                with caused_by("auto-resync"):
+                    await self.resync(pair.name, reverse=False)
             except FailedPrecondition as exc:
                 log.warning("%s; not resyncing automatically", exc.message)

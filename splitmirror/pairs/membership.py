@@ -11,8 +11,9 @@ import logging
 
 from ..datapath.system import StorageSystem
 from ..errors import FailedPrecondition
+from ..eventsink import STATUS, Event, current_cause
 from ..pairstate.pair import Pair
-from ..status import PairStatus
+from ..status import PairOp, PairStatus
 from ..storage.bitmap import TrackBitmap
 from ..storage.volume import Volume
 
@@ -40,6 +41,7 @@ def initial_bitmap(vol: Volume) -> TrackBitmap:
 
 
 async def forget(system: StorageSystem, pair: Pair) -> None:
+    old = pair.status
     if pair.channel is not None:
         channel, pair.channel = pair.channel, None
         await channel.close()
@@ -48,3 +50,7 @@ async def forget(system: StorageSystem, pair: Pair) -> None:
         await system.table.remove_pair(end.row.name, end.row.volume)
     system.pairs.pop(pair.name, None)
     log.info("pair %s deleted", pair.name)
+    held = pair.primary or pair.mirror
+    system.events.emit(Event(STATUS, pair=pair.name, volume=held.volume.name if held else "",
+                             peer=pair.peer_id if pair.remote else 0, op=PairOp.DELETE.value, old_status=old.value,
+                             status=PairStatus.SIMPLEX.value, reason=current_cause() or "operator"))

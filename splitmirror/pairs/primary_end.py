@@ -19,6 +19,7 @@ import grpc
 
 from ..datapath.local_channel import LocalChannel
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from ..eventsink import SPLIT_BRAIN, Event
 from ..names import check_name
 from ..pairstate.channel import RemoteChannel
 from ..pairstate.pair import MODES, EndRole, Pair, PairEnd
@@ -198,6 +199,10 @@ class PrimaryEnd:
         theirs = (await command(pair, ic.PAIR_OP_STATUS)).pending_tracks
         if mine and theirs:
             sid = self.system.system_id
+            self.system.events.emit(Event(
+                SPLIT_BRAIN, pair=pair.name, volume=pair.primary.volume.name, peer=pair.peer_id,
+                status=pair.status.value, reason="both ends written while SUSPENDED", tracks=mine + theirs,
+                detail=f"system {sid}: {mine} tracks, system {pair.peer_id}: {theirs} tracks"))
             raise FailedPrecondition(
                 f"pair {pair.name!r} is split-brained: both ends were written while SUSPENDED "
                 f"(system {sid}: {mine} tracks, system {pair.peer_id}: {theirs} tracks); "

@@ -10,14 +10,22 @@ from __future__ import annotations
 import logging
 
 from ..clock import utc_now
+from ..eventsink import STATUS, DiscardEvents, Event, EventSink, current_cause
 from ..pairstate.pair import Pair
 from ..status import PairOp, PairStatus, transition
 
 log = logging.getLogger("splitmirror.pairs")
 
 
-def apply_transition(pair: Pair, op: PairOp, reason: str = "") -> bool:
-    """Apply a transition to every end held here (in memory, no await).
+#: Why a status changed when the caller names no reason: commands come from
+#: an operator unless :func:`~splitmirror.eventsink.caused_by` says otherwise.
+DEFAULT_REASONS = {PairOp.CREATE: "operator", PairOp.SPLIT: "operator", PairOp.RESYNC: "operator",
+                   PairOp.DELETE: "operator", PairOp.COPY_DONE: "copy complete", PairOp.FAULT: "fault"}
+
+
+def apply_transition(pair: Pair, op: PairOp, reason: str = "", events: EventSink | None = None) -> bool:
+    """Apply a transition to every end held here (in memory, no await), and
+    report a change to ``events``.
 
     Returns whether the status changed.
     """
@@ -30,4 +38,9 @@ def apply_transition(pair: Pair, op: PairOp, reason: str = "") -> bool:
             end.row.split_time = utc_now()
     if new is not old:
         log.info("pair %s: %s -> %s%s", pair.name, old.value, new.value, f" ({reason})" if reason else "")
+        why = reason or (op is not PairOp.COPY_DONE and current_cause()) or DEFAULT_REASONS[op]
+        held = pair.primary or pair.mirror
+        (events or DiscardEvents()).emit(Event(
+            STATUS, pair=pair.name, volume=held.volume.name if held else "", peer=pair.peer_id if pair.remote else 0,
+            op=op.value, old_status=old.value, status=new.value, reason=why))
     return new is not old

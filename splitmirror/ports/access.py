@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from ..tls import ROLES, SYSTEM_OU, Subject, cert_subject
+from ..tls import ROLES, SYSTEM_OU, Subject, cert_subject, subject_from_der
 
 audit = logging.getLogger("splitmirror.audit")
 
-VIEWER = frozenset({"ListVolumes", "GetVolume", "DisplayPairs", "ListBackups", "GetStats"})
+VIEWER = frozenset({"ListVolumes", "GetVolume", "DisplayPairs", "ListBackups", "GetStats", "Events"})
 HOST_IO = frozenset({"Write", "Read", "Flush", "Checksum"})
 #: The least role each method needs; methods not listed need ``admin``.
 METHOD_ROLES: Mapping[str, str] = {**{m: "viewer" for m in VIEWER}, **{m: "host" for m in HOST_IO}}
@@ -247,6 +247,18 @@ class AccessPolicy:
         if _RANK[identity.role] < _RANK["host"]:
             return f"role {identity.role} may not attach export {export!r} (host or admin needed)"
         return self.volume_refusal(identity, export)
+
+    def scrape_refusal(self, cert: bytes | None, address: str) -> str | None:
+        """Why a metrics scrape whose verified TLS client certificate is ``cert``
+        (DER) is refused, or None: any client role may read metrics (viewer is
+        enough); a peer's system certificate or none may not."""
+        subject = subject_from_der(cert) if cert else None
+        if subject is not None and subject.kind in _RANK:
+            return None
+        why = "a viewer, host or admin client certificate is needed to read metrics"
+        who = str(Identity(subject.name, subject.kind, "cert")) if subject is not None else "unauthenticated"
+        _audit(who, "metrics", address, why)
+        return why
 
     def audit_export(self, subject: Subject | None, export: str, address: str, why: str) -> None:
         """One audit line for a refused NBD attach, like a refused host API call."""

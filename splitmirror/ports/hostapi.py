@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
+from ..clock import iso_time, seconds_since
 from ..errors import InvalidArgument, SplitmirrorError
+from ..eventsink import Event
+from ..observe.events import EventLog
+from ..observe.iometer import IoMeter, measured
 from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
@@ -53,12 +57,16 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
-                 policy: AccessPolicy | None = None) -> None:
+                 policy: AccessPolicy | None = None, events: EventLog | None = None,
+                 meter: IoMeter | None = None) -> None:
         self.manager = manager
         self.backups = backups
         self.restores = restores
         self.policy = policy or AccessPolicy(tls=False)
         self.system = manager.system
+        self.events = events
+        #: Host I/O latency and bytes (None: metrics off, nothing measured).
+        self.meter = meter
 
     # -- volumes ------------------------------------------------------------
     def _volume_msg(self, vol: Volume) -> pb.Volume:
@@ -88,19 +96,22 @@ class HostApiServicer(pb_grpc.HostApiServicer):
     # -- I/O --------------------------------------------------------------------
     @refusals
     async def Write(self, request: pb.WriteRequest, context: Context) -> pb.WriteReply:
-        await self.system.host_write(request.volume, request.offset, request.data, request.fua)
-        return pb.WriteReply(written=len(request.data))
+        data = request.data
+        await measured(self.meter, self.system.volumes, request.volume, "write", len(data),
+                       self.system.host_write(request.volume, request.offset, data, request.fua))
+        return pb.WriteReply(written=len(data))
 
     @refusals
     async def Read(self, request: pb.ReadRequest, context: Context) -> pb.ReadReply:
         if request.length > MAX_IO:
             raise InvalidArgument(f"volume {request.volume!r}: read of {request.length} bytes exceeds "
                                   f"the {MAX_IO}-byte limit per request")
-        return pb.ReadReply(data=await self.system.host_read(request.volume, request.offset, request.length))
+        return pb.ReadReply(data=await measured(self.meter, self.system.volumes, request.volume, "read", -1,
+                                                self.system.host_read(request.volume, request.offset, request.length)))
 
     @refusals
     async def Flush(self, request: pb.VolumeRef, context: Context) -> pb.Empty:
-        await self.system.host_flush(request.name)
+        await measured(self.meter, self.system.volumes, request.name, "flush", 0, self.system.host_flush(request.name))
         return pb.Empty()
 
     @refusals
@@ -127,6 +138,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         if row.primary and row.mode == "async":
             msg.queue_bytes = pair.queued_bytes()
             msg.lag_seconds = pair.lag_seconds()
+        if row.copy_type == "REMOTE" and row.backup_time:
+            msg.backup_time = row.backup_time
+            msg.backup_age_seconds = seconds_since(row.backup_time)
         progress = pair.progress
         if row.status.value == "COPY" and progress is not None:
             msg.has_progress = True
@@ -138,7 +152,11 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         return msg
 
     def _rows(self, pairs: list[Pair]) -> pb.PairList:
-        return pb.PairList(rows=[self._row(p, e) for p in pairs for e in p.ends])
+        groups = sorted({p.row.group for p in pairs if p.row.group} & set(self.backups.group_backups))
+        return pb.PairList(rows=[self._row(p, e) for p in pairs for e in p.ends],
+                           groups=[pb.GroupBackup(group=g, backup_time=self.backups.group_backups[g],
+                                                  backup_age_seconds=seconds_since(self.backups.group_backups[g]))
+                                   for g in groups])
 
     @refusals
     async def CreatePair(self, request: pb.CreatePairRequest, context: Context) -> pb.PairList:
@@ -215,3 +233,24 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                 resync_tracks_sent=c.resync_tracks_sent, resync_bytes_sent=c.resync_bytes_sent,
                 resync_tracks_received=c.resync_tracks_received, resync_bytes_received=c.resync_bytes_received))
         return stats
+
+    async def Events(self, request: pb.EventsRequest, context: Context) -> AsyncIterator[pb.Event]:
+        try:
+            self.policy.check("Events", context)
+            if self.events is None:
+                raise InvalidArgument(f"system {self.system.system_id} keeps no events")
+            async for event in self.events.read(request.since, request.follow):
+                yield event_message(event)
+        except SplitmirrorError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception:
+            log.exception("Events failed for %s", context.peer())
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Events; see the daemon log")
+
+
+def event_message(event: Event) -> pb.Event:
+    return pb.Event(seq=event.seq, timestamp=event.timestamp, time=iso_time(event.timestamp), kind=event.kind,
+                    pair=event.pair, volume=event.volume, peer=event.peer, generation=event.generation, op=event.op,
+                    old_status=event.old_status, status=event.status, reason=event.reason, detail=event.detail,
+                    tracks=event.tracks, bytes=event.bytes, progress=event.progress)
+

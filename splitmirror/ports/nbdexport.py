@@ -17,9 +17,11 @@ from ..addresses import parse_address
 from ..datapath.system import StorageSystem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from ..nbd import ExportError, NbdServer
+from ..observe.iometer import IoMeter
 from ..storage.volume import Volume
 from ..tls import TlsFiles, subject_from_der
 from .access import AccessPolicy
+from .nbdmeter import MeteredExport
 
 log = logging.getLogger("splitmirror.nbd")
 
@@ -113,8 +115,9 @@ class VolumeExport:
 class VolumeCatalog:
     """All volumes of a storage system, by name."""
 
-    def __init__(self, system: StorageSystem) -> None:
+    def __init__(self, system: StorageSystem, meter: IoMeter | None = None) -> None:
         self.system = system
+        self.meter = meter
 
     def export_names(self) -> list[str]:
         return sorted(self.system.volumes)
@@ -126,7 +129,8 @@ class VolumeCatalog:
         fence = self.system.fences.get(name)
         if fence is not None:
             raise ExportError(errno.EPERM, f"volume {name!r} fenced for restore ({fence})")
-        return VolumeExport(self.system, vol)
+        export = VolumeExport(self.system, vol)
+        return export if self.meter is None else MeteredExport(export, self.meter)  # type: ignore[return-value]
 
 
 class Admission:
@@ -167,12 +171,12 @@ class Admission:
 
 async def start_nbd(system: StorageSystem, address: str, tls: TlsFiles | None = None,
                     allow: Mapping[str, list[str]] | None = None,
-                    policy: AccessPolicy | None = None) -> tuple[NbdServer, int]:
+                    policy: AccessPolicy | None = None, meter: IoMeter | None = None) -> tuple[NbdServer, int]:
     """Serve ``system``'s volumes over NBD; ``policy`` (the host API's) says which
     client certificate may attach what when ``tls`` is given."""
     host, _, port = parse_address("nbd", address).rpartition(":")
     admit = Admission(allow or {}, tls is not None, policy)
-    server = NbdServer(VolumeCatalog(system), host.strip("[]"), int(port), logger=log,
+    server = NbdServer(VolumeCatalog(system, meter), host.strip("[]"), int(port), logger=log,
                        tls=tls.server_ssl_context() if tls is not None else None, admit=admit)
     await server.start()
     return server, server.bound_port

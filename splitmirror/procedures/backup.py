@@ -28,6 +28,7 @@ import grpc
 
 from ..clock import utc_now
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
+from ..eventsink import BACKUP, Event, caused_by
 from ..pairstate.pair import Pair
 from ..replication.link import relay
 from ..replication.queue import BackupMarker
@@ -38,6 +39,9 @@ from .operations import PairOperations
 
 log = logging.getLogger("splitmirror.backup")
 
+#: Meta key prefix of a consistency group's newest backup time (at the primary).
+GROUP_BACKUP_KEY = "group-backup:"
+
 
 class BackupManager:
     def __init__(self, manager: PairOperations) -> None:
@@ -46,6 +50,17 @@ class BackupManager:
         #: mirror end: marker id -> outcome (and the SVOL flush in progress)
         self._outcomes: dict[str, ic.FinishBackupReply] = {}
         self._flushes: dict[str, asyncio.Task[None]] = {}
+        #: primary: consistency group -> time of its newest backup (kept in the copy table's meta)
+        self.group_backups: dict[str, str] = {}
+
+    async def load(self) -> None:
+        """Read the newest backup time of each consistency group."""
+        saved = await self.system.table.meta_items(GROUP_BACKUP_KEY)
+        self.group_backups = {key.removeprefix(GROUP_BACKUP_KEY): value for key, value in saved.items()}
+
+    def _emit(self, pair: Pair, op: str, generation: str = "", reason: str = "", detail: str = "") -> None:
+        self.system.events.emit(Event(BACKUP, pair=pair.name, peer=pair.peer_id, generation=generation, op=op,
+                                      reason=reason, detail=detail))
 
     # -- the secondary's side ---------------------------------------------------
     def generations(self, pair: Pair) -> list[Pair]:
@@ -76,7 +91,8 @@ class BackupManager:
                                f"system {sid} (generations: {names})")
         else:
             chosen = self._ring_next(gens)
-        resynced = await self._bring_to_duplex(chosen)
+        with caused_by(f"backup of pair {pair.name}"):
+            resynced = await self._bring_to_duplex(chosen)
         assert chosen.mirror is not None
         return ic.PrepareBackupReply(generation=chosen.name, svol=chosen.mirror.volume.name,
                                      resynced_tracks=resynced)
@@ -114,23 +130,29 @@ class BackupManager:
                              "arrived; the previous generations are untouched")
         if outcome.error:
             log.warning("backup of pair %s failed: %s", pair.name, outcome.error)
+            self._emit(pair, "failed", marker.generation, outcome.error)
             return
         assert gen is not None
-        self.manager.set_status(gen, PairOp.SPLIT)  # no await before: the next entry is tracked
+        # No await before: the next entry is tracked.
+        self.manager.set_status(gen, PairOp.SPLIT, f"backup of pair {pair.name}")
         for end in gen.ends:
             end.row.split_time = marker.backup_time
             end.row.backup_time = marker.backup_time
             end.row.backup_seq += 1
+        for end in pair.ends:  # the remote pair's newest backup, as at its primary
+            end.row.backup_time = marker.backup_time
         outcome.done = True
         outcome.backup_time = marker.backup_time
         outcome.sequence = gen.row.backup_seq
         log.info("backup of pair %s taken in generation %s (#%d) at %s", pair.name, gen.name, outcome.sequence,
                  marker.backup_time)
+        self._emit(pair, "taken", gen.name, detail=f"#{outcome.sequence} at {marker.backup_time}")
         # Persist and make the SVOL durable without holding the stream.
-        self._flushes[marker.marker] = asyncio.create_task(self._settle(gen))
+        self._flushes[marker.marker] = asyncio.create_task(self._settle(gen, pair))
 
-    async def _settle(self, gen: Pair) -> None:
+    async def _settle(self, gen: Pair, pair: Pair) -> None:
         await self.system.save_rows(gen)
+        await self.system.save_rows(pair)
         if gen.mirror is not None:
             await gen.mirror.volume.flush()
 
@@ -219,11 +241,13 @@ class BackupManager:
                 assert pair.channel is not None
                 futures.append(pair.channel.push(0, marker=marker))
             log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
+            for pair, marker in zip(pairs, markers, strict=True):
+                self._emit(pair, "point", marker.generation, detail=f"at {backup_time}")
             results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
                                        backup_time=backup_time, resynced_tracks=prep.resynced_tracks,
                                        state="pending")
                        for p, prep in zip(pairs, prepared, strict=True)]
-            completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results))
+            completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results, group, backup_time))
             if wait:
                 await completion
             else:
@@ -235,28 +259,39 @@ class BackupManager:
                 pair.backup_running = False
 
     async def _complete(self, pairs: list[Pair], markers: list[BackupMarker], futures: list[asyncio.Future[bool]],
-                        results: list[pb.BackupResult]) -> None:
+                        results: list[pb.BackupResult], group: str = "", backup_time: str = "") -> None:
         delivered = await asyncio.gather(*futures)
-        errors = []
+        errors: list[str] = []
         for pair, marker, ok, result in zip(pairs, markers, delivered, results, strict=True):
+            failed = len(errors)
             try:
                 outcome = await self._rpc(pair, "FinishBackup",
                                           ic.FinishBackupRequest(pair=pair.name, marker=marker.marker), 30.0)
             except SplitmirrorError as exc:
                 errors.append(f"pair {pair.name!r}: outcome unknown ({exc.message}); "
                               "see 'splitmirror backups' once the peer is back")
+                self._emit(pair, "failed", marker.generation, errors[-1])
                 continue
             assert isinstance(outcome, ic.FinishBackupReply)
             if outcome.done:
                 result.state = "done"
                 result.sequence = outcome.sequence
+                for end in pair.ends:
+                    end.row.backup_time = backup_time or outcome.backup_time
+                await self.system.save_rows(pair)
+                self._emit(pair, "done", marker.generation, detail=f"#{outcome.sequence} at {outcome.backup_time}")
             elif not ok or not outcome.known:
                 errors.append(f"pair {pair.name!r}: the link failed before the backup point reached system "
                               f"{pair.peer_id}; no backup taken, the pair keeps tracking")
             else:
                 errors.append(f"pair {pair.name!r}: {outcome.error}")
+            if len(errors) > failed:
+                self._emit(pair, "failed", marker.generation, errors[-1])
         if errors:
             raise FailedPrecondition("backup failed: " + "; ".join(errors))
+        if group:
+            self.group_backups[group] = backup_time
+            await self.system.table.set_meta(GROUP_BACKUP_KEY + group, backup_time)
 
     async def list_backups(self, name: str) -> pb.GenerationList:
         pair = self.manager.pair(name)

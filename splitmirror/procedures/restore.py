@@ -28,6 +28,7 @@ import time
 import grpc
 
 from ..errors import FailedPrecondition, NotFound
+from ..eventsink import RESTORE, Event, caused_by
 from ..pairstate.pair import Pair
 from ..replication.link import relay
 from ..status import PairStatus
@@ -61,6 +62,11 @@ class RestoreManager:
         else:
             await self.system.table.set_meta(f"restore:{pair}", json.dumps(state))
         await self.system.table.sync()
+
+    def _step(self, pair: Pair, op: str, generation: str = "", reason: str = "", tracks: int = 0,
+              nbytes: int = 0) -> None:
+        self.system.events.emit(Event(RESTORE, pair=pair.name, peer=pair.peer_id, generation=generation, op=op,
+                                      reason=reason, tracks=tracks, bytes=nbytes))
 
     def describe(self, pair: str) -> str:
         """For ``pair display``: the restore in progress, if any."""
@@ -117,6 +123,7 @@ class RestoreManager:
         self._claim(name)
         try:
             resumed = state is not None
+            self._step(pair, "begin", generation, f"{kind}{' (resumed)' if resumed else ''}")
             await self._save_state(name, {"generation": generation, "kind": kind, "phase": "fencing"})
             await self._control(pair, ic.RESTORE_OP_FENCE, f"restore of {kind} from {generation}")
             await self._save_state(name, {"generation": generation, "kind": kind, "phase": "fenced"})
@@ -129,6 +136,7 @@ class RestoreManager:
         assert pair.mirror is not None and gen.mirror is not None
         log.info("restore of pair %s from generation %s: PVOL fenced, SPVOL %s writable%s", name, generation,
                  pair.mirror.volume.name, " (resumed)" if resumed else "")
+        self._step(pair, "fenced", generation, f"PVOL fenced, SPVOL {pair.mirror.volume.name} writable")
         return pb.RestoreSession(pair=name, generation=generation, svol=gen.mirror.volume.name,
                                  spvol=pair.mirror.volume.name, phase="fenced", resumed=resumed)
 
@@ -141,9 +149,11 @@ class RestoreManager:
         try:
             started = time.monotonic()
             await self._save_state(name, {**state, "phase": "resyncing"})
+            self._step(pair, "resyncing", state["generation"], "SPVOL -> PVOL")
             moved = await self._control(pair, ic.RESTORE_OP_RESYNC_REVERSE)
             done = await self._control(pair, ic.RESTORE_OP_UNFENCE)
             await self._save_state(name, None)
+            self._step(pair, "done", state["generation"], done.warning, moved.tracks, moved.bytes)
         finally:
             self._running.discard(name)
         assert pair.mirror is not None
@@ -161,6 +171,7 @@ class RestoreManager:
         try:
             reply = await self._control(pair, ic.RESTORE_OP_ABORT)
             await self._save_state(name, None)
+            self._step(pair, "aborted", (state or {}).get("generation", ""), reply.warning)
         finally:
             self._running.discard(name)
         log.warning("restore of pair %s aborted; the PVOL was not changed", name)
@@ -178,12 +189,14 @@ class RestoreManager:
         try:
             assert gen.primary is not None
             local = len(gen.primary.bitmap) + (len(gen.mirror.bitmap) if gen.mirror else 0)
-            await self.manager.resync(gen.name, reverse=True)
-            if gen.copy_task is not None:
-                await asyncio.shield(gen.copy_task)
-            if not _duplex(gen):
-                raise FailedPrecondition(f"generation {gen.name!r} could not be copied back ({gen.status.value})")
-            await self.manager.split(gen.name)  # keep the backup image in the generation
+            self._step(pair, "copying-generation", generation, f"SVOL -> SPVOL, {local} tracks", local)
+            with caused_by(f"restore of pair {name}"):
+                await self.manager.resync(gen.name, reverse=True)
+                if gen.copy_task is not None:
+                    await asyncio.shield(gen.copy_task)
+                if not _duplex(gen):
+                    raise FailedPrecondition(f"generation {gen.name!r} could not be copied back ({gen.status.value})")
+                await self.manager.split(gen.name)  # keep the backup image in the generation
         finally:
             self._running.discard(name)
         report = await self.finish(name)
@@ -196,6 +209,11 @@ class RestoreManager:
         pair = self.manager.pair(req.pair)
         if pair.primary is None or not pair.remote or pair.peer_id != peer:
             raise NotFound(f"pair {req.pair!r} has no PVOL on system {self.system.system_id} for system {peer}")
+        with caused_by(f"restore of pair {pair.name}"):
+            return await self._control_here(pair, req)
+
+    async def _control_here(self, pair: Pair, req: ic.RestoreControlRequest) -> ic.RestoreControlReply:
+        assert pair.primary is not None
         pvol = pair.primary.volume.name
         reply = ic.RestoreControlReply(pvol=pvol)
         if req.op == ic.RESTORE_OP_FENCE:

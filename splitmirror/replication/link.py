@@ -82,6 +82,8 @@ class PeerLink:
         self._task: asyncio.Task[None] | None = None
         self._last_ok = time.monotonic()
         self._callbacks: set[asyncio.Task[None]] = set()
+        #: Seconds the last keepalive answered took (None: none answered yet).
+        self.rtt: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._keepalive(), name=f"keepalive-{self.peer_id}")
@@ -112,6 +114,7 @@ class PeerLink:
         interval = max(0.05, self.timeout / 4)
         self._last_ok = time.monotonic()
         while True:
+            asked = time.monotonic()
             try:
                 reply = await self.stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
                                               metadata=self.metadata, timeout=interval * 2)
@@ -124,6 +127,7 @@ class PeerLink:
                     self._notify(self._on_down)
             else:
                 self._last_ok = time.monotonic()
+                self.rtt = self._last_ok - asked
                 if self.up is not True:
                     self.up = True
                     log.info("peer %d at %s connected", self.peer_id, self.address)

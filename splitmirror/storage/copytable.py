@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from ..eventsink import Event
 from ..status import PairStatus
 from .bitmap import TrackBitmap
 from .scopes import intent_scopes
@@ -77,6 +79,13 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    timestamp REAL NOT NULL,
+    kind TEXT NOT NULL,
+    pair TEXT NOT NULL,
+    body TEXT NOT NULL
+);
 """
 
 
@@ -104,7 +113,7 @@ class PairRow:
     split_time: str | None = None
     reason: str = ""
     direction: str = "forward"
-    backup_time: str | None = None  # generations: when their backup was taken
+    backup_time: str | None = None  # generations: when their backup was taken; remote pairs: the newest backup
     backup_seq: int = 0             # generations: how many backups they held
 
     @property
@@ -112,15 +121,95 @@ class PairRow:
         return (self.name, self.volume)
 
 
-class CopyTable:
+# -- events ------------------------------------------------------------------------
+#: Event fields kept in the row's JSON body (the others have their own columns).
+_EVENT_BODY = tuple(f.name for f in dataclasses.fields(Event) if f.name not in ("seq", "timestamp", "kind", "pair"))
+
+
+def _event_row(e: Event) -> tuple[int, float, str, str, str]:
+    body = {name: getattr(e, name) for name in _EVENT_BODY if getattr(e, name)}
+    return (e.seq, e.timestamp, e.kind, e.pair, json.dumps(body, separators=(",", ":")))
+
+
+def _event(row: tuple[int, float, str, str, str]) -> Event:
+    body = json.loads(row[4])
+    return Event(seq=row[0], timestamp=row[1], kind=row[2], pair=row[3],
+                 **{k: v for k, v in body.items() if k in _EVENT_BODY})
+
+
+class EventRows:
+    """The event history in the copy table (mixed into :class:`CopyTable`)."""
+
+    _executor: concurrent.futures.ThreadPoolExecutor
+    _loop: asyncio.AbstractEventLoop | None
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError
+
+    def submit_events(self, events: list[Event]) -> asyncio.Future[None]:
+        """Queue the insert now, without an await: it commits before any call
+        made after this one (one SQLite thread, first come first served)."""
+        rows = [_event_row(e) for e in events]
+        assert self._loop is not None, "copy table not open"
+        return self._loop.run_in_executor(self._executor, self._run, lambda db: db.executemany(
+            "INSERT OR REPLACE INTO events(seq, timestamp, kind, pair, body) VALUES (?, ?, ?, ?, ?)", rows))
+
+    async def last_event_seq(self) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT MAX(seq) FROM events").fetchone()
+            return int(row[0] or 0)
+
+        return await self._call(q)
+
+    async def first_event_seq(self) -> int:
+        def q(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT MIN(seq) FROM events").fetchone()
+            return int(row[0] or 0)
+
+        return await self._call(q)
+
+    async def events_after(self, seq: int, limit: int) -> list[Event]:
+        def q(db: sqlite3.Connection) -> list[Event]:
+            rows = db.execute("SELECT seq, timestamp, kind, pair, body FROM events WHERE seq > ? ORDER BY seq"
+                              " LIMIT ?", (seq, limit))
+            return [_event(r) for r in rows]
+
+        return await self._call(q)
+
+    async def latest_events(self, kinds: tuple[str, ...]) -> list[Event]:
+        """The newest event of each pair among ``kinds``."""
+        marks = ", ".join("?" * len(kinds))
+
+        def q(db: sqlite3.Connection) -> list[Event]:
+            rows = db.execute(
+                "SELECT seq, timestamp, kind, pair, body FROM events WHERE seq IN (SELECT MAX(seq) FROM events"
+                f" WHERE kind IN ({marks}) AND pair != '' GROUP BY pair) ORDER BY seq", kinds)
+            return [_event(r) for r in rows]
+
+        return await self._call(q)
+
+    async def trim_events(self, keep_after: int) -> None:
+        """Forget the events up to ``keep_after`` (the history is bounded)."""
+        await self._call(lambda db: db.execute("DELETE FROM events WHERE seq <= ?", (keep_after,)))
+
+
+class CopyTable(EventRows):
     """Asynchronous front of the SQLite database ``DATA_DIR/copytable.sqlite``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="copytable")
         self._db: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_runs: list[tuple[str, str, int, int]] = []
         self._commit_future: asyncio.Future[None] | None = None  # the commit writers join
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None and self._loop is not None
 
     # -- plumbing ---------------------------------------------------------
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -149,6 +238,7 @@ class CopyTable:
 
         loop = asyncio.get_running_loop()
         self._db = await loop.run_in_executor(self._executor, connect)
+        self._loop = loop
 
     async def sync(self) -> None:
         """Make every commit so far durable against power loss (fsync the WAL)."""
@@ -175,6 +265,7 @@ class CopyTable:
                 self._db.close()
                 self._db = None
 
+        self._loop = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
@@ -317,3 +408,4 @@ class CopyTable:
 
     async def remove_intent_all(self) -> None:
         await self._call(lambda db: db.execute("DELETE FROM intent"))
+

@@ -419,6 +419,8 @@ class PairRow(_message.Message):
     DIRECTION_FIELD_NUMBER: _builtins.int
     QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    BACKUP_AGE_SECONDS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -450,6 +452,11 @@ class PairRow(_message.Message):
     the age of the oldest unacknowledged write.
     """
     lag_seconds: _builtins.float
+    backup_time: _builtins.str
+    """Remote pairs: when the newest backup of the pair was taken (ISO 8601,
+    empty when none), and its age in seconds.
+    """
+    backup_age_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -474,14 +481,43 @@ class PairRow(_message.Message):
         direction: _builtins.str = ...,
         queue_bytes: _builtins.int = ...,
         lag_seconds: _builtins.float = ...,
+        backup_time: _builtins.str = ...,
+        backup_age_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PairRow: _TypeAlias = PairRow  # noqa: Y015
+
+@_typing.final
+class GroupBackup(_message.Message):
+    """The newest backup of a consistency group (at the primary)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    BACKUP_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    backup_time: _builtins.str
+    backup_age_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        backup_age_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupBackup: _TypeAlias = GroupBackup  # noqa: Y015
 
 @_typing.final
 class SetPairModeRequest(_message.Message):
@@ -837,20 +873,122 @@ class PairList(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairRow]: ...
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupBackup]:
+        """DisplayPairs: groups of the pairs shown that were backed up"""
+
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___PairRow] | None = ...,
+        groups: _abc.Iterable[Global___GroupBackup] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PairList: _TypeAlias = PairList  # noqa: Y015
+
+@_typing.final
+class EventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    since: _builtins.int
+    """events after this sequence number (0: from the oldest kept)"""
+    follow: _builtins.bool
+    """keep the stream open for new events"""
+    def __init__(
+        self,
+        *,
+        since: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsRequest: _TypeAlias = EventsRequest  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PAIR_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    OLD_STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    timestamp: _builtins.float
+    """seconds since the epoch"""
+    time: _builtins.str
+    """the same, ISO 8601 UTC"""
+    kind: _builtins.str
+    """status, resync-start, resync-progress, resync-finish, backup, restore,
+    fence, unfence, link-up, link-down, split-brain
+    """
+    pair: _builtins.str
+    volume: _builtins.str
+    peer: _builtins.int
+    generation: _builtins.str
+    op: _builtins.str
+    """status: the operation; copies: the direction; backup/restore: the step"""
+    old_status: _builtins.str
+    status: _builtins.str
+    reason: _builtins.str
+    """status: why (operator, auto-resync, peer-down, queue-full...); resync-finish: outcome"""
+    detail: _builtins.str
+    tracks: _builtins.int
+    bytes: _builtins.int
+    progress: _builtins.float
+    """percent, copies"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        timestamp: _builtins.float = ...,
+        time: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        pair: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        peer: _builtins.int = ...,
+        generation: _builtins.str = ...,
+        op: _builtins.str = ...,
+        old_status: _builtins.str = ...,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        tracks: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        progress: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "detail", b"detail", "generation", b"generation", "kind", b"kind", "old_status", b"old_status", "op", b"op", "pair", b"pair", "peer", b"peer", "progress", b"progress", "reason", b"reason", "seq", b"seq", "status", b"status", "time", b"time", "timestamp", b"timestamp", "tracks", b"tracks", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
 
 @_typing.final
 class StatsRequest(_message.Message):

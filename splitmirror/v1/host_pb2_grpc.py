@@ -144,6 +144,11 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.StatsRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.Stats.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/splitmirror.v1.HostApi/Events',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.EventsRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class HostApiServicer:
@@ -289,6 +294,18 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Every pair status change (with its reason), copy start/progress/finish,
+        backup point, restore step, fence/unfence and peer link up/down, in
+        order, each with its sequence number.  Starts after `since` (0: the
+        oldest kept); with `follow`, goes on with each new event until the
+        client cancels.  Kept in the copy table: a bounded history that
+        survives restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -401,6 +418,11 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.StatsRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.Stats.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.EventsRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -997,6 +1019,33 @@ class HostApi:
             '/splitmirror.v1.HostApi/GetStats',
             splitmirror_dot_v1_dot_host__pb2.StatsRequest.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/Events',
+            splitmirror_dot_v1_dot_host__pb2.EventsRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,14 @@ class HostApiStub:
     AbortRestore: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.RestoreReport]
     RestoreVolume: _grpc.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreReport]
     GetStats: _grpc.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]
+    Events: _grpc.UnaryStreamMultiCallable[_host_pb2.EventsRequest, _host_pb2.Event]
+    """Every pair status change (with its reason), copy start/progress/finish,
+    backup point, restore step, fence/unfence and peer link up/down, in
+    order, each with its sequence number.  Starts after `since` (0: the
+    oldest kept); with `follow`, goes on with each new event until the
+    client cancels.  Kept in the copy table: a bounded history that
+    survives restarts.
+    """
 
 @_typing.type_check_only
 class HostApiAsyncStub(HostApiStub):
@@ -99,6 +107,14 @@ class HostApiAsyncStub(HostApiStub):
     AbortRestore: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.RestoreReport]  # type: ignore[assignment]
     RestoreVolume: _aio.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreReport]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_host_pb2.StatsRequest, _host_pb2.Stats]  # type: ignore[assignment]
+    Events: _aio.UnaryStreamMultiCallable[_host_pb2.EventsRequest, _host_pb2.Event]  # type: ignore[assignment]
+    """Every pair status change (with its reason), copy start/progress/finish,
+    backup point, restore step, fence/unfence and peer link up/down, in
+    order, each with its sequence number.  Starts after `since` (0: the
+    oldest kept); with `follow`, goes on with each new event until the
+    client cancels.  Kept in the copy table: a bounded history that
+    survives restarts.
+    """
 
 class HostApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -264,5 +280,19 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         request: _host_pb2.StatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.Stats, _abc.Awaitable[_host_pb2.Stats]]: ...
+
+    @_abc_1.abstractmethod
+    def Events(
+        self,
+        request: _host_pb2.EventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_host_pb2.Event], _abc.AsyncIterator[_host_pb2.Event]]:
+        """Every pair status change (with its reason), copy start/progress/finish,
+        backup point, restore step, fence/unfence and peer link up/down, in
+        order, each with its sequence number.  Starts after `since` (0: the
+        oldest kept); with `follow`, goes on with each new event until the
+        client cancels.  Kept in the copy table: a bounded history that
+        survives restarts.
+        """
 
 def add_HostApiServicer_to_server(servicer: HostApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

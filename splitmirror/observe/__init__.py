@@ -1,0 +1,1 @@
+"""Observing a storage system: the event log and the Prometheus metrics."""
