@@ -24,7 +24,8 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
     """One copy-table row with exactly the documented keys.
 
     Async rows (primary end) add ``queue_bytes`` and ``lag_seconds``; rows
-    in COPY add ``rate_bytes_per_s`` and ``eta_seconds``.
+    in COPY add ``rate_bytes_per_s`` and ``eta_seconds``; remote pairs that
+    were backed up add ``backup_time`` and ``backup_age_seconds``.
     """
     obj: JsonObject = {
         "pair": row.pair,
@@ -46,7 +47,15 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
     if row.has_progress:
         obj["rate_bytes_per_s"] = float(row.rate_bytes_per_s)
         obj["eta_seconds"] = float(row.eta_seconds)
+    if row.backup_time:  # remote pairs that were backed up
+        obj["backup_time"] = row.backup_time
+        obj["backup_age_seconds"] = round(float(row.backup_age_seconds), 1)
     return obj
+
+
+def group_backup_json(g: host_pb2.GroupBackup) -> JsonObject:
+    """A consistency group's newest backup, as ``pair display --json`` lists it after the rows."""
+    return {"group": g.group, "backup_time": g.backup_time, "backup_age_seconds": round(float(g.backup_age_seconds), 1)}
 
 
 def progress_json(row: host_pb2.PairRow) -> JsonObject:
@@ -106,6 +115,18 @@ def format_rate(bytes_per_s: float) -> str:
     return f"{value:.0f} B/s"
 
 
+def format_age(seconds: float) -> str:
+    """``42s``, ``5m12s``, ``3h05m``, ``2d04h``."""
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
 def format_eta(seconds: float) -> str:
     """``0:01:05``; ``-`` when unknown."""
     if seconds <= 0 or seconds != seconds or seconds == float("inf"):
@@ -162,15 +183,18 @@ def volume_detail_table(vol: host_pb2.Volume) -> Table:
 def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
     with_reason = any(r.reason for r in rows)
     with_queue = any(r.primary and r.mode == "async" for r in rows)
+    with_backup = any(r.backup_time for r in rows)
     columns = [
         "PAIR", "VOLUME", "TYPE", "PEER", "MIRROR", "P/S", "STATUS", "MODE", "GROUP", "PENDING",
         "PROGRESS", "SPLIT TIME",
     ]
     if with_queue:
         columns += ["QUEUE", "LAG"]
+    if with_backup:
+        columns.append("NEWEST BACKUP")
     if with_reason:
         columns.append("REASON")
-    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS", "QUEUE", "LAG"))
+    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS", "QUEUE", "LAG", "NEWEST BACKUP"))
     for r in rows:
         cells = [
             r.pair, r.volume, r.copy_type, str(r.pair_system_id), r.mirror_volume, "P" if r.primary else "S",
@@ -182,6 +206,8 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
         if with_queue:
             is_async = r.primary and r.mode == "async"
             cells += [_bytes(r.queue_bytes) if is_async else "-", f"{r.lag_seconds:.2f}s" if is_async else "-"]
+        if with_backup:
+            cells.append(f"{format_age(r.backup_age_seconds)} ago" if r.backup_time else "-")
         if with_reason:
             cells.append(r.reason or "-")
         table.add_row(*cells)
@@ -229,3 +255,46 @@ def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
         table.add_row(g.local_pair, g.svol, g.status, g.backup_time or "-", str(g.sequence) if g.sequence else "-",
                       f"{g.changed_tracks} tracks" if g.backup_time else "-")
     return table
+
+
+# ---------------------------------------------------------------------- events
+
+#: The keys of one ``events --json`` object, in order (empty fields are left out).
+EVENT_KEYS = ("seq", "time", "timestamp", "kind", "pair", "volume", "peer", "generation", "op", "old_status",
+              "status", "reason", "tracks", "bytes", "progress", "detail")
+
+
+def event_json(e: host_pb2.Event) -> JsonObject:
+    obj: JsonObject = {"seq": int(e.seq), "time": e.time, "timestamp": float(e.timestamp), "kind": e.kind}
+    for key in EVENT_KEYS[4:]:
+        value = getattr(e, key)
+        if value:
+            obj[key] = value if not isinstance(value, int) else int(value)
+    return obj
+
+
+def _quoted(value: str) -> str:
+    return value if value and not any(c.isspace() or c == '"' for c in value) else '"' + value.replace('"', "'") + '"'
+
+
+def event_line(e: host_pb2.Event) -> str:
+    """One event on one line, like ``drbdsetup events2``:
+    ``SEQ TIME KIND key:value ...`` (a status change as ``OLD->NEW``)."""
+    parts = [str(e.seq), e.time, e.kind]
+    for key in ("pair", "volume", "peer", "generation", "op"):
+        value = getattr(e, key)
+        if value:
+            parts.append(f"{key}:{_quoted(str(value))}")
+    if e.status:
+        parts.append(f"{e.old_status}->{e.status}" if e.old_status else f"status:{e.status}")
+    if e.reason:
+        parts.append(f"reason:{_quoted(e.reason)}")
+    if e.tracks:
+        parts.append(f"tracks:{e.tracks}")
+    if e.bytes:
+        parts.append(f"bytes:{format_size(e.bytes)}")
+    if e.kind.startswith("resync-") and e.kind != "resync-start":
+        parts.append(f"progress:{e.progress:.1f}%")
+    if e.detail:
+        parts.append(f"detail:{_quoted(e.detail)}")
+    return " ".join(parts)

@@ -14,7 +14,7 @@ from splitmirror.errors import SplitmirrorError
 
 from ..agent import AgentError
 from ..library import Client, ClientError
-from . import backups, certs, host_io, pairs, restore, stats, volumes
+from . import backups, certs, events, host_io, pairs, restore, stats, volumes
 from .output import Output
 from .parser import ENV_TOKEN, PROG, parse_args, resolve_sizes
 
@@ -34,6 +34,7 @@ COMMANDS: dict[str, _Handler] = {
     "backup": backups.backup,
     "backups": backups.backups,
     "restore": restore.restore,
+    "events": events.events,
 }
 
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 
 from splitmirror.v1 import host_pb2
 
-from ..render import format_eta, format_rate, pair_row_json, pairs_table, progress_json
+from ..render import format_age, format_eta, format_rate, group_backup_json, pair_row_json, pairs_table, progress_json
 
 __all__ = ["Output", "WaitReporter"]
 
@@ -51,11 +51,15 @@ class Output:
         else:
             self.console.print(renderable)
 
-    def pairs(self, rows: Sequence[host_pb2.PairRow]) -> None:
+    def pairs(self, rows: Sequence[host_pb2.PairRow], groups: Sequence[host_pb2.GroupBackup] = ()) -> None:
+        """The rows; the newest backup of each consistency group shown (JSON:
+        as objects with ``"group"`` after the rows)."""
         if self.as_json:
-            self.json([pair_row_json(r) for r in rows])
+            self.json([pair_row_json(r) for r in rows] + [group_backup_json(g) for g in groups])
         elif rows:
             self.show(pairs_table(rows))
+            for g in groups:
+                self.text(f"group {g.group}: newest backup {g.backup_time} ({format_age(g.backup_age_seconds)} ago)")
         else:
             self.text("no pairs")
 

@@ -25,7 +25,8 @@ async def pair(client: Client, args: argparse.Namespace, out: Output) -> None:
         else:
             out.pairs(rows)
     elif args.action == "display":
-        out.pairs(await client.display_pairs(args.name))
+        reply = await client.display(args.name)
+        out.pairs(reply.rows, reply.groups)
     elif args.action == "split":
         out.pairs(await client.split_pair(args.name))
     elif args.action == "resync":

@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("stats", parents=[common], help="replication and interconnect counters")
 
+    p = commands.add_parser("events", parents=[common],
+                            help="pair status changes, copies, backups, restores, fences and link changes, in order")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events as they happen")
+    p.add_argument("--since", type=_sequence, default=0, metavar="SEQ",
+                   help="only events after sequence number SEQ (resume where a previous run stopped)")
+
     certs = commands.add_parser("certs", help="make the certificates for mutual TLS (no server needed)")
     certs_cmds = certs.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = certs_cmds.add_parser("init", parents=[common], help="create a CA and certificates in DIR")
@@ -167,6 +173,12 @@ def _add_wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="block until the pair is DUPLEX, showing progress")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="with --wait: give up after this many seconds")
+
+
+def _sequence(text: str) -> int:
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"invalid sequence number {text!r}: expected a non-negative integer")
+    return int(text)
 
 
 def _system_id(text: str) -> int:

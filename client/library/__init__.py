@@ -10,7 +10,7 @@ is the server's details string.
 
 :class:`Client` is one :class:`~.connection.Connection` with its calls grouped
 by what they are about: :mod:`.volumes` (volumes and host I/O), :mod:`.pairs`,
-:mod:`.backups` (backups and restores).
+:mod:`.backups` (backups and restores), :mod:`.events` (the event stream).
 """
 
 from .client import Client

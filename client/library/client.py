@@ -5,13 +5,14 @@ from __future__ import annotations
 from splitmirror.v1 import host_pb2
 
 from .backups import BackupRestoreCalls
+from .events import EventCalls
 from .pairs import PairCalls
 from .volumes import VolumeCalls
 
 __all__ = ["Client"]
 
 
-class Client(VolumeCalls, PairCalls, BackupRestoreCalls):
+class Client(VolumeCalls, PairCalls, BackupRestoreCalls, EventCalls):
     """Host API client. Use ``async with Client(server) as c`` (or
     :meth:`connect` / :meth:`close`); methods also connect lazily.
 

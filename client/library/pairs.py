@@ -41,6 +41,12 @@ class PairCalls(Connection):
         reply = await self._call(lambda s: s.DisplayPairs, host_pb2.DisplayPairsRequest(name=name))
         return list(reply.rows)
 
+    async def display(self, name: str = "") -> host_pb2.PairList:
+        """The rows of :meth:`display_pairs` and, for the consistency groups
+        among them that were backed up, each group's newest backup."""
+        reply: host_pb2.PairList = await self._call(lambda s: s.DisplayPairs, host_pb2.DisplayPairsRequest(name=name))
+        return reply
+
     async def split_pair(self, name: str) -> list[host_pb2.PairRow]:
         reply = await self._call(lambda s: s.SplitPair, host_pb2.PairRef(name=name))
         return list(reply.rows)
