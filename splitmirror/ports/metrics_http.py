@@ -20,11 +20,13 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger("splitmirror.metrics")
 
+#: The classic text format, which every Prometheus 2.x reads (the names are plain ASCII).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 8 << 10
 HEAD_TIMEOUT = 10.0
 MAX_CLIENTS = 16
@@ -102,7 +104,7 @@ class MetricsServer:
                 return 403, text, f"permission denied: {refusal}\n".encode()
         if target == b"/metrics":
             self.scrapes += 1
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            return 200, CONTENT_TYPE, generate_latest(self.registry)
         if target == b"/":
             return 200, text, b"splitmirror metrics: /metrics\n"
         return 404, text, b"not found: the metrics are at /metrics\n"
