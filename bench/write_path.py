@@ -7,17 +7,26 @@ PVOL of a sync DUPLEX pair, and prints the ratios.  Finally it creates ten
 16 GiB volumes and reports each daemon's peak RSS, and the daemons' start
 time.  Targets (issue 2): sync >= 70% of SIMPLEX at 1 MiB, >= 50% at 8 KiB;
 peak RSS <= 200 MiB with ten 16 GiB volumes; start < 2 s.
+
+Then the cost of metrics (issue 17, target <= 3 %): two more primaryd, one
+with ``--metrics`` (scraped every second, far more often than Prometheus
+would) and one without, take the same SIMPLEX writes in alternating rounds;
+the medians of throughput and of the daemon's CPU time per write are
+compared.  ``--metrics-only`` runs only this part.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -105,12 +114,79 @@ async def bench(base: Path, scale: float) -> int:
     return 0
 
 
+def cpu_seconds(site: Site) -> float:
+    """User + system CPU time of the daemon process so far."""
+    assert site.proc is not None
+    fields = Path(f"/proc/{site.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def scraper(site: Site, stop: asyncio.Event, scrapes: list[int]) -> None:
+    """A Prometheus-like scraper, once a second (the thread keeps the loop free)."""
+    url = f"http://127.0.0.1:{site.metrics_port}/metrics"
+    while not stop.is_set():
+        await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        scrapes[0] += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def metrics_cost(base: Path, scale: float, rounds: int) -> None:
+    """Host writes with metrics on vs off, in alternating rounds of one run."""
+    on = Site("primary", 1101, base, metrics=True)
+    off = Site("primary", 1102, base)
+    on.start()
+    off.start()
+    size = 256 * MiB
+    cases = [("8 KiB rand", 8192, int(16 * MiB * scale), False), ("1 MiB seq", MiB, int(256 * MiB * scale), True)]
+    scrapes = [0]
+    stop = asyncio.Event()
+    try:
+        async with Client(on.address) as c_on, Client(off.address) as c_off:
+            for c in (c_on, c_off):
+                await c.create_volume("simplex", size)
+                await run_writes(c, "simplex", size, 8192, 8 * MiB, 16, False)  # warm up
+            scraping = asyncio.create_task(scraper(on, stop, scrapes))
+            print(f"\nmetrics on vs off: SIMPLEX writes at QD16, {rounds} alternating rounds, "
+                  f"load average {os.getloadavg()[0]:.2f}")
+            print(f"{'workload':<12} {'off MiB/s':>10} {'on MiB/s':>10} {'ratio':>7} {'off CPU us/write':>17} "
+                  f"{'on CPU us/write':>16} {'ratio':>7}  target")
+            for label, block, total, seq in cases:
+                rates: dict[str, list[float]] = {"off": [], "on": []}
+                cpu: dict[str, list[float]] = {"off": [], "on": []}
+                for r in range(rounds):
+                    order = [("off", off, c_off), ("on", on, c_on)]
+                    for name, site, c in (order if r % 2 == 0 else order[::-1]):
+                        before = cpu_seconds(site)
+                        rates[name].append(await run_writes(c, "simplex", size, block, total, 16, seq))
+                        cpu[name].append((cpu_seconds(site) - before) / (total // block) * 1e6)
+                off_rate, on_rate = statistics.median(rates["off"]), statistics.median(rates["on"])
+                off_cpu, on_cpu = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+                ratio = on_rate / off_rate
+                verdict = "PASS" if ratio >= 0.97 else "MISS"
+                print(f"{label:<12} {off_rate:>10.1f} {on_rate:>10.1f} {ratio:>7.3f} {off_cpu:>17.1f} "
+                      f"{on_cpu:>16.1f} {on_cpu / off_cpu:>7.3f}  throughput cost <= 3%: {verdict} "
+                      f"({(1 - ratio) * 100:+.1f}%)")
+            stop.set()
+            await scraping
+        print(f"scrapes of the metrics daemon during the rounds: {scrapes[0]} (load average {os.getloadavg()[0]:.2f})")
+    finally:
+        stop.set()
+        on.stop()
+        off.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the amount of data written")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of the metrics comparison")
+    parser.add_argument("--metrics-only", action="store_true", help="run only the metrics on/off comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="splitmirror-bench-") as tmp:
-        return asyncio.run(bench(Path(tmp), args.scale))
+        if not args.metrics_only:
+            asyncio.run(bench(Path(tmp), args.scale))
+        asyncio.run(metrics_cost(Path(tmp), args.scale, args.rounds))
+    return 0
 
 
 if __name__ == "__main__":
