@@ -131,6 +131,10 @@ async def scraper(site: Site, stop: asyncio.Event, scrapes: list[int]) -> None:
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
+def _spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
 async def metrics_cost(base: Path, scale: float, rounds: int) -> None:
     """Host writes with metrics on vs off, in alternating rounds of one run."""
     on = Site("primary", 1101, base, metrics=True)
@@ -149,8 +153,9 @@ async def metrics_cost(base: Path, scale: float, rounds: int) -> None:
             scraping = asyncio.create_task(scraper(on, stop, scrapes))
             print(f"\nmetrics on vs off: SIMPLEX writes at QD16, {rounds} alternating rounds, "
                   f"load average {os.getloadavg()[0]:.2f}")
-            print(f"{'workload':<12} {'off MiB/s':>10} {'on MiB/s':>10} {'ratio':>7} {'off CPU us/write':>17} "
-                  f"{'on CPU us/write':>16} {'ratio':>7}  target")
+            print("ratios are medians of each round's on/off pair (min-max in brackets)")
+            print(f"{'workload':<12} {'off MiB/s':>10} {'on MiB/s':>10} {'on/off':>20} {'off CPU us/wr':>14} "
+                  f"{'on CPU us/wr':>13} {'on/off':>20}  target")
             for label, block, total, seq in cases:
                 rates: dict[str, list[float]] = {"off": [], "on": []}
                 cpu: dict[str, list[float]] = {"off": [], "on": []}
@@ -160,13 +165,14 @@ async def metrics_cost(base: Path, scale: float, rounds: int) -> None:
                         before = cpu_seconds(site)
                         rates[name].append(await run_writes(c, "simplex", size, block, total, 16, seq))
                         cpu[name].append((cpu_seconds(site) - before) / (total // block) * 1e6)
-                off_rate, on_rate = statistics.median(rates["off"]), statistics.median(rates["on"])
-                off_cpu, on_cpu = statistics.median(cpu["off"]), statistics.median(cpu["on"])
-                ratio = on_rate / off_rate
+                rate_ratios = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
+                cpu_ratios = [a / b for a, b in zip(cpu["on"], cpu["off"], strict=True) if b > 0]
+                ratio = statistics.median(rate_ratios)
                 verdict = "PASS" if ratio >= 0.97 else "MISS"
-                print(f"{label:<12} {off_rate:>10.1f} {on_rate:>10.1f} {ratio:>7.3f} {off_cpu:>17.1f} "
-                      f"{on_cpu:>16.1f} {on_cpu / off_cpu:>7.3f}  throughput cost <= 3%: {verdict} "
-                      f"({(1 - ratio) * 100:+.1f}%)")
+                print(f"{label:<12} {statistics.median(rates['off']):>10.1f} {statistics.median(rates['on']):>10.1f} "
+                      f"{_spread(rate_ratios):>20} {statistics.median(cpu['off']):>14.1f} "
+                      f"{statistics.median(cpu['on']):>13.1f} {_spread(cpu_ratios):>20}  "
+                      f"throughput cost <= 3%: {verdict} ({(1 - ratio) * 100:+.1f}%)")
             stop.set()
             await scraping
         print(f"scrapes of the metrics daemon during the rounds: {scrapes[0]} (load average {os.getloadavg()[0]:.2f})")
@@ -179,7 +185,7 @@ async def metrics_cost(base: Path, scale: float, rounds: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the amount of data written")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of the metrics comparison")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds of the metrics comparison")
     parser.add_argument("--metrics-only", action="store_true", help="run only the metrics on/off comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="splitmirror-bench-") as tmp:

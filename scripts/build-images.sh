@@ -96,6 +96,20 @@ else
 fi
 base_id=$(docker image inspect --format '{{.Id}}' "$base")
 
+# Prometheus from Debian's package, on the same base (deploy/prometheus).
+PROMETHEUS_IMAGE=${SPLITMIRROR_PROMETHEUS_IMAGE:-splitmirror-prometheus:latest}
+prometheus_hash=$( { sha256sum deploy/prometheus/Dockerfile deploy/prometheus/prometheus.yml \
+  deploy/prometheus/alerts.yml; echo "$base_id"; } | sha256sum | cut -c1-16)
+if [ "${FORCE:-}" != 1 ] &&
+   [ "$(docker image inspect --format '{{ index .Config.Labels "splitmirror.source-hash" }}' "$PROMETHEUS_IMAGE" \
+        2>/dev/null)" = "$prometheus_hash" ]; then
+  say "$PROMETHEUS_IMAGE is up to date"
+else
+  say "docker build -t $PROMETHEUS_IMAGE (Debian's prometheus package on $base)"
+  docker build --force-rm --build-arg BASE_IMAGE="$base" --label "splitmirror.source-hash=$prometheus_hash" \
+    -t "$PROMETHEUS_IMAGE" deploy/prometheus
+fi
+
 # --------------------------------------------------------- up to date already?
 source_hash=$(
   {
