@@ -187,6 +187,12 @@ class Compose:
         return subprocess.Popen(["docker", "exec", self.container(service), *argv], stdout=subprocess.PIPE,
                                 stderr=stderr, text=True, bufsize=1)
 
+    def prometheus(self, expr: str) -> list[str]:
+        """The series of an instant query to the deployment's Prometheus, one
+        ``{labels} => value @[time]`` line each (promtool's format)."""
+        out = self.exec("prometheus", "promtool", "query", "instant", "http://127.0.0.1:9090", expr, timeout=60)
+        return [line for line in out.stdout.decode().splitlines() if "=>" in line]
+
     def cli(self, host: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         """``splitmirror ARGS`` in a host container, against its site's daemon."""
         return self.exec(host, "splitmirror", *args, check=check)
@@ -504,6 +510,24 @@ def run_scenario(compose: Compose, out: IO[str] = sys.stdout) -> dict[str, float
     n.same(n.c.pair_row("host-c", "c-mail")["status"], "DUPLEX", "c-mail stayed DUPLEX")
     n.sm("host-b", "pair", "display")
     lap("site C")
+
+    n.step("Prometheus (Debian's package) scrapes every site over HTTPS with the viewer certificate")
+    deadline = time.monotonic() + 90
+    while len(up := n.c.prometheus('up{job="splitmirror"} == 1')) < 3 and time.monotonic() < deadline:
+        time.sleep(2)
+    for line in up:
+        n.say(line)
+    n.check(len(up) == 3, "Prometheus scrapes primary-a, secondary and primary-c")
+    while len(pairs := n.c.prometheus('splitmirror_pair_status{peer!="local"} == 1')) < 4 \
+            and time.monotonic() < deadline:
+        time.sleep(2)
+    for line in pairs:
+        n.say(line)
+    n.check(len(pairs) == 4 and all('status="DUPLEX"' in line for line in pairs),
+            "both remote pairs are DUPLEX at both ends, as Prometheus sees them")
+    for line in n.c.prometheus("time() - splitmirror_backup_last_success_timestamp_seconds"):
+        n.say(f"backup age (s): {line}")
+    lap("prometheus")
     return timings
 
 
