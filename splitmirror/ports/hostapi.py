@@ -236,11 +236,13 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     async def Events(self, request: pb.EventsRequest, context: Context) -> AsyncIterator[pb.Event]:
         try:
-            self.policy.check("Events", context)
-            if self.events is None:
-                raise InvalidArgument(f"system {self.system.system_id} keeps no events")
-            async for event in self.events.read(request.since, request.follow):
-                yield event_message(event)
+            # Counted against the client's calls in flight while it streams:
+            # one client cannot hold every slot with followers.
+            with self.policy.admitted("Events", context):
+                if self.events is None:
+                    raise InvalidArgument(f"system {self.system.system_id} keeps no events")
+                async for event in self.events.read(request.since, request.follow):
+                    yield event_message(event)
         except SplitmirrorError as exc:
             await context.abort(exc.code, exc.message)
         except Exception:
