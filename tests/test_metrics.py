@@ -211,3 +211,24 @@ def test_metrics_over_tls_need_a_client_certificate_viewer_is_enough(tmp_path: P
         assert site.cli("events").returncode == 0
     finally:
         site.kill()
+
+
+def test_a_group_backup_shows_in_pair_display_and_metrics(metric_sites: tuple[Site, Site]) -> None:
+    primary, secondary = metric_sites
+    for name in ("a", "b"):
+        primary.cli("volume", "create", name, "--size", "4M")
+        primary.cli("pair", "create", f"{name}-m", "--pvol", name, "--svol", f"{name}-r", "--peer", "2001",
+                    "--group", "orders", "--wait")
+        secondary.cli("pair", "create", f"{name}-gen1", "--pvol", f"{name}-r", "--svol", f"{name}-s1", "--wait")
+    before = time.time()
+    primary.cli("backup", "--group", "orders", "--wait")
+    shown = primary.cli_json("pair", "display")
+    rows = {r["pair"]: r for r in shown if "pair" in r}
+    groups = [g for g in shown if "group" in g and "pair" not in g]
+    assert [g["group"] for g in groups] == ["orders"]
+    assert rows["a-m"]["backup_time"] == rows["b-m"]["backup_time"] == groups[0]["backup_time"]  # one cut
+    assert "group orders: newest backup" in primary.cli("pair", "display").stdout
+    found = samples(scrape(primary))
+    stamp = value(found, "splitmirror_group_backup_last_success_timestamp_seconds", group="orders")
+    assert before - 1 <= stamp <= time.time() + 1
+    assert value(found, "splitmirror_backup_last_success_timestamp_seconds", pair="a-m") == stamp
