@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 BUILD_SCRIPT = ROOT / "scripts" / "build-images.sh"
 IMAGE = os.environ.get("SPLITMIRROR_IMAGE", "splitmirror:latest")
+PROMETHEUS_IMAGE = os.environ.get("SPLITMIRROR_PROMETHEUS_IMAGE", "splitmirror-prometheus:latest")
 
 #: Each host container, the daemon of its site and that daemon's ports.
 SITES = {
@@ -126,7 +127,8 @@ class Compose:
         self.link_timeout = link_timeout
         self.out = out
         self.base = [*compose_command(), "-p", project, "-f", str(COMPOSE_FILE)]
-        self.env = dict(os.environ, SPLITMIRROR_IMAGE=IMAGE, SPLITMIRROR_LINK_TIMEOUT=f"{link_timeout:g}",
+        self.env = dict(os.environ, SPLITMIRROR_IMAGE=IMAGE, SPLITMIRROR_PROMETHEUS_IMAGE=PROMETHEUS_IMAGE,
+                        SPLITMIRROR_LINK_TIMEOUT=f"{link_timeout:g}",
                         SPLITMIRROR_HEALTH_INTERVAL=health_interval)
         self.env.pop("COMPOSE_FILE", None)
         self.env.pop("COMPOSE_PROJECT_NAME", None)

@@ -105,8 +105,9 @@ def container_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     log = tmp_path_factory.mktemp("images") / "build-images.log"
     started = time.monotonic()
     if os.environ.get("SPLITMIRROR_PREBUILT_IMAGE", "") not in ("", "0"):
-        if subprocess.run(["docker", "image", "inspect", compose_demo.IMAGE], capture_output=True).returncode:
-            _skip(f"SPLITMIRROR_PREBUILT_IMAGE is set but there is no image {compose_demo.IMAGE}")
+        for image in (compose_demo.IMAGE, compose_demo.PROMETHEUS_IMAGE):
+            if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode:
+                _skip(f"SPLITMIRROR_PREBUILT_IMAGE is set but there is no image {image}")
     else:
         try:
             with open(log, "w") as out:
