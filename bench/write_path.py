@@ -196,8 +196,9 @@ async def metrics_cost(base: Path, scale: float, rounds: int, control: bool = Fa
                 await run_writes(c, "simplex", size, 8192, 8 * MiB, 16, False)  # warm up
             scraping = asyncio.create_task(scraper(on, stop, scrapes) if not control else stop.wait())
             what = "off (control: the noise)" if control else "on (scraped every second)"
+            tuned = ", glibc malloc thresholds raised" if "MALLOC_TRIM_THRESHOLD_" in os.environ else ""
             print(f"\nmetrics {what} vs off: SIMPLEX writes at QD16 to both daemons at once, both on CPU "
-                  f"{PinnedSite.cpu}, {rounds} rounds of {seconds:g} s, load average {os.getloadavg()[0]:.2f}")
+                  f"{PinnedSite.cpu}, {rounds} rounds of {seconds:g} s{tuned}, load average {os.getloadavg()[0]:.2f}")
             print(f"{'workload':<12} {'off MiB/s':>10} {'on MiB/s':>10} {'on/off':>7} {'rounds on/off':>22} "
                   f"{'off CPU us/wr':>14} {'on CPU us/wr':>13} {'on/off':>7}  target")
             for label, block, seq in cases:
@@ -236,10 +237,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the metrics comparison")
     parser.add_argument("--metrics-only", action="store_true", help="run only the metrics on/off comparison")
     parser.add_argument("--control", action="store_true", help="also compare two daemons without metrics (noise)")
+    parser.add_argument("--malloc-thresholds", action="store_true",
+                        help="run the compared daemons with glibc's mmap/trim thresholds raised, which takes the "
+                             "page faults of 1 MiB payloads (heap trimming) out of the comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="splitmirror-bench-") as tmp:
         if not args.metrics_only:
             asyncio.run(bench(Path(tmp), args.scale))
+        if args.malloc_thresholds:  # inherited by the daemons started from here on
+            os.environ.update(MALLOC_MMAP_THRESHOLD_=str(64 * MiB), MALLOC_TRIM_THRESHOLD_=str(256 * MiB))
         asyncio.run(metrics_cost(Path(tmp), args.scale, args.rounds))
         if args.control:
             (Path(tmp) / "control").mkdir()
