@@ -57,7 +57,8 @@ class MirrorEnd:
         end = pair.mirror
         state = ic.MirrorState(pair=pair.name, status=pair.status.value, volume=end.volume.name,
                                pending_tracks=len(end.bitmap), size=end.volume.size,
-                               track_size=end.volume.track_size)
+                               track_size=end.volume.track_size, epoch=end.row.epoch, primary=False,
+                               applied_seq=pair.applied_seq)
         if with_bitmap:
             state.pending_bitmap = end.bitmap.to_bytes()
         if allocated:
