@@ -75,8 +75,9 @@ async def test_takeover_fences_the_returning_primary(cut_sites: tuple[Site, Site
     assert [e["op"] for e in events(secondary, "role")] == ["takeover"]
 
     # The old primary, still alive, writes on while cut off (its divergent tracks).
+    divergent = os.urandom(3 * TRACK)
     async with Client(primary.address) as c:
-        await c.write("db", 8 * MiB, os.urandom(3 * TRACK))
+        await c.write("db", 8 * MiB, divergent)
     proxies.heal()
 
     # On first contact it learns it lost the role: fenced, reads allowed, nothing overwritten.
@@ -90,8 +91,30 @@ async def test_takeover_fences_the_returning_primary(cut_sites: tuple[Site, Site
     assert [e["op"] for e in events(primary, "role")] == ["fenced"]
     assert "fenced" in primary.cli("pair", "display").stdout
 
-    # A restart keeps it fenced (the role is in the copy table).
-    primary.kill()
+    # A restart keeps it fenced (the role is in the copy table).  A clean
+    # one: after kill -9 whole write-intent extents would be pending.
+    primary.stop()
     primary.start()
     assert "fenced" in await refused(primary, "db", 0)
     assert secondary.pair_row("p")["status"] == "SPLIT"  # no automatic resync after a takeover
+
+    # Coming home: resync from the new primary copies only the tracks changed
+    # on either side, after saving the old primary's divergent ones.
+    secondary.cli("pair", "resync", "p", "--wait")
+    assert secondary.cli_json("stats")["pairs"][0]["resync_tracks_sent"] == 2 + 3
+    row = wait_status(primary, "p", ["DUPLEX"])
+    saved = row["divergent_volume"]
+    assert saved and saved.startswith("db-divergent-") and not row["fenced_by"], row
+    assert saved in {v["name"] for v in primary.cli_json("volume", "list")}
+    async with Client(primary.address) as pc, Client(secondary.address) as sc:
+        assert await pc.read(saved, 8 * MiB, 3 * TRACK) == divergent
+        assert await pc.read(saved, 0, TRACK) == bytes(TRACK)  # sparse: only the divergent tracks
+        assert await pc.checksum("db") == await sc.checksum("db-r")
+    assert [e["op"] for e in events(primary, "role")] == ["fenced", "divergent-saved"]
+    report = secondary.cli_json("verify", "p")
+    assert report["mismatches"] == [], report
+    # Mirroring B -> A now; A's volume is an SPVOL, read-only to hosts.
+    async with Client(secondary.address) as sc, Client(primary.address) as pc:
+        await sc.write("db-r", 12 * MiB, b"b" * TRACK)
+        assert await pc.read("db", 12 * MiB, TRACK) == b"b" * TRACK
+    assert "SPVOL" in await refused(primary, "db", 0)

@@ -24,6 +24,7 @@ from ..storage.bitmap import TrackBitmap
 from ..storage.copytable import PairRow
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
+from .divergent import save_divergent
 from .membership import check_new_mirror, forget, initial_bitmap
 from .verify import VERIFY_CHUNK
 
@@ -101,6 +102,10 @@ class MirrorEnd:
         elif op == ic.PAIR_OP_SUSPEND:
             self.context.set_status(pair, PairOp.FAULT, req.reason or "suspended by primary")
         elif op == ic.PAIR_OP_RESYNC_BEGIN:
+            role = pair.mirror.row.role
+            if role.fenced_by == peer and pair.mirror.bitmap and not req.reverse and not role.divergent:
+                # An old primary's own writes since the takeover: kept aside first.
+                await save_divergent(self.system, pair)
             if pair.status is PairStatus.DUPLEX:
                 self.context.set_status(pair, PairOp.FAULT, "resync requested by primary")
             if pair.status is not PairStatus.COPY:
@@ -116,6 +121,7 @@ class MirrorEnd:
             if pair.status is not PairStatus.DUPLEX:
                 self.context.set_status(pair, PairOp.COPY_DONE)
             pair.mirror.row.direction = "forward"
+            pair.mirror.row.role.fenced_by = 0  # mirrored again: an SPVOL like any other
             await self.system.volumes[pair.mirror.volume.name].flush()
         elif op == ic.PAIR_OP_DELETE:
             state = self.state(pair)
