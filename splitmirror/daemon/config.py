@@ -156,14 +156,14 @@ def _from_file(path: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"--config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgument(f"config file {path}: {exc}") from None
+        raise InvalidArgument(f"--config {path}: not valid TOML: {exc}") from None
     known = ({f.name for f in dataclasses.fields(DaemonConfig)} | {"async_queue", "max_message"}) - {
         "role", "async_queue_bytes", "max_message_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise InvalidArgument(f"config file {path}: unknown setting {unknown[0]!r}")
+        raise InvalidArgument(f"--config {path}: unknown setting {unknown[0]!r}")
     return data
 
 
@@ -221,7 +221,18 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     if tls_dir:
         from ..tls import TlsFiles
 
-        TlsFiles.load(Path(tls_dir), str(system_id))  # a missing file is a setting mistake: say so now
+        try:  # a missing file is a setting mistake: say so now
+            TlsFiles.load(Path(tls_dir), str(system_id))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"--tls-dir {tls_dir}: {exc.message}") from None
+    token_file = pick("token_file", args.token_file, str, "")
+    if token_file:
+        from ..ports.access import load_tokens
+
+        try:
+            load_tokens(Path(token_file))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"--token-file {token_file}: {exc.message}") from None
     nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)
     nbd_allow.update(parse_networks("--nbd-allow", v) for v in args.nbd_allow)
     host_volumes = _table("host_volumes", file.get("host_volumes", {}), _patterns)
@@ -241,7 +252,7 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         post_restore_hook=pick("post_restore_hook", args.post_restore_hook, str, ""),
         log_level=pick("log_level", args.log_level, str, "INFO"),
         tls_dir=tls_dir,
-        token_file=pick("token_file", args.token_file, str, ""),
+        token_file=token_file,
         max_message_bytes=max_message,
         rate_limit=rate,
         rate_burst=burst,

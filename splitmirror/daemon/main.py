@@ -6,6 +6,7 @@ The daemons are thin: they parse their settings and call :func:`main`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -32,6 +33,7 @@ from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
+from .startup import DataDirLock, check_addresses, check_tls
 
 log = logging.getLogger("splitmirror.daemon")
 
@@ -83,11 +85,14 @@ class Daemon:
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
         self.stopping = asyncio.Event()
+        #: True once every port serves: a failure before that is a start-up failure (exit 2).
+        self.started = False
+        self._opened = False
 
     async def start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
         await self.system.open()
+        self._opened = True
         await self.events.open()
         await self.backups.load()
         for peer, address in cfg.peers.items():
@@ -135,6 +140,29 @@ class Daemon:
                  cfg.system_id, listen_port, peer_port, nbd_text,
                  ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none",
                  f"mutual TLS from {cfg.tls_dir}" if self.tls else "no TLS")
+        self.started = True
+
+    async def abort(self) -> None:
+        """Undo a start that failed part way: no port left open, the data closed as it was found."""
+        for server in (self.metrics, self.nbd):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.close()  # type: ignore[attr-defined]
+        for grpc_server in (self.host_server, self.peer_server):
+            with contextlib.suppress(Exception):
+                await grpc_server.stop(None)
+        for link in self.links.values():
+            with contextlib.suppress(Exception):
+                await link.close()
+        if self._opened:
+            with contextlib.suppress(Exception):
+                await self.events.flush()
+            # An unclean start stays unclean: its bitmaps have not been rebuilt.
+            with contextlib.suppress(Exception):
+                if self.system.clean_start:
+                    await self.system.close()
+                else:
+                    await self.system.table.close()
 
     async def _start_nbd(self) -> str:
         from ..ports.nbdexport import start_nbd
@@ -189,13 +217,28 @@ class Daemon:
         log.info("%sd system %d stopped cleanly", self.config.role, self.config.system_id)
 
 
+class StartFailed(Exception):
+    """The daemon could not start; its one-line reason."""
+
+
 async def serve(config: DaemonConfig) -> None:
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except SplitmirrorError as exc:
+        raise StartFailed(exc.message) from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)
     started = time.monotonic()
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException as exc:
+        await daemon.abort()
+        if isinstance(exc, SplitmirrorError):
+            raise StartFailed(exc.message) from None
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise StartFailed(f"cannot start: {exc}") from None
+        raise
     log.debug("started in %.2fs", time.monotonic() - started)
     await daemon.stopping.wait()
     await daemon.stop()
@@ -211,19 +254,32 @@ def run_loop(coro_factory: object) -> None:
 
 
 def main(role: str, argv: list[str] | None = None) -> int:
+    """Exit status 2 with one line on stderr for any start-up failure, 1 for a failure while serving."""
+    lock: DataDirLock | None = None
     try:
         config = load_config(role, argv)
+        lock = DataDirLock(config.data_dir)
+        lock.acquire()
+        check_addresses(config)
+        check_tls(config)
     except SplitmirrorError as exc:
+        if lock is not None:
+            lock.release()
         print(f"{role}d: error: {exc.message}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format=f"%(asctime)s {role}d[{config.system_id}] %(levelname)s %(name)s: %(message)s")
     try:
         run_loop(lambda: serve(config))
+    except StartFailed as exc:
+        print(f"{role}d: error: {exc}", file=sys.stderr)
+        return 2
     except SplitmirrorError as exc:
         log.error("%s", exc.message)
         return 1
     except OSError as exc:
-        log.error("cannot start: %s", exc)
+        log.error("stopped: %s", exc)
         return 1
+    finally:
+        lock.release()
     return 0
