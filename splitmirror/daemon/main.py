@@ -33,6 +33,7 @@ from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
 from .heap import fix_malloc_thresholds
+from .limits import nbd_connection_cap, raise_nofile
 
 log = logging.getLogger("splitmirror.daemon")
 
@@ -83,6 +84,8 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        #: The soft open-file limit, raised to the hard one at start.
+        self.nofile = raise_nofile()
         self.stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -138,10 +141,13 @@ class Daemon:
                  f"mutual TLS from {cfg.tls_dir}" if self.tls else "no TLS")
 
     async def _start_nbd(self) -> str:
-        from ..ports.nbdexport import start_nbd
+        from ..ports.nbdexport import NbdLimits, start_nbd
 
-        server, port = await start_nbd(self.system, self.config.nbd, tls=self.tls,
-                                       allow=self.config.nbd_allow, policy=self.policy, meter=self.meter)
+        cfg = self.config
+        limits = NbdLimits(nbd_connection_cap(cfg.nbd_max_connections, self.nofile), cfg.nbd_max_per_client,
+                           cfg.nbd_handshake_timeout)
+        server, port = await start_nbd(self.system, cfg.nbd, tls=self.tls, allow=cfg.nbd_allow, policy=self.policy,
+                                       meter=self.meter, limits=limits)
         self.nbd = server
         self.system.nbd_port = port
         return f", NBD port {port}"
