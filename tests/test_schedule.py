@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from client import Client, ClientError
 from splitmirror.clock import timestamp_of
-from splitmirror.testing import Site, wait_for, wait_status
+from splitmirror.testing import Site, wait_status
 from splitmirror.v1 import host_pb2
 
 MiB = 1 << 20
@@ -105,7 +106,7 @@ async def test_schedules_rotate_their_rings_across_a_restart(sched_sites: tuple[
         assert all(r[1] == "done" for r in later)
         slots = [r[3] for r in later]
         assert slots == sorted(slots) and len(set(slots)) == len(slots)
-        for a, b in zip(later, later[1:], strict=False):
+        for a, b in itertools.pairwise(later):
             assert b[3] > a[4] - 0.01  # each next slot is after the previous run
         # The ring continues where it stopped, across the restart.
         before = [r[2] for r in (await scheduled_runs(c)) if r[0] == fast and r[4] < down]
