@@ -32,6 +32,7 @@ from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
+from .heap import fix_malloc_thresholds
 
 log = logging.getLogger("splitmirror.daemon")
 
@@ -218,6 +219,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format=f"%(asctime)s {role}d[{config.system_id}] %(levelname)s %(name)s: %(message)s")
+    fix_malloc_thresholds()
     try:
         run_loop(lambda: serve(config))
     except SplitmirrorError as exc:
