@@ -97,6 +97,8 @@ def stats_json(stats: host_pb2.Stats) -> JsonObject:
                 "resync_bytes_sent": int(p.resync_bytes_sent),
                 "resync_tracks_received": int(p.resync_tracks_received),
                 "resync_bytes_received": int(p.resync_bytes_received),
+                **({"lag_seconds": round(float(p.lag_seconds), 3), "lag_bytes": int(p.lag_bytes)}
+                   if p.primary and p.mode == "async" else {}),
             }
             for p in stats.pairs
         ],

@@ -80,6 +80,12 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
     return str(peer)
 
 
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes the stream holds that no one has read yet."""
+    buffer = getattr(reader, "_buffer", b"")
+    return len(buffer) if isinstance(buffer, bytes | bytearray) else 0
+
+
 class Connection:
     """One client: handshake, then a read loop spawning command tasks."""
 
@@ -279,6 +285,12 @@ class Connection:
             self.log.warning("nbd %s: TLS handshake failed: %s", self.peer, exc)
             self._broken = True
             return "TLS handshake failed"
+        if _buffered(self.reader) or self.codec.buffered:
+            # Plaintext that arrived before the switch would run with the TLS
+            # client's identity (nbdkit CVE-2021-3716): hang up.
+            self.log.warning("nbd %s: plaintext bytes after NBD_OPT_STARTTLS; hanging up", self.peer)
+            self._broken = True
+            return "data injected before the TLS handshake"
         self._tls_done = True
         ssl_object = self.writer.get_extra_info("ssl_object")
         self._peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None

@@ -231,7 +231,11 @@ class HostApiServicer(pb_grpc.HostApiServicer):
             stats.pairs.append(pb.PairCounters(
                 pair=name, replicated_writes=c.replicated_writes, replicated_bytes=c.replicated_bytes,
                 resync_tracks_sent=c.resync_tracks_sent, resync_bytes_sent=c.resync_bytes_sent,
-                resync_tracks_received=c.resync_tracks_received, resync_bytes_received=c.resync_bytes_received))
+                resync_tracks_received=c.resync_tracks_received, resync_bytes_received=c.resync_bytes_received,
+                mode=pair.row.mode, primary=pair.primary is not None))
+            if pair.primary is not None and pair.row.mode == "async":
+                stats.pairs[-1].lag_seconds = pair.lag_seconds()
+                stats.pairs[-1].lag_bytes = pair.queued_bytes()
         return stats
 
     async def Events(self, request: pb.EventsRequest, context: Context) -> AsyncIterator[pb.Event]:

@@ -1016,6 +1016,10 @@ class PairCounters(_message.Message):
     RESYNC_BYTES_SENT_FIELD_NUMBER: _builtins.int
     RESYNC_TRACKS_RECEIVED_FIELD_NUMBER: _builtins.int
     RESYNC_BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    LAG_BYTES_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     replicated_writes: _builtins.int
     replicated_bytes: _builtins.int
@@ -1023,6 +1027,16 @@ class PairCounters(_message.Message):
     resync_bytes_sent: _builtins.int
     resync_tracks_received: _builtins.int
     resync_bytes_received: _builtins.int
+    lag_seconds: _builtins.float
+    """Async pairs (primary end): how far the mirror is behind the host, as
+    the age of the oldest write acknowledged to the host and not yet
+    applied at the mirror, and the bytes of such writes.
+    """
+    lag_bytes: _builtins.int
+    mode: _builtins.str
+    """sync or async"""
+    primary: _builtins.bool
+    """this system holds the pair's primary end"""
     def __init__(
         self,
         *,
@@ -1033,10 +1047,14 @@ class PairCounters(_message.Message):
         resync_bytes_sent: _builtins.int = ...,
         resync_tracks_received: _builtins.int = ...,
         resync_bytes_received: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        lag_bytes: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        primary: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pair", b"pair", "replicated_bytes", b"replicated_bytes", "replicated_writes", b"replicated_writes", "resync_bytes_received", b"resync_bytes_received", "resync_bytes_sent", b"resync_bytes_sent", "resync_tracks_received", b"resync_tracks_received", "resync_tracks_sent", b"resync_tracks_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag_bytes", b"lag_bytes", "lag_seconds", b"lag_seconds", "mode", b"mode", "pair", b"pair", "primary", b"primary", "replicated_bytes", b"replicated_bytes", "replicated_writes", b"replicated_writes", "resync_bytes_received", b"resync_bytes_received", "resync_bytes_sent", b"resync_bytes_sent", "resync_tracks_received", b"resync_tracks_received", "resync_tracks_sent", b"resync_tracks_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
