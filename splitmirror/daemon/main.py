@@ -28,6 +28,7 @@ from ..ports.interconnect import InterconnectServicer
 from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
 from ..procedures.restore import RestoreManager
+from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
@@ -66,6 +67,7 @@ class Daemon:
         self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
                                        config.post_restore_hook)
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
+        self.schedules = BackupScheduler(self.backups)
         self.events = EventLog(self.system.table)
         self.system.events = self.events
         #: Host I/O is measured only when metrics are served.
@@ -94,6 +96,7 @@ class Daemon:
         await self.system.open()
         await self.events.open()
         await self.backups.load()
+        await self.schedules.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -103,7 +106,8 @@ class Daemon:
         await self.manager.start()
 
         host_pb2_grpc.add_HostApiServicer_to_server(
-            HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter),
+            HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
+                            self.schedules),
             self.host_server)
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
             InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
@@ -135,6 +139,7 @@ class Daemon:
             nbd_text += await self._start_metrics()
         for link in self.links.values():
             link.start()
+        self.schedules.start()
         log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s, %s", cfg.role,
                  cfg.system_id, listen_port, peer_port, nbd_text,
                  ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none",
@@ -182,6 +187,7 @@ class Daemon:
         for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.events.close_followers()
+        await self.schedules.stop()
         if self.metrics is not None:
             await self.metrics.close()  # type: ignore[attr-defined]
         if self.nbd is not None:
