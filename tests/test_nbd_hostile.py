@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import resource
 import shutil
-import time
 import socket
 import ssl
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
