@@ -29,10 +29,13 @@ from ..ports.interconnect import InterconnectServicer
 from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
 from ..procedures.restore import RestoreManager
+from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
+from .heap import fix_malloc_thresholds
+from .limits import nbd_connection_cap, raise_nofile
 from .startup import DataDirLock, check_addresses, check_tls
 
 log = logging.getLogger("splitmirror.daemon")
@@ -66,6 +69,7 @@ class Daemon:
         self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
                                        config.post_restore_hook)
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
+        self.schedules = BackupScheduler(self.backups)
         self.events = EventLog(self.system.table)
         self.system.events = self.events
         #: Host I/O is measured only when metrics are served.
@@ -84,6 +88,8 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        #: The soft open-file limit, raised to the hard one at start.
+        self.nofile = raise_nofile()
         self.stopping = asyncio.Event()
         #: True once every port serves: a failure before that is a start-up failure (exit 2).
         self.started = False
@@ -95,6 +101,7 @@ class Daemon:
         self._opened = True
         await self.events.open()
         await self.backups.load()
+        await self.schedules.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -104,7 +111,8 @@ class Daemon:
         await self.manager.start()
 
         host_pb2_grpc.add_HostApiServicer_to_server(
-            HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter),
+            HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
+                            self.schedules),
             self.host_server)
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
             InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
@@ -136,6 +144,7 @@ class Daemon:
             nbd_text += await self._start_metrics()
         for link in self.links.values():
             link.start()
+        self.schedules.start()
         log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s, %s", cfg.role,
                  cfg.system_id, listen_port, peer_port, nbd_text,
                  ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none",
@@ -144,6 +153,8 @@ class Daemon:
 
     async def abort(self) -> None:
         """Undo a start that failed part way: no port left open, the data closed as it was found."""
+        with contextlib.suppress(Exception):
+            await self.schedules.stop()
         for server in (self.metrics, self.nbd):
             if server is not None:
                 with contextlib.suppress(Exception):
@@ -165,10 +176,13 @@ class Daemon:
                     await self.system.table.close()
 
     async def _start_nbd(self) -> str:
-        from ..ports.nbdexport import start_nbd
+        from ..ports.nbdexport import NbdLimits, start_nbd
 
-        server, port = await start_nbd(self.system, self.config.nbd, tls=self.tls,
-                                       allow=self.config.nbd_allow, policy=self.policy, meter=self.meter)
+        cfg = self.config
+        limits = NbdLimits(nbd_connection_cap(cfg.nbd_max_connections, self.nofile), cfg.nbd_max_per_client,
+                           cfg.nbd_handshake_timeout)
+        server, port = await start_nbd(self.system, cfg.nbd, tls=self.tls, allow=cfg.nbd_allow, policy=self.policy,
+                                       meter=self.meter, limits=limits)
         self.nbd = server
         self.system.nbd_port = port
         return f", NBD port {port}"
@@ -203,6 +217,7 @@ class Daemon:
         for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.events.close_followers()
+        await self.schedules.stop()
         if self.metrics is not None:
             await self.metrics.close()  # type: ignore[attr-defined]
         if self.nbd is not None:
@@ -269,6 +284,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format=f"%(asctime)s {role}d[{config.system_id}] %(levelname)s %(name)s: %(message)s")
+    fix_malloc_thresholds()
     try:
         run_loop(lambda: serve(config))
     except StartFailed as exc:
