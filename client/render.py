@@ -116,6 +116,8 @@ def stats_json(stats: host_pb2.Stats) -> JsonObject:
                 "resync_bytes_sent": int(p.resync_bytes_sent),
                 "resync_tracks_received": int(p.resync_tracks_received),
                 "resync_bytes_received": int(p.resync_bytes_received),
+                **({"lag_seconds": round(float(p.lag_seconds), 3), "lag_bytes": int(p.lag_bytes)}
+                   if p.primary and p.mode == "async" else {}),
             }
             for p in stats.pairs
         ],
@@ -278,6 +280,33 @@ def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
     for g in gens:
         table.add_row(g.local_pair, g.svol, g.status, g.backup_time or "-", str(g.sequence) if g.sequence else "-",
                       f"{g.changed_tracks} tracks" if g.backup_time else "-")
+    return table
+
+
+#: The keys of one schedule object (``backup schedule list --json``, ``backups --json``).
+SCHEDULE_KEYS = ("name", "pair", "group", "every_seconds", "at", "ring", "check", "probe", "pre_hook", "post_hook",
+                 "hook_timeout_seconds", "next_run", "last_run", "last_result", "last_error", "last_generations",
+                 "runs", "last_check")
+
+
+def schedule_json(s: host_pb2.Schedule) -> JsonObject:
+    obj: JsonObject = {key: getattr(s, key) for key in SCHEDULE_KEYS}
+    obj["ring"] = list(s.ring)
+    obj["runs"] = int(s.runs)
+    return obj
+
+
+def schedules_table(schedules: Sequence[host_pb2.Schedule]) -> Table:
+    table = _table("SCHEDULE", "TARGET", "EVERY", "RING", "NEXT RUN", "LAST RUN", "LAST RESULT", "CHECK",
+                   right=("EVERY",))
+    for s in schedules:
+        every = f"{s.every_seconds:g}s" + (f" at {s.at}" if s.at else "")
+        result = s.last_result or "-"
+        if s.last_error:
+            result += f": {s.last_error}"
+        check = (s.last_check or "pending") if s.check else "-"
+        table.add_row(s.name, f"group {s.group}" if s.group else s.pair, every, ",".join(s.ring) or "all",
+                      s.next_run, s.last_run or "-", result, check)
     return table
 
 

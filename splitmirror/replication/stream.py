@@ -42,10 +42,6 @@ class ReplicationStream:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
-        #: Seconds the sender waits for more entries before sending a batch
-        #: (async pairs: the host does not wait, and batching spares CPU on
-        #: both sides for every message and acknowledgement saved).
-        self.linger = 0.0
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
@@ -57,6 +53,13 @@ class ReplicationStream:
         """
         if not self.queue.unacked:
             self._last_progress = time.monotonic()
+        last = self.queue.last_unsent
+        if flush and last is not None and last.flush and last.marker is None and not data:
+            # A flush right behind an unsent flush makes nothing more durable:
+            # one mirror flush in flight serves both.
+            waiter = self._waiters.get(last.seq)
+            if waiter is not None:
+                return waiter
         entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
@@ -108,8 +111,6 @@ class ReplicationStream:
         first = True
         while True:
             await self._wakeup.wait()
-            if self.linger:
-                await asyncio.sleep(self.linger)
             self._wakeup.clear()
             while self.queue.has_unsent:
                 batch = self.queue.take_batch()
