@@ -19,6 +19,7 @@ from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
 from ..errors import InvalidArgument
 from ..pairstate.pair import MODES, EndRole, Pair
+from ..replication.framing import SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -153,8 +154,8 @@ class PairManager:
     async def mirror_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
         return await self.mirror_end.command(peer, req)
 
-    async def mirror_apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
-        await self.mirror_end.apply(pair, entries)
+    async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply(pair, batch, sequence)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)
