@@ -259,6 +259,33 @@ def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
     return table
 
 
+#: The keys of one schedule object (``backup schedule list --json``, ``backups --json``).
+SCHEDULE_KEYS = ("name", "pair", "group", "every_seconds", "at", "ring", "check", "probe", "pre_hook", "post_hook",
+                 "hook_timeout_seconds", "next_run", "last_run", "last_result", "last_error", "last_generations",
+                 "runs", "last_check")
+
+
+def schedule_json(s: host_pb2.Schedule) -> JsonObject:
+    obj: JsonObject = {key: getattr(s, key) for key in SCHEDULE_KEYS}
+    obj["ring"] = list(s.ring)
+    obj["runs"] = int(s.runs)
+    return obj
+
+
+def schedules_table(schedules: Sequence[host_pb2.Schedule]) -> Table:
+    table = _table("SCHEDULE", "TARGET", "EVERY", "RING", "NEXT RUN", "LAST RUN", "LAST RESULT", "CHECK",
+                   right=("EVERY",))
+    for s in schedules:
+        every = f"{s.every_seconds:g}s" + (f" at {s.at}" if s.at else "")
+        result = s.last_result or "-"
+        if s.last_error:
+            result += f": {s.last_error}"
+        check = (s.last_check or "pending") if s.check else "-"
+        table.add_row(s.name, f"group {s.group}" if s.group else s.pair, every, ",".join(s.ring) or "all",
+                      s.next_run, s.last_run or "-", result, check)
+    return table
+
+
 # ---------------------------------------------------------------------- events
 
 #: The keys of one ``events --json`` object, in order (empty fields are left out).

@@ -33,6 +33,7 @@ COMMANDS: dict[str, _Handler] = {
     "verify": pairs.verify,
     "backup": backups.backup,
     "backups": backups.backups,
+    "backup-schedule": backups.schedule,
     "restore": restore.restore,
     "events": events.events,
 }

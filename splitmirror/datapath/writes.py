@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable, Iterable
 
 from ..errors import FailedPrecondition
+from ..pairstate.index import PairIndex
 from ..pairstate.pair import Pair
 from ..status import MIRRORING, TRACKING
 from ..storage.bitmap import TrackBitmap
@@ -49,7 +50,7 @@ class WritePath(abc.ABC):
     # The storage system's state this pipeline works on.
     table: CopyTable
     intent: IntentLog
-    pairs: dict[str, Pair]
+    pairs: PairIndex
     fences: dict[str, str]
     _order: dict[str, RangeOrder]  # volume -> its write order
     _dirty: set[tuple[str, str]]   # (pair, volume) bitmaps changed since saved

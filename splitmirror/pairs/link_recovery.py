@@ -67,8 +67,8 @@ class LinkRecovery:
 
     async def on_peer_down(self, link: PeerLink) -> None:
         self.system.events.emit(Event(LINK_DOWN, peer=link.peer_id, reason=link.reason or "peer-down"))
-        for pair in list(self.system.pairs.values()):
-            if not pair.remote or pair.peer_id != link.peer_id or pair.status not in MIRRORING:
+        for pair in self.context.pairs_with(link.peer_id):
+            if pair.status not in MIRRORING:
                 continue
             self.context.set_status(pair, PairOp.FAULT, link.reason or "peer-down")
             await self.system.save_rows(pair)

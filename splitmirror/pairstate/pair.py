@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import enum
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 from ..errors import FailedPrecondition
@@ -92,8 +93,10 @@ class Pair:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.primary: PairEnd | None = None  # the end this system copies from
-        self.mirror: PairEnd | None = None   # the end this system copies into
+        #: Told when the ends change (the storage system's pair index).
+        self.on_ends_changed: Callable[[Pair], None] | None = None
+        self._primary: PairEnd | None = None
+        self._mirror: PairEnd | None = None
         self.link: PeerLink | None = None    # remote pairs: the peer
         self.channel: MirrorChannel | None = None  # primary end: towards the mirror end
         self.progress: CopyProgress | None = None
@@ -103,6 +106,28 @@ class Pair:
         self.backup_running = False
         self.reconciling = False
         self.retry = RetryBackoff()           # primary end: automatic resync attempts
+
+    @property
+    def primary(self) -> PairEnd | None:
+        """The end this system copies from."""
+        return self._primary
+
+    @primary.setter
+    def primary(self, end: PairEnd | None) -> None:
+        self._primary = end
+        if self.on_ends_changed is not None:
+            self.on_ends_changed(self)
+
+    @property
+    def mirror(self) -> PairEnd | None:
+        """The end this system copies into."""
+        return self._mirror
+
+    @mirror.setter
+    def mirror(self, end: PairEnd | None) -> None:
+        self._mirror = end
+        if self.on_ends_changed is not None:
+            self.on_ends_changed(self)
 
     @property
     def ends(self) -> list[PairEnd]:

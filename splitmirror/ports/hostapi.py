@@ -18,6 +18,7 @@ from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
 from ..procedures.restore import RestoreManager
+from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
 from ..v1 import host_pb2 as pb
 from ..v1 import host_pb2_grpc as pb_grpc
@@ -58,8 +59,9 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
-                 meter: IoMeter | None = None) -> None:
+                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None) -> None:
         self.manager = manager
+        self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
         self.restores = restores
         self.policy = policy or AccessPolicy(tls=False)
@@ -195,11 +197,27 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
-        return await self.backups.backup(request.pair, request.group, request.generation, request.wait)
+        return await self.backups.backup(request.pair, request.group, request.generation, request.wait,
+                                         list(request.ring))
 
     @refusals
     async def ListBackups(self, request: pb.PairRef, context: Context) -> pb.GenerationList:
-        return await self.backups.list_backups(request.name)
+        listing = await self.backups.list_backups(request.name)
+        listing.schedules.extend(s.message() for s in self.schedules.matching(request.name, ""))
+        return listing
+
+    @refusals
+    async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:
+        return await self.schedules.set(request)
+
+    @refusals
+    async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Context) -> pb.ScheduleList:
+        return pb.ScheduleList(schedules=[s.message() for s in self.schedules.matching(request.pair, request.group)])
+
+    @refusals
+    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest, context: Context) -> pb.ScheduleList:
+        gone = await self.schedules.delete(request.name, request.group)
+        return pb.ScheduleList(schedules=[s.message() for s in gone])
 
     @refusals
     async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:

@@ -23,12 +23,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import grpc
 
 from ..clock import utc_now
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
 from ..eventsink import BACKUP, Event, caused_by
+from ..names import check_name
 from ..pairstate.pair import Pair
 from ..replication.link import relay
 from ..replication.queue import BackupMarker
@@ -41,6 +43,16 @@ log = logging.getLogger("splitmirror.backup")
 
 #: Meta key prefix of a consistency group's newest backup time (at the primary).
 GROUP_BACKUP_KEY = "group-backup:"
+#: Most generations a ring may name.
+MAX_RING = 64
+
+
+def check_ring(ring: Sequence[str]) -> None:
+    """A ring of generations from a client: bounded, each a valid name."""
+    if len(ring) > MAX_RING:
+        raise InvalidArgument(f"a ring names {len(ring)} generations; at most {MAX_RING} are allowed")
+    for name in ring:
+        check_name("generation", name)
 
 
 class BackupManager:
@@ -83,6 +95,15 @@ class BackupManager:
             raise FailedPrecondition(
                 f"pair {pair.name!r} has no backup generation on system {sid}: create local pairs from "
                 f"SPVOL {spvol!r} there (splitmirror pair create GEN --pvol {spvol} --svol SVOL)")
+        if req.ring and not req.generation:
+            check_ring(req.ring)
+            ring = set(req.ring)
+            mine = [g for g in gens if g.name in ring]
+            if not mine:
+                raise FailedPrecondition(
+                    f"none of the ring's generations ({', '.join(sorted(ring))}) is a generation of pair "
+                    f"{pair.name!r} on system {sid} (its generations: {', '.join(g.name for g in gens)})")
+            gens = mine
         if req.generation:
             chosen = next((g for g in gens if g.name == req.generation), None)
             if chosen is None:
@@ -180,7 +201,7 @@ class BackupManager:
         return ic.ListGenerationsReply(generations=self.list_local(pair))
 
     # -- the primary's side ---------------------------------------------------------
-    def _targets(self, name: str, group: str) -> list[Pair]:
+    def targets(self, name: str, group: str) -> list[Pair]:
         if bool(name) == bool(group):
             raise InvalidArgument("name a remote pair or a consistency group (--group), not both")
         if name:
@@ -197,7 +218,7 @@ class BackupManager:
                     "backups are issued at the primary of a remote pair")
         return pairs
 
-    def _check_ready(self, pairs: list[Pair]) -> None:
+    def check_ready(self, pairs: list[Pair]) -> None:
         for pair in pairs:
             if pair.status is not PairStatus.DUPLEX:
                 raise FailedPrecondition(
@@ -213,11 +234,13 @@ class BackupManager:
         except grpc.aio.AioRpcError as exc:
             raise relay(exc, pair.peer_id) from None
 
-    async def backup(self, name: str, group: str, generation: str, wait: bool) -> pb.BackupReply:
-        pairs = self._targets(name, group)
+    async def backup(self, name: str, group: str, generation: str, wait: bool,
+                     ring: Sequence[str] = ()) -> pb.BackupReply:
+        pairs = self.targets(name, group)
         if generation and len(pairs) > 1:
             raise InvalidArgument("--generation names one local pair; a group backup picks each pair's oldest")
-        self._check_ready(pairs)
+        check_ring(ring)
+        self.check_ready(pairs)
         busy = [p.name for p in pairs if p.backup_running]
         if busy:
             raise FailedPrecondition(f"a backup of pair {busy[0]!r} is already running")
@@ -228,11 +251,12 @@ class BackupManager:
             prepared: list[ic.PrepareBackupReply] = []
             for pair in pairs:
                 reply = await self._rpc(pair, "PrepareBackup",
-                                        ic.PrepareBackupRequest(pair=pair.name, generation=generation), None)
+                                        ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring),
+                                        None)
                 assert isinstance(reply, ic.PrepareBackupReply)
                 prepared.append(reply)
             prepare_seconds = time.monotonic() - started
-            self._check_ready(pairs)
+            self.check_ready(pairs)
             # One step of the event loop, no await: one point of the write order.
             backup_time = utc_now()
             markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]

@@ -119,6 +119,21 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
                 _registered_method=True)
+        self.SetSchedule = channel.unary_unary(
+                '/splitmirror.v1.HostApi/SetSchedule',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/splitmirror.v1.HostApi/ListSchedules',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/splitmirror.v1.HostApi/DeleteSchedule',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
+                _registered_method=True)
         self.BeginRestore = channel.unary_unary(
                 '/splitmirror.v1.HostApi/BeginRestore',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.RestoreRequest.SerializeToString,
@@ -260,6 +275,25 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSchedule(self, request, context):
+        """Backup schedules, kept in the primary's copy table and run by it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def BeginRestore(self, request, context):
         """Restores, issued at the secondary (host B).  Files: BeginRestore fences
         the PVOL and splits the remote pair, the restore agent copies files into
@@ -393,6 +427,21 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.ListBackups,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.SerializeToString,
+            ),
+            'SetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSchedule,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.Schedule.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.SerializeToString,
             ),
             'BeginRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.BeginRestore,
@@ -884,6 +933,87 @@ class HostApi:
             '/splitmirror.v1.HostApi/ListBackups',
             splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/SetSchedule',
+            splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/ListSchedules',
+            splitmirror_dot_v1_dot_host__pb2.ListSchedulesRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/DeleteSchedule',
+            splitmirror_dot_v1_dot_host__pb2.DeleteScheduleRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class HostApiStub:
     """
     ListBackups: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    SetSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]
+    """Backup schedules, kept in the primary's copy table and run by it."""
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.DeleteScheduleRequest, _host_pb2.ScheduleList]
     BeginRestore: _grpc.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreSession]
     """Restores, issued at the secondary (host B).  Files: BeginRestore fences
     the PVOL and splits the remote pair, the restore agent copies files into
@@ -97,6 +101,10 @@ class HostApiAsyncStub(HostApiStub):
     """
     ListBackups: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]  # type: ignore[assignment]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    SetSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]  # type: ignore[assignment]
+    """Backup schedules, kept in the primary's copy table and run by it."""
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]  # type: ignore[assignment]
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.DeleteScheduleRequest, _host_pb2.ScheduleList]  # type: ignore[assignment]
     BeginRestore: _aio.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreSession]  # type: ignore[assignment]
     """Restores, issued at the secondary (host B).  Files: BeginRestore fences
     the PVOL and splits the remote pair, the restore agent copies files into
@@ -240,6 +248,28 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.GenerationList, _abc.Awaitable[_host_pb2.GenerationList]]:
         """Backup generations of a remote pair (at the primary: asked of the peer)."""
+
+    @_abc_1.abstractmethod
+    def SetSchedule(
+        self,
+        request: _host_pb2.Schedule,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.Schedule, _abc.Awaitable[_host_pb2.Schedule]]:
+        """Backup schedules, kept in the primary's copy table and run by it."""
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _host_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.ScheduleList, _abc.Awaitable[_host_pb2.ScheduleList]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _host_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.ScheduleList, _abc.Awaitable[_host_pb2.ScheduleList]]: ...
 
     @_abc_1.abstractmethod
     def BeginRestore(

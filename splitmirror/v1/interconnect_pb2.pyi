@@ -148,18 +148,24 @@ class PrepareBackupRequest(_message.Message):
 
     PAIR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     generation: _builtins.str
     """empty: the ring's oldest"""
+    @_builtins.property
+    def ring(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """with no generation: only these local pairs (those of this pair)"""
+
     def __init__(
         self,
         *,
         pair: _builtins.str = ...,
         generation: _builtins.str = ...,
+        ring: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "ring", b"ring"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
