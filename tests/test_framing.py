@@ -75,7 +75,7 @@ def test_truncated_input_is_refused(cut: int) -> None:
     q = ReplicationQueue()
     q.push(0, b"x" * 4096)
     buf = encode(q.take_batch())
-    with pytest.raises(FramingError, match="truncated|payload bytes"):
+    with pytest.raises(FramingError, match=r"truncated|payload bytes"):
         decode(buf[:cut], 10)
 
 
