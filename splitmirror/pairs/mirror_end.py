@@ -25,6 +25,7 @@ from ..storage.bitmap import TrackBitmap
 from ..storage.copytable import PairRow
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
+from .divergent import save_divergent
 from .membership import check_new_mirror, forget, initial_bitmap
 from .verify import VERIFY_CHUNK
 
@@ -61,7 +62,8 @@ class MirrorEnd:
         end = pair.mirror
         state = ic.MirrorState(pair=pair.name, status=pair.status.value, volume=end.volume.name,
                                pending_tracks=len(end.bitmap), size=end.volume.size,
-                               track_size=end.volume.track_size)
+                               track_size=end.volume.track_size, epoch=end.row.epoch, primary=False,
+                               applied_seq=pair.applied_seq)
         if with_bitmap:
             state.pending_bitmap = end.bitmap.to_bytes()
         if allocated:
@@ -104,6 +106,10 @@ class MirrorEnd:
         elif op == ic.PAIR_OP_SUSPEND:
             self.context.set_status(pair, PairOp.FAULT, req.reason or "suspended by primary")
         elif op == ic.PAIR_OP_RESYNC_BEGIN:
+            role = pair.mirror.row.role
+            if role.fenced_by == peer and pair.mirror.bitmap and not req.reverse and not role.divergent:
+                # An old primary's own writes since the takeover: kept aside first.
+                await save_divergent(self.system, pair)
             if pair.status is PairStatus.DUPLEX:
                 self.context.set_status(pair, PairOp.FAULT, "resync requested by primary")
             if pair.status is not PairStatus.COPY:
@@ -119,6 +125,7 @@ class MirrorEnd:
             if pair.status is not PairStatus.DUPLEX:
                 self.context.set_status(pair, PairOp.COPY_DONE)
             pair.mirror.row.direction = "forward"
+            pair.mirror.row.role.fenced_by = 0  # mirrored again: an SPVOL like any other
             await self.system.volumes[pair.mirror.volume.name].flush()
         elif op == ic.PAIR_OP_DELETE:
             state = self.state(pair)
@@ -164,6 +171,8 @@ class MirrorEnd:
                 good = i
                 break
         await self._apply_frames(pair, frames[:good])
+        if good:
+            pair.applied_seq = frames[good - 1].seq
         if why:
             await self._refuse_stream(pair, why)
         return frames[-1].seq if frames else 0

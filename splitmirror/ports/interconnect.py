@@ -114,6 +114,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         for pair in self.manager.pairs_with(peer):
             if pair.mirror is not None:
                 reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
+        reply.roles.extend(self.manager.roles.roles_for(peer))
         return reply
 
     @peer_call
