@@ -19,6 +19,7 @@ from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
 from ..errors import InvalidArgument, NotFound
 from ..pairstate.pair import MODES, EndRole, Pair
+from ..replication.framing import SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -189,10 +190,8 @@ class PairManager:
             await self.swapping.swap("" if req.group else req.pair, req.group)
         return next(s for s in self.roles.roles_for(peer) if s.pair == pair.name)
 
-    async def mirror_apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
-        await self.mirror_end.apply(pair, entries)
-        if entries:
-            pair.applied_seq = entries[-1].seq
+    async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply(pair, batch, sequence)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)

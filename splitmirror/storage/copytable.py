@@ -244,6 +244,8 @@ class CopyTable(EventRows):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_runs: list[tuple[str, str, int, int]] = []
         self._commit_future: asyncio.Future[None] | None = None  # the commit writers join
+        self._changes = 0  # rows changed by the commits so far
+        self._synced = -1  # ... when the WAL was last made durable
 
     @property
     def is_open(self) -> bool:
@@ -259,6 +261,7 @@ class CopyTable(EventRows):
             raise RuntimeError(f"copy table {self.path} is closed")
         with self._db:
             result = fn(self._db)
+        self._changes = self._db.total_changes  # committed: sync() has work to do
         if isinstance(result, sqlite3.Cursor):
             # Never let a cursor reach the event loop thread: finalizing its
             # statement there races with this thread (SQLITE_MISUSE).
@@ -278,6 +281,7 @@ class CopyTable(EventRows):
         loop = asyncio.get_running_loop()
         self._db = await loop.run_in_executor(self._executor, connect)
         self._loop = loop
+        self._changes, self._synced = 0, -1
 
     async def sync(self) -> None:
         """Make every commit so far durable against power loss (fsync the WAL)."""
@@ -293,9 +297,15 @@ class CopyTable(EventRows):
             finally:
                 os.close(fd)
 
+        # Nothing committed since the last sync: the WAL is durable already
+        # (a host FLUSH with no new pair or bitmap change costs no fsync).
+        changes = self._changes
+        if changes == self._synced:
+            return
         # Not on the SQLite thread: commits made meanwhile need not wait for
         # the disk, and everything committed before this call is in the WAL.
         await asyncio.to_thread(fsync_wal)
+        self._synced = max(self._synced, changes)
 
     async def close(self) -> None:
         def shut() -> None:

@@ -634,8 +634,17 @@ class ReplicateBatch(_message.Message):
 
     PAIR_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     """set on the first message of a stream"""
+    packed: _builtins.bytes
+    """The same entries packed with raw payloads (splitmirror/replication/
+    framing.py): per entry a little-endian header (u64 seq, u64 offset,
+    u32 payload length, u64 zero length, u8 flags: 1 flush, 2 resync)
+    then the payload.  A batch carries entries or packed, never both;
+    backup markers always travel as entries.  Sequence numbers are
+    consecutive within a stream: a gap or repeat suspends the pair.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteEntry]: ...
     def __init__(
@@ -643,10 +652,11 @@ class ReplicateBatch(_message.Message):
         *,
         pair: _builtins.str = ...,
         entries: _abc.Iterable[Global___WriteEntry] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "packed", b"packed", "pair", b"pair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -659,7 +669,9 @@ class ReplicateAck(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """every entry up to and including seq is applied"""
+    """Every entry up to and including seq is applied (cumulative: one ack
+    may cover several batches).
+    """
     error: _builtins.str
     def __init__(
         self,
