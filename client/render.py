@@ -50,7 +50,26 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
     if row.backup_time:  # remote pairs that were backed up
         obj["backup_time"] = row.backup_time
         obj["backup_age_seconds"] = round(float(row.backup_age_seconds), 1)
+    if row.epoch > 1 or row.role_change or row.fenced_by:  # a remote pair whose roles changed (issue 18)
+        obj.update(epoch=int(row.epoch), role_change=row.role_change or None, role_since=row.role_since or None,
+                   role_seq=int(row.role_seq), fenced_by=int(row.fenced_by) or None,
+                   divergent_volume=row.divergent_volume or None)
     return obj
+
+
+def role_text(r: host_pb2.PairRow) -> str:
+    """The ROLE cell: how this end got its role, since when, and the epoch."""
+    if r.fenced_by:
+        text = f"fenced: system {r.fenced_by} is primary"
+    elif r.role_change == "takeover":
+        text = f"taken over {r.role_since}, last seq {r.role_seq}"
+    elif r.role_change:
+        text = f"{r.role_change} {r.role_since}"
+    else:
+        text = "-"
+    if r.divergent_volume:
+        text += f"; divergent tracks kept in {r.divergent_volume}"
+    return f"{text} (epoch {r.epoch})" if r.epoch else text
 
 
 def group_backup_json(g: host_pb2.GroupBackup) -> JsonObject:
@@ -214,6 +233,7 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
     with_reason = any(r.reason for r in rows)
     with_queue = any(r.primary and r.mode == "async" for r in rows)
     with_backup = any(r.backup_time for r in rows)
+    with_role = any(r.epoch > 1 or r.role_change or r.fenced_by for r in rows)
     columns = [
         "PAIR", "VOLUME", "TYPE", "PEER", "MIRROR", "P/S", "STATUS", "MODE", "GROUP", "PENDING",
         "PROGRESS", "SPLIT TIME",
@@ -222,6 +242,8 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
         columns += ["QUEUE", "LAG"]
     if with_backup:
         columns.append("NEWEST BACKUP")
+    if with_role:
+        columns.append("ROLE")
     if with_reason:
         columns.append("REASON")
     table = _table(*columns, right=("PEER", "PENDING", "PROGRESS", "QUEUE", "LAG", "NEWEST BACKUP"))
@@ -238,6 +260,8 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
             cells += [_bytes(r.queue_bytes) if is_async else "-", f"{r.lag_seconds:.2f}s" if is_async else "-"]
         if with_backup:
             cells.append(f"{format_age(r.backup_age_seconds)} ago" if r.backup_time else "-")
+        if with_role:
+            cells.append(role_text(r))
         if with_reason:
             cells.append(r.reason or "-")
         table.add_row(*cells)

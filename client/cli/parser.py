@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = pair_cmds.add_parser("set-mode", parents=[common], help="switch a live pair between sync and async")
     p.add_argument("name", metavar="NAME")
     p.add_argument("mode", choices=("sync", "async"))
+    p = pair_cmds.add_parser(
+        "takeover", parents=[common],
+        help="at the secondary, when the primary site is lost: make this end the primary (host-writable)")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
+    p.add_argument("--force", action="store_true",
+                   help="even while the primary answers or a copy is under way (the higher epoch wins)")
 
     p = commands.add_parser("backup", parents=[common],
                             help="point-in-time backup of a remote pair into a generation at the secondary")

@@ -17,8 +17,9 @@ from typing import Protocol
 
 from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NotFound
 from ..pairstate.pair import MODES, EndRole, Pair
+from ..replication.framing import SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -28,6 +29,7 @@ from .crash_recovery import recover_write_intent
 from .link_recovery import LinkRecovery
 from .mirror_end import MirrorEnd
 from .primary_end import PrimaryEnd
+from .roles import Roles
 from .settings import Settings
 from .verify import Verifier
 
@@ -55,7 +57,8 @@ class PairManager:
         self.settings = settings
         self.context = PairContext(system, links, settings)
         self.copying = Copier(self.context)
-        self.recovery = LinkRecovery(self.context, self.copying, self.resync)
+        self.roles = Roles(self.context, lambda pair, link: self.primary_end.attach_remote(pair, link))
+        self.recovery = LinkRecovery(self.context, self.copying, self.resync, self.roles)
         self.primary_end = PrimaryEnd(self.context, self.copying, Verifier(self.context, self.resync),
                                       self.recovery.on_stream_failure)
         self.mirror_end = MirrorEnd(self.context)
@@ -86,6 +89,12 @@ class PairManager:
                 elif pair.status is PairStatus.SUSPENDED and self.settings.auto_resync:
                     # No peer will come back to trigger it: resync right away.
                     self.context.spawn(self.recovery.auto_resync_local(pair), f"resync-{pair.name}")
+        # Before the host API serves a write: ask each peer who is primary
+        # now (an old primary that lost the role fences itself here).
+        for peer in sorted({p.peer_id for p in self.system.pairs.values() if p.remote}):
+            link = self.links.get(peer)
+            if link is not None:
+                await self.roles.first_contact(link, max(1.0, self.settings.link_timeout))
         self.system.intent.start()
 
     async def stop(self) -> None:
@@ -146,15 +155,24 @@ class PairManager:
         pair = self.pair(name)
         return await self._end(pair).verify(pair, repair)
 
+    # -- disaster recovery ------------------------------------------------------------
+    async def takeover(self, name: str, group: str, force: bool = False) -> list[Pair]:
+        return await self.roles.takeover(name, group, force)
+
     # -- the interconnect: the mirror end's side ----------------------------------------
     async def mirror_attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
         return await self.mirror_end.attach(peer, req)
 
     async def mirror_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
+        if req.op == ic.PAIR_OP_ROLE:
+            for state in self.roles.roles_for(peer):
+                if state.pair == req.pair:
+                    return state
+            raise NotFound(f"pair {req.pair!r} has no end on system {self.system.system_id} for system {peer}")
         return await self.mirror_end.command(peer, req)
 
-    async def mirror_apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
-        await self.mirror_end.apply(pair, entries)
+    async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply(pair, batch, sequence)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)

@@ -140,6 +140,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         if row.primary and row.mode == "async":
             msg.queue_bytes = pair.queued_bytes()
             msg.lag_seconds = pair.lag_seconds()
+        if row.copy_type == "REMOTE":
+            role = row.role
+            msg.epoch, msg.role_change, msg.role_since, msg.role_seq = row.epoch, role.how, role.since, role.seq
+            msg.fenced_by, msg.divergent_volume = role.fenced_by, role.divergent
         if row.copy_type == "REMOTE" and row.backup_time:
             msg.backup_time = row.backup_time
             msg.backup_age_seconds = seconds_since(row.backup_time)
@@ -194,6 +198,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         checked, mismatches, repaired = await self.manager.verify(request.name, request.repair)
         return pb.VerifyReply(pair=request.name, tracks_checked=checked, mismatches=mismatches, repaired=repaired,
                               algorithm="xxh3-64")
+
+    @refusals
+    async def TakeoverPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.takeover(request.name, request.group, request.force))
 
     @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:

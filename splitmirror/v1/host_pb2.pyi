@@ -421,6 +421,12 @@ class PairRow(_message.Message):
     LAG_SECONDS_FIELD_NUMBER: _builtins.int
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     BACKUP_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ROLE_CHANGE_FIELD_NUMBER: _builtins.int
+    ROLE_SINCE_FIELD_NUMBER: _builtins.int
+    ROLE_SEQ_FIELD_NUMBER: _builtins.int
+    FENCED_BY_FIELD_NUMBER: _builtins.int
+    DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -457,6 +463,19 @@ class PairRow(_message.Message):
     empty when none), and its age in seconds.
     """
     backup_age_seconds: _builtins.float
+    epoch: _builtins.int
+    """Remote pairs: the role epoch of this end (grows at every takeover and
+    swap), how it got its role (takeover, swap; empty: created so), since
+    when, and for a takeover the last sequence of the write order applied.
+    """
+    role_change: _builtins.str
+    role_since: _builtins.str
+    role_seq: _builtins.int
+    fenced_by: _builtins.int
+    """An old primary fenced because this system took the role over; the
+    volume its divergent tracks were saved into before a resync.
+    """
+    divergent_volume: _builtins.str
     def __init__(
         self,
         *,
@@ -483,10 +502,16 @@ class PairRow(_message.Message):
         lag_seconds: _builtins.float = ...,
         backup_time: _builtins.str = ...,
         backup_age_seconds: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        role_change: _builtins.str = ...,
+        role_since: _builtins.str = ...,
+        role_seq: _builtins.int = ...,
+        fenced_by: _builtins.int = ...,
+        divergent_volume: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,6 +543,34 @@ class GroupBackup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GroupBackup: _TypeAlias = GroupBackup  # noqa: Y015
+
+@_typing.final
+class RoleChangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a pair, or empty with group"""
+    group: _builtins.str
+    """every remote pair of this consistency group, at one point of the write order"""
+    force: _builtins.bool
+    """takeover: even while the primary answers (both claim it: the higher epoch wins)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        group: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "group", b"group", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleChangeRequest: _TypeAlias = RoleChangeRequest  # noqa: Y015
 
 @_typing.final
 class SetPairModeRequest(_message.Message):

@@ -109,6 +109,11 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
                 _registered_method=True)
+        self.TakeoverPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/TakeoverPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/splitmirror.v1.HostApi/Backup',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.SerializeToString,
@@ -255,6 +260,15 @@ class HostApiServicer:
 
     def VerifyPair(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TakeoverPair(self, request, context):
+        """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+        its mirror end becomes the primary end; with both up and the pair DUPLEX,
+        a swap reverses the roles with no data copied.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -417,6 +431,11 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.VerifyPair,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.SerializeToString,
+            ),
+            'TakeoverPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeoverPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
             ),
             'Backup': grpc.unary_unary_rpc_method_handler(
                     servicer.Backup,
@@ -879,6 +898,33 @@ class HostApi:
             '/splitmirror.v1.HostApi/VerifyPair',
             splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeoverPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/TakeoverPair',
+            splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class HostApiStub:
     DeletePair: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]
     SetPairMode: _grpc.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]
     VerifyPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]
+    TakeoverPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]
+    """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+    its mirror end becomes the primary end; with both up and the pair DUPLEX,
+    a swap reverses the roles with no data copied.
+    """
     Backup: _grpc.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -94,6 +99,11 @@ class HostApiAsyncStub(HostApiStub):
     DeletePair: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]  # type: ignore[assignment]
     SetPairMode: _aio.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     VerifyPair: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]  # type: ignore[assignment]
+    TakeoverPair: _aio.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]  # type: ignore[assignment]
+    """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+    its mirror end becomes the primary end; with both up and the pair DUPLEX,
+    a swap reverses the roles with no data copied.
+    """
     Backup: _aio.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]  # type: ignore[assignment]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -229,6 +239,17 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         request: _host_pb2.VerifyPairRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.VerifyReply, _abc.Awaitable[_host_pb2.VerifyReply]]: ...
+
+    @_abc_1.abstractmethod
+    def TakeoverPair(
+        self,
+        request: _host_pb2.RoleChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]:
+        """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+        its mirror end becomes the primary end; with both up and the pair DUPLEX,
+        a swap reverses the roles with no data copied.
+        """
 
     @_abc_1.abstractmethod
     def Backup(
