@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from splitmirror.errors import SplitmirrorError
+from splitmirror.errors import OutOfRange, SplitmirrorError
 from splitmirror.sizes import parse_size
 
 __all__ = [
@@ -254,6 +254,8 @@ def _add_wait(p: argparse.ArgumentParser) -> None:
 def _sequence(text: str) -> int:
     if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"invalid sequence number {text!r}: expected a non-negative integer")
+    if int(text) > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"sequence number {text} is above the limit {UINT64_MAX}")
     return int(text)
 
 
@@ -264,6 +266,8 @@ def _system_id(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid system id {text!r}: expected a non-negative integer")
+    if value > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"system id {text} is above the limit {UINT64_MAX}")
     return value
 
 
@@ -276,6 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: The largest number a host API field carries (uint64).
+UINT64_MAX = (1 << 64) - 1
+
 #: Options that take a size string, checked before any connection is made.
 SIZE_OPTIONS = ("size", "track_size", "offset", "length")
 
@@ -285,8 +292,12 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     for attr in SIZE_OPTIONS:
         text = getattr(args, attr, None)
         if isinstance(text, str):
+            flag = "--" + attr.replace("_", "-")
             try:
-                setattr(args, attr, parse_size(text))
+                value = parse_size(text)
             except SplitmirrorError as err:
-                flag = "--" + attr.replace("_", "-")
                 raise SplitmirrorError(f"{flag}: {err.message}") from None
+            if value > UINT64_MAX:
+                raise OutOfRange(f"{flag} {text}: {value} bytes is above the limit of the host API, "
+                                 f"{UINT64_MAX} bytes (16 EiB - 1)")
+            setattr(args, attr, value)
