@@ -191,10 +191,34 @@ class MirrorEnd:
         pair = self.pair_for(peer, req.pair)
         assert pair.mirror is not None
         vol = pair.mirror.volume
+        if req.tracks:
+            runs = self._digest_runs(pair, peer, req.tracks)
+            return ic.TrackDigestsReply(algorithm="xxh3-64", digests=await vol.run(
+                lambda: b"".join(vol.track_digests(first, count) for first, count in runs)))
         if req.count == 0 or req.first_track + req.count > vol.tracks or req.count > (VERIFY_CHUNK // 4096):
             raise InvalidArgument(f"pair {pair.name!r}: bad track range {req.first_track}+{req.count}")
         digests = await vol.run(lambda: vol.track_digests(req.first_track, req.count))
         return ic.TrackDigestsReply(algorithm="xxh3-64", digests=digests)
+
+    @staticmethod
+    def _digest_runs(pair: Pair, peer: int, tracks: bytes) -> list[tuple[int, int]]:
+        """The runs of a track bitmap a peer asks digests of, within the limits."""
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        most = VERIFY_CHUNK // 4096
+        try:
+            bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
+        except ValueError as exc:
+            raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} does not parse "
+                                  f"({exc})") from None
+        if len(bitmap) > most:
+            raise InvalidArgument(f"pair {pair.name!r}: digests of {len(bitmap)} tracks asked at once; "
+                                  f"the limit is {most}")
+        runs = list(bitmap.runs())
+        if sum(count for _, count in runs) != len(bitmap):  # runs() stops at the last track
+            raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} goes beyond "
+                                  f"volume {vol.name!r} ({vol.tracks} tracks)")
+        return runs
 
     # -- commands a host issues here: the primary drives the pair ----------------------------
     @staticmethod
