@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from rich import box
 from rich.table import Table
 
-from splitmirror.sizes import format_size
 from splitmirror.v1 import host_pb2
 
 JsonObject = dict[str, Any]
@@ -126,14 +126,41 @@ def stats_json(stats: host_pb2.Stats) -> JsonObject:
 
 # ---------------------------------------------------------------------- text
 
+_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+
+
+def size_text(n: int | float) -> str:
+    """A size in binary units, one decimal: ``512 B``, ``8.0 KiB``, ``1.0 GiB``
+    (the one form every size of the CLI is shown in)."""
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for suffix in _BINARY_UNITS:
+        value /= 1024
+        if value < 1023.95 or suffix == _BINARY_UNITS[-1]:
+            return f"{value:.1f} {suffix}"
+    raise AssertionError("unreachable")
+
+
+def percent_text(part: float, whole: float = 100.0) -> str:
+    """``part`` of ``whole`` as a percentage that is never rounded to 0% or
+    up to 100%: ``0.0%`` only for nothing, ``100.0%`` only for all of it."""
+    if whole <= 0:
+        return "-"
+    pct = 100.0 * part / whole
+    if pct <= 0:
+        return "0.0%"
+    if pct >= 100:
+        return "100.0%"
+    if pct < 0.1:  # two significant digits, never an exponent
+        return f"{pct:.{1 - math.floor(math.log10(pct))}f}%"
+    return f"{int(pct * 10) / 10:.1f}%"  # truncated: 99.96% of a copy is not 100.0%
+
+
 
 def format_rate(bytes_per_s: float) -> str:
     """``12.5 MiB/s``."""
-    value = max(0.0, bytes_per_s)
-    for suffix, unit in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= unit:
-            return f"{value / unit:.1f} {suffix}/s"
-    return f"{value:.0f} B/s"
+    return f"{size_text(max(0.0, bytes_per_s))}/s"
 
 
 def format_age(seconds: float) -> str:
@@ -166,7 +193,8 @@ def _table(*columns: str, right: Sequence[str] = ()) -> Table:
 
 
 def _bytes(n: int) -> str:
-    return f"{format_size(n)} ({n} bytes)"
+    """The size, and the exact count where the unit rounds it."""
+    return size_text(n) if n < 1024 else f"{size_text(n)} ({n} bytes)"
 
 
 def _yes(flag: bool) -> str:
@@ -180,8 +208,8 @@ def volumes_table(volumes: Sequence[host_pb2.Volume]) -> Table:
     )
     for v in volumes:
         table.add_row(
-            v.name, format_size(v.size), format_size(v.track_size), str(v.tracks),
-            format_size(v.allocated_bytes), v.role or "SIMPLEX", _yes(v.host_writable), v.fence_reason or "-",
+            v.name, size_text(v.size), size_text(v.track_size), str(v.tracks),
+            size_text(v.allocated_bytes), v.role or "SIMPLEX", _yes(v.host_writable), v.fence_reason or "-",
         )
     return table
 
@@ -192,7 +220,7 @@ def volume_detail_table(vol: host_pb2.Volume) -> Table:
     table.add_column("value")
     table.add_row("name", vol.name)
     table.add_row("size", _bytes(vol.size))
-    table.add_row("track size", format_size(vol.track_size))
+    table.add_row("track size", size_text(vol.track_size))
     table.add_row("tracks", str(vol.tracks))
     table.add_row("allocated", _bytes(vol.allocated_bytes))
     table.add_row("role", vol.role or "SIMPLEX")
@@ -223,7 +251,7 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
         cells = [
             r.pair, r.volume, r.copy_type, str(r.pair_system_id), r.mirror_volume, "P" if r.primary else "S",
             r.status, r.mode, r.group or "-", str(r.pending_tracks),
-            f"{r.progress:.1f}%" if r.has_progress else "-", r.split_time or "-",
+            percent_text(r.progress) if r.has_progress else "-", r.split_time or "-",
         ]
         if r.has_progress:
             cells[10] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
@@ -256,9 +284,9 @@ def stats_tables(stats: host_pb2.Stats) -> list[Table]:
         )
         for p in stats.pairs:
             pairs.add_row(
-                p.pair, str(p.replicated_writes), format_size(p.replicated_bytes),
-                str(p.resync_tracks_sent), format_size(p.resync_bytes_sent),
-                str(p.resync_tracks_received), format_size(p.resync_bytes_received),
+                p.pair, str(p.replicated_writes), size_text(p.replicated_bytes),
+                str(p.resync_tracks_sent), size_text(p.resync_bytes_sent),
+                str(p.resync_tracks_received), size_text(p.resync_bytes_received),
             )
         tables.append(pairs)
     return tables
@@ -345,9 +373,9 @@ def event_line(e: host_pb2.Event) -> str:
     if e.tracks:
         parts.append(f"tracks:{e.tracks}")
     if e.bytes:
-        parts.append(f"bytes:{format_size(e.bytes)}")
+        parts.append(f"bytes:{size_text(e.bytes)}")
     if e.kind.startswith("resync-") and e.kind != "resync-start":
-        parts.append(f"progress:{e.progress:.1f}%")
+        parts.append(f"progress:{percent_text(e.progress)}")
     if e.detail:
         parts.append(f"detail:{_quoted(e.detail)}")
     return " ".join(parts)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from splitmirror.errors import SplitmirrorError
+from splitmirror.errors import OutOfRange, SplitmirrorError
 from splitmirror.sizes import parse_size
 
 __all__ = [
@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
     p.add_argument("--force", action="store_true",
                    help="even while the primary answers or a copy is under way (the higher epoch wins)")
+    p = pair_cmds.add_parser(
+        "swap", parents=[common],
+        help="planned switchover (both sites up, DUPLEX): the roles change at both ends, no data copied")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
 
     p = commands.add_parser("backup", parents=[common],
                             help="point-in-time backup of a remote pair into a generation at the secondary")
@@ -249,6 +254,8 @@ def _add_wait(p: argparse.ArgumentParser) -> None:
 def _sequence(text: str) -> int:
     if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"invalid sequence number {text!r}: expected a non-negative integer")
+    if int(text) > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"sequence number {text} is above the limit {UINT64_MAX}")
     return int(text)
 
 
@@ -259,6 +266,8 @@ def _system_id(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid system id {text!r}: expected a non-negative integer")
+    if value > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"system id {text} is above the limit {UINT64_MAX}")
     return value
 
 
@@ -271,6 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: The largest number a host API field carries (uint64).
+UINT64_MAX = (1 << 64) - 1
+
 #: Options that take a size string, checked before any connection is made.
 SIZE_OPTIONS = ("size", "track_size", "offset", "length")
 
@@ -280,8 +292,12 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     for attr in SIZE_OPTIONS:
         text = getattr(args, attr, None)
         if isinstance(text, str):
+            flag = "--" + attr.replace("_", "-")
             try:
-                setattr(args, attr, parse_size(text))
+                value = parse_size(text)
             except SplitmirrorError as err:
-                flag = "--" + attr.replace("_", "-")
                 raise SplitmirrorError(f"{flag}: {err.message}") from None
+            if value > UINT64_MAX:
+                raise OutOfRange(f"{flag} {text}: {value} bytes is above the limit of the host API, "
+                                 f"{UINT64_MAX} bytes (16 EiB - 1)")
+            setattr(args, attr, value)

@@ -32,6 +32,10 @@ class DaemonConfig:
     async_queue_bytes: int = 256 << 20
     pre_restore_hook: str = ""
     post_restore_hook: str = ""
+    #: Shell commands run at the primary around each backup point (see procedures/hooks.py).
+    pre_backup_hook: str = ""
+    post_backup_hook: str = ""
+    backup_hook_timeout: float = 30.0
     log_level: str = "INFO"
     #: Directory made by ``splitmirror certs init``; "" runs without TLS.
     tls_dir: str = ""
@@ -135,6 +139,14 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="shell command run before a restore fences a PVOL (e.g. stop the application)")
     parser.add_argument("--post-restore-hook", metavar="COMMAND",
                         help="shell command run after a restore unfences a PVOL (e.g. restart, recover)")
+    parser.add_argument("--pre-backup-hook", metavar="COMMAND",
+                        help="shell command run before each backup point (e.g. fsfreeze -f, a database "
+                             "checkpoint); failing or timing out cancels that backup")
+    parser.add_argument("--post-backup-hook", metavar="COMMAND",
+                        help="shell command run once the backup point is fixed, also after a failure "
+                             "(e.g. fsfreeze -u)")
+    parser.add_argument("--backup-hook-timeout", type=float, metavar="SECONDS",
+                        help="seconds a backup hook may run (default 30)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS on the interconnect, host API and NBD with the certificates "
                              "made by 'splitmirror certs init DIR'")
@@ -227,6 +239,9 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     concurrent = pick("max_concurrent_rpcs", args.max_concurrent_rpcs, int, 1024)
     if concurrent < 1:
         raise InvalidArgument(f"setting 'max_concurrent_rpcs': must be positive, got {concurrent}")
+    hook_timeout = pick("backup_hook_timeout", args.backup_hook_timeout, float, 30.0)
+    if not 0 < hook_timeout <= 3600:
+        raise InvalidArgument(f"setting 'backup_hook_timeout': must be between 0 and 3600 seconds, got {hook_timeout}")
     tls_dir = pick("tls_dir", args.tls_dir, str, "")
     if tls_dir:
         from ..tls import TlsFiles
@@ -266,6 +281,9 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         async_queue_bytes=queue_bytes,
         pre_restore_hook=pick("pre_restore_hook", args.pre_restore_hook, str, ""),
         post_restore_hook=pick("post_restore_hook", args.post_restore_hook, str, ""),
+        pre_backup_hook=pick("pre_backup_hook", args.pre_backup_hook, str, ""),
+        post_backup_hook=pick("post_backup_hook", args.post_backup_hook, str, ""),
+        backup_hook_timeout=hook_timeout,
         log_level=pick("log_level", args.log_level, str, "INFO"),
         tls_dir=tls_dir,
         token_file=token_file,

@@ -28,6 +28,7 @@ from ..ports.hostapi import HostApiServicer
 from ..ports.interconnect import InterconnectServicer
 from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
+from ..procedures.hooks import BackupHooks
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
@@ -37,6 +38,7 @@ from .config import DaemonConfig, load_config
 from .heap import fix_malloc_thresholds
 from .limits import nbd_connection_cap, raise_nofile
 from .startup import DataDirLock, check_addresses, check_tls
+from .wrong_port import wrong_port_handlers
 
 log = logging.getLogger("splitmirror.daemon")
 
@@ -69,6 +71,7 @@ class Daemon:
         self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
                                        config.post_restore_hook)
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
+        self.backups.hooks = BackupHooks(config.pre_backup_hook, config.post_backup_hook, config.backup_hook_timeout)
         self.schedules = BackupScheduler(self.backups)
         self.events = EventLog(self.system.table)
         self.system.events = self.events
@@ -117,6 +120,9 @@ class Daemon:
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
             InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
             self.peer_server)
+        on_interconnect, on_host_api = wrong_port_handlers(cfg.system_id, cfg.role)
+        self.peer_server.add_generic_rpc_handlers((on_interconnect,))
+        self.host_server.add_generic_rpc_handlers((on_host_api,))
         for server, service in ((self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"]),
                                 (self.peer_server, interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"])):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -204,6 +204,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         return self._rows(await self.manager.takeover(request.name, request.group, request.force))
 
     @refusals
+    async def SwapPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.swap(request.name, request.group))
+
+    @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
         return await self.backups.backup(request.pair, request.group, request.generation, request.wait,
                                          list(request.ring))
