@@ -8,19 +8,25 @@ WRITEs must not cost it the connection.
 from __future__ import annotations
 
 import contextlib
+import resource
+import shutil
 import socket
 import ssl
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from client import Client
 from splitmirror import tls
 from splitmirror.testing import Site, wait_for, wait_status
 from splitmirror.v1 import host_pb2, host_pb2_grpc
 from tests.test_nbd_integration import (
+    CMD_READ,
     CMD_WRITE,
     IHAVEOPT,
     OPT_REPLY_MAGIC,
@@ -35,6 +41,7 @@ from tests.test_nbd_integration import (
 MiB = 1 << 20
 OPT_EXPORT_NAME, OPT_LIST, OPT_STARTTLS = 1, 3, 5
 SYSTEM_PYTHON = "/usr/bin/python3"
+HANDSHAKE_TIMEOUT = 3
 
 
 def _has_libnbd() -> bool:
@@ -78,6 +85,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site
     primary = Site("primary", 1001, base, nbd=True)
     secondary = Site("secondary", 2001, base, nbd=True)
     primary.peer_with(secondary)
+    primary.extra_args += ["--nbd-handshake-timeout", str(HANDSHAKE_TIMEOUT)]
     try:
         secondary.start()
         primary.start()
@@ -193,3 +201,124 @@ def test_refused_writes_keep_libnbd_connected(sites: tuple[Site, Site]) -> None:
     assert lines == ["refused EPERM"] * 3 + ["read 42424242"], lines
     assert run_async(read_volume(primary, "careless", MiB - 4096, 4096)) == bytes(4096)
 
+
+
+# ------------------------------------------ finding 2: descriptors, deadlines
+
+
+class LimitedSite(Site):
+    """A daemon started under ``prlimit --nofile=LIMIT:LIMIT``."""
+
+    def __init__(self, *args: Any, nofile: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nofile = nofile
+
+    def argv(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--", *super().argv()]
+
+
+def _connect_from(source: str, port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_handshake_deadline_and_per_client_cap(sites: tuple[Site, Site]) -> None:
+    primary, _ = sites
+    since = len(primary.log())
+    idle = [_connect_from("127.0.0.1", primary.nbd_port) for _ in range(64)]
+    try:
+        extra = _connect_from("127.0.0.1", primary.nbd_port)
+        assert closed_by_server(extra, timeout=5)  # the 65th from one address
+        extra.close()
+        other = _connect_from("127.0.0.3", primary.nbd_port)  # another address is served
+        assert _recv_exact(other, 8) == b"NBDMAGIC"
+        # Nobody finishes a handshake: all are hung up on after the deadline.
+        started = time.monotonic()
+        for sock in [*idle, other]:
+            assert closed_by_server(sock, timeout=HANDSHAKE_TIMEOUT + 10)
+        assert time.monotonic() - started < HANDSHAKE_TIMEOUT + 10
+    finally:
+        for sock in idle:
+            sock.close()
+    assert log_lines(primary, since, "connection refused", "64 NBD connections open from this address")
+    assert log_lines(primary, since, f"handshake not finished within {HANDSHAKE_TIMEOUT} s")
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is missing")
+def test_nbd_flood_leaves_host_api_and_replication_serving(tmp_path: Path) -> None:
+    """1,100 idle connections from 22 addresses to a daemon whose open-file limit
+    is 1024: NBD stops at its cap; the host API and replicated writes go on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    primary = LimitedSite("primary", 1001, tmp_path, nbd=True, nofile=1024)
+    secondary = Site("secondary", 2001, tmp_path)
+    primary.peer_with(secondary)
+    primary.extra_args += ["--nbd-handshake-timeout", "120"]
+    flood: list[socket.socket] = []
+    try:
+        secondary.start()
+        primary.start()
+        primary.cli("volume", "create", "db", "--size", "4M")
+        primary.cli("pair", "create", "db-p", "--pvol", "db", "--svol", "db-r", "--peer", "2001", "--wait")
+        for n in range(1100):
+            flood.append(_connect_from(f"127.0.0.{2 + n % 22}", primary.nbd_port))
+        time.sleep(1)  # let the daemon accept what it will
+
+        async def still_serving() -> None:
+            async with Client(primary.address, timeout=20) as c:
+                await c.create_volume("after-flood", MiB)
+                await c.write("db", 0, b"\x5e" * 65536)
+                assert await c.read("db", 0, 65536) == b"\x5e" * 65536
+            async with Client(secondary.address, timeout=20) as c:
+                assert await c.read("db-r", 0, 65536) == b"\x5e" * 65536
+
+        run_async(still_serving())
+        wait_status(primary, "db-p", ["DUPLEX"])
+        served = sum(1 for sock in flood if not closed_by_server(sock, timeout=0.01))
+        assert served <= 512, served
+        assert log_lines(primary, 0, "connection refused", "512 NBD connections open")
+    finally:
+        for sock in flood:
+            sock.close()
+        primary.kill()
+        secondary.kill()
+    assert "Too many open files" not in primary.log()
+
+
+# ------------------------------------------------- finding 6: bytes in flight
+
+
+def _rss_mib(site: Site) -> float:
+    assert site.proc is not None
+    for line in Path(f"/proc/{site.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelined_reads_never_read_hold_bounded_memory(sites: tuple[Site, Site]) -> None:
+    """32 READs of 32 MiB sent at once, no reply ever read: the daemon holds a
+    bounded amount (not 1 GiB), and gives it back when the client leaves."""
+    primary, _ = sites
+    primary.cli("volume", "create", "big", "--size", "64M")
+    base = _rss_mib(primary)
+    client = RawNbd(primary.nbd_port, "big")
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    for n in range(32):
+        client.sock.sendall(request(CMD_READ, n + 1, (n % 2) * 32 * MiB, 32 * MiB))
+    peak = base
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        peak = max(peak, _rss_mib(primary))
+        time.sleep(0.1)
+    assert peak - base < 320, f"RSS grew by {peak - base:.0f} MiB"
+    client.sock.close()
+    wait_for(lambda: _rss_mib(primary) - base < 100, timeout=15, what="memory given back after the disconnect")
+    # The daemon still serves.
+    again = RawNbd(primary.nbd_port, "big")
+    assert again.read(0, 4096) == (0, bytes(4096))
+    again.close()

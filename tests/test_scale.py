@@ -21,6 +21,7 @@ from splitmirror.datapath.system import StorageSystem
 from splitmirror.pairs.manager import PairManager
 from splitmirror.pairs.settings import Settings
 from splitmirror.pairstate.pair import EndRole
+from splitmirror.replication.framing import SequenceCheck
 from splitmirror.status import PairStatus
 from splitmirror.testing import Site, wait_status
 from splitmirror.v1 import interconnect_pb2 as ic
@@ -65,8 +66,10 @@ async def test_writes_never_walk_every_pair(many: tuple[StorageSystem, PairManag
         await system.host_flush(f"l{i}")
         # ... the stream of a remote pair applied at its mirror end...
         pair = manager.mirror_pair(PEER, f"remote{i}")
-        await manager.mirror_apply(pair, [ic.WriteEntry(seq=1, offset=0, data=data)])
-        await manager.mirror_apply(pair, [ic.WriteEntry(seq=2, flush=True)])
+        sequence = SequenceCheck()
+        await manager.mirror_apply(pair, ic.ReplicateBatch(entries=[ic.WriteEntry(seq=1, offset=0, data=data)]),
+                                   sequence)
+        await manager.mirror_apply(pair, ic.ReplicateBatch(entries=[ic.WriteEntry(seq=2, flush=True)]), sequence)
         # ... and a read back.
         assert await system.host_read(f"l{i}-m", 8192 * (i % 100), len(data)) == data
         assert await system.host_read(f"r{i}", 0, len(data)) == data

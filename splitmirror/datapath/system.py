@@ -18,8 +18,8 @@ from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFoun
 from ..eventsink import FENCE, UNFENCE, DiscardEvents, Event, EventSink
 from ..names import check_name
 from ..pairstate.index import PairIndex
-from ..pairstate.pair import Pair, PairEnd
-from ..status import MIRRORING, PairStatus
+from ..pairstate.pair import Pair, PairEnd, spvol_refusal
+from ..status import PairStatus
 from ..storage.copytable import CopyTable, VolumeRow
 from ..storage.intent import IntentLog
 from ..storage.ordering import RangeOrder
@@ -171,10 +171,12 @@ class StorageSystem(WritePath):
         if into is not None:
             if not into.remote:
                 return f"volume {vol.name!r} is the SVOL of pair {into.name!r} and read-only to hosts"
-            if into.status in MIRRORING:
-                return (f"volume {vol.name!r} is the SPVOL of pair {into.name!r} ({into.status.value}); "
-                        "hosts may write it only while the pair is SPLIT or SUSPENDED")
+            refusal = spvol_refusal(vol, into)
+            if refusal:
+                return refusal
         for p in self.pairs_from(vol):
+            if p.hold_writes:
+                return f"volume {vol.name!r}: {p.hold_writes}"
             if p.status is PairStatus.COPY and p.row.direction == "reverse":
                 return f"volume {vol.name!r} is the target of a reverse resync of pair {p.name!r}"
         return None

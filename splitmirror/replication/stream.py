@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from ..v1 import interconnect_pb2 as ic
+from .framing import encode
 from .link import Counters, PeerLink
 from .queue import BackupMarker, Entry, ReplicationQueue
 
@@ -113,17 +114,11 @@ class ReplicationStream:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.queue.has_unsent:
-                batch = self.queue.take_batch()
-                msg = ic.ReplicateBatch(pair=self.pair if first else "")
-                first = False
-                for e in batch:
-                    wire = msg.entries.add(seq=e.seq, offset=e.offset, data=e.data, zero_length=e.zero_length,
-                                           flush=e.flush, resync=e.resync)
-                    if e.marker is not None:
-                        wire.backup_marker = e.marker.marker
-                        wire.backup_generation = e.marker.generation
-                        wire.backup_time = e.marker.backup_time
-                await call.write(msg)
+                for msg in messages(self.queue.take_batch()):
+                    if first:
+                        msg.pair = self.pair
+                        first = False
+                    await call.write(msg)
 
     async def _receive(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
         async for ack in call:
@@ -164,3 +159,23 @@ class ReplicationStream:
             for fut in waiters.values():
                 if not fut.done():
                     fut.set_result(False)
+
+
+def messages(batch: list[Entry]) -> list[ic.ReplicateBatch]:
+    """A batch as stream messages: runs of entries packed into one buffer
+    each, a backup marker in a message of its own."""
+    out: list[ic.ReplicateBatch] = []
+    run: list[Entry] = []
+    for e in batch:
+        if e.marker is None:
+            run.append(e)
+            continue
+        if run:
+            out.append(ic.ReplicateBatch(packed=encode(run)))
+            run = []
+        out.append(ic.ReplicateBatch(entries=[ic.WriteEntry(
+            seq=e.seq, offset=e.offset, backup_marker=e.marker.marker, backup_generation=e.marker.generation,
+            backup_time=e.marker.backup_time)]))
+    if run:
+        out.append(ic.ReplicateBatch(packed=encode(run)))
+    return out
