@@ -68,6 +68,9 @@ class MirrorEnd:
     async def attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
         check_name("pair", req.pair)
         check_name("volume", req.svol)
+        check_name("volume", req.pvol)
+        if req.group:
+            check_name("consistency group", req.group)
         existing = self.system.pairs.get(req.pair)
         if existing is not None:
             owner = existing.peer_id if existing.mirror is not None else self.system.system_id
@@ -191,9 +194,12 @@ class MirrorEnd:
         pair = self.pair_for(peer, req.pair)
         assert pair.mirror is not None
         vol = pair.mirror.volume
-        if req.count == 0 or req.first_track + req.count > vol.tracks or req.count > (VERIFY_CHUNK // 4096):
+        if req.count == 0 or req.first_track + req.count > vol.tracks:
             raise InvalidArgument(f"pair {pair.name!r}: bad track range {req.first_track}+{req.count}")
-        digests = await vol.run(lambda: vol.track_digests(req.first_track, req.count))
+        if req.count * vol.track_size > VERIFY_CHUNK:
+            raise InvalidArgument(f"pair {pair.name!r}: {req.count} tracks of {vol.track_size} bytes exceed the "
+                                  f"{VERIFY_CHUNK}-byte limit of one digest request")
+        digests = await vol.verify_digests(req.first_track, req.count)
         return ic.TrackDigestsReply(algorithm="xxh3-64", digests=digests)
 
     # -- commands a host issues here: the primary drives the pair ----------------------------
