@@ -2,6 +2,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test workers: each test file runs on one worker (--dist loadfile), files in parallel.
+TEST_JOBS ?= 3
 
 .PHONY: install deps system-deps proto lint test demo bench clean images compose-demo soak
 
@@ -25,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: install lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -rs -n $(TEST_JOBS) --dist loadfile tests
 
 demo: install
 	$(PY) scripts/demo.py

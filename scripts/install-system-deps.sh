@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo use, when missing:
 # qemu-io/qemu-img (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), nbdfuse,
-# nbdkit (benchmark baseline), fuse2fs + e2fsprogs (filesystem round trips),
+# nbdkit (benchmark baseline), nbdsh + the libnbd Python binding (python3-libnbd), fuse2fs + e2fsprogs (filesystem round trips),
 # fuse3 (fusermount3), rsync (resync benchmark baseline), prometheus + promtool
 # (metrics and alert rule tests).
 set -euo pipefail
@@ -10,7 +10,7 @@ declare -A want=(
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse
   [nbdkit]=nbdkit [fuse2fs]=fuse2fs [mke2fs]=e2fsprogs [e2fsck]=e2fsprogs
-  [fusermount3]=fuse3 [rsync]=rsync [prometheus]=prometheus [promtool]=prometheus
+  [fusermount3]=fuse3 [rsync]=rsync [prometheus]=prometheus [promtool]=prometheus [nbdsh]=python3-libnbd
 )
 missing=()
 for tool in "${!want[@]}"; do

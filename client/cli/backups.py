@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from splitmirror.errors import SplitmirrorError
+from splitmirror.v1 import host_pb2
 
 from ..library import Client
-from ..render import backup_json, generation_json, generations_table
+from ..render import backup_json, generation_json, generations_table, schedule_json, schedules_table
 from .output import Output
 
-__all__ = ["backup", "backups"]
+__all__ = ["backup", "backups", "schedule"]
 
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -19,18 +20,57 @@ async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     reply = await client.backup(args.name, group=args.group, generation=args.generation, wait=args.wait)
     if out.as_json:
         out.json({"latency_seconds": reply.latency_seconds, "prepare_seconds": reply.prepare_seconds,
-                  "backups": [backup_json(b) for b in reply.backups]})
+                  "backups": [backup_json(b) for b in reply.backups], "warning": reply.warning})
         return
     for b in reply.backups:
         out.text(f"pair {b.pair}: backup {b.state} in generation {b.generation} (SVOL {b.svol}) at {b.backup_time}"
                  f"{f', #{b.sequence}' if b.sequence else ''}; {b.resynced_tracks} tracks resynced first")
     out.text(f"latency {reply.latency_seconds * 1000:.0f} ms (bringing generations in sync: "
              f"{reply.prepare_seconds * 1000:.0f} ms)")
+    if reply.warning:
+        out.text(f"warning: {reply.warning}")
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:
-    gens = await client.list_backups(args.name)
+    listing = await client.backup_listing(args.name)
+    gens = list(listing.generations)
     if out.as_json:
+        # A list of generations; schedules (at the primary) in their own command's JSON.
         out.json([generation_json(g) for g in gens])
+        return
+    out.show(generations_table(gens))
+    if listing.schedules:
+        out.text("")
+        out.show(schedules_table(listing.schedules))
+
+
+async def schedule(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """``backup schedule set|list|delete``."""
+    if args.action == "set":
+        if not args.name and not args.group:
+            raise SplitmirrorError("backup schedule set: name a remote pair or give --group")
+        ring = [g.strip() for g in args.generations.split(",") if g.strip()]
+        sched = await client.set_schedule(host_pb2.Schedule(
+            name=args.schedule, pair=args.name, group=args.group, every_seconds=args.every, at=args.at, ring=ring,
+            check=args.check, probe=args.probe, pre_hook=args.pre_backup_hook, post_hook=args.post_backup_hook,
+            hook_timeout_seconds=args.hook_timeout))
+        if out.as_json:
+            out.json(schedule_json(sched))
+        else:
+            out.text(f"schedule {sched.name}: backup of {f'group {sched.group}' if sched.group else sched.pair} "
+                     f"every {sched.every_seconds:g}s into {', '.join(sched.ring) or 'every generation'}; "
+                     f"next run at {sched.next_run}")
+        return
+    if args.action == "list":
+        found = await client.list_schedules(args.name, args.group)
     else:
-        out.show(generations_table(gens))
+        if not args.name and not args.group:
+            raise SplitmirrorError("backup schedule delete: name a schedule or a remote pair, or give --group")
+        found = await client.delete_schedule(args.name, args.group)
+    if out.as_json:
+        out.json([schedule_json(s) for s in found])
+    elif args.action == "delete":
+        for s in found:
+            out.text(f"schedule {s.name} deleted")
+    else:
+        out.show(schedules_table(found))

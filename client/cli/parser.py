@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from splitmirror.errors import SplitmirrorError
+from splitmirror.errors import OutOfRange, SplitmirrorError
 from splitmirror.sizes import parse_size
 
 __all__ = [
@@ -116,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = pair_cmds.add_parser("set-mode", parents=[common], help="switch a live pair between sync and async")
     p.add_argument("name", metavar="NAME")
     p.add_argument("mode", choices=("sync", "async"))
+    p = pair_cmds.add_parser(
+        "takeover", parents=[common],
+        help="at the secondary, when the primary site is lost: make this end the primary (host-writable)")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
+    p.add_argument("--force", action="store_true",
+                   help="even while the primary answers or a copy is under way (the higher epoch wins)")
+    p = pair_cmds.add_parser(
+        "swap", parents=[common],
+        help="planned switchover (both sites up, DUPLEX): the roles change at both ends, no data copied")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
 
     p = commands.add_parser("backup", parents=[common],
                             help="point-in-time backup of a remote pair into a generation at the secondary")
@@ -125,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation to use (default: the one whose backup is oldest)")
     p.add_argument("--wait", action="store_true",
                    help="return once the generation is split (default: once the backup point is fixed)")
-    p = commands.add_parser("backups", parents=[common], help="list the backup generations of a remote pair")
+    p = commands.add_parser("backups", parents=[common],
+                            help="list the backup generations of a remote pair, its schedules and checks")
     p.add_argument("name", metavar="REMOTE_PAIR")
+    _backup_schedule(commands, common)
 
     restore = commands.add_parser("restore", help="restore files or a whole volume from a backup generation "
                                                   "(issued at the secondary, on host B)")
@@ -169,6 +184,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``backup ACTION ...`` words that are commands, not a pair name (see :func:`parse_args`).
+BACKUP_ACTIONS = ("schedule",)
+_GLOBAL_VALUED = ("--server", "--tls-dir", "--identity", "--token-file")
+
+
+def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``backup schedule set|list|delete`` (parsed as the command ``backup-schedule``)."""
+    sched = commands.add_parser("backup-schedule", help="backup schedule set|list|delete: backups that run "
+                                                        "themselves (kept and run by the primary)")
+    cmds = sched.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = cmds.add_parser("set", parents=[common], help="back up a remote pair or group on a schedule")
+    p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="", help="back up every remote pair of this consistency group at one point")
+    p.add_argument("--every", required=True, type=duration, metavar="DURATION", help="interval: 30s, 15m, 1h, 1d")
+    p.add_argument("--at", default="", metavar="HH:MM", help="slots at this time of day (UTC) plus multiples of "
+                                                              "--every (default: from now)")
+    p.add_argument("--generations", default="", metavar="G1,G2,...",
+                   help="ring of generations (local pairs at the secondary) this schedule uses, oldest first")
+    p.add_argument("--check", action="store_true", help="check each new backup at the secondary (backup check)")
+    p.add_argument("--probe", default="", metavar="COMMAND", help="with --check: the probe run on the mounted copy")
+    p.add_argument("--name", dest="schedule", default="", metavar="NAME",
+                   help="schedule name (default: PAIR-every-DURATION)")
+    p.add_argument("--pre-backup-hook", default="", metavar="COMMAND",
+                   help="run at the primary before the backup point (default: the daemon's)")
+    p.add_argument("--post-backup-hook", default="", metavar="COMMAND",
+                   help="run at the primary once the point is fixed, also after a failure (default: the daemon's)")
+    p.add_argument("--hook-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds a hook may run (default: the daemon's, 30)")
+    p = cmds.add_parser("list", parents=[common], help="schedules with their next run and last result")
+    p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="")
+    p = cmds.add_parser("delete", parents=[common], help="delete a schedule (or every schedule of a pair or group)")
+    p.add_argument("name", metavar="NAME|REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> float:
+    """``90``, ``30s``, ``15m``, ``1h30m``, ``1d``, ``1w`` -> seconds."""
+    value = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected e.g. 30s, 15m, 1h30m, 1d")
+    return float(sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+def _backup_action(argv: list[str]) -> list[str]:
+    """``backup schedule ...`` -> ``backup-schedule ...`` (a pair may not be named like an action)."""
+    for i, word in enumerate(argv[:-1]):
+        if word == "backup" and (i == 0 or argv[i - 1] not in _GLOBAL_VALUED):
+            if argv[i + 1] in BACKUP_ACTIONS:
+                return [*argv[:i], f"backup-{argv[i + 1]}", *argv[i + 2:]]
+            break
+    return argv
+
+
 def _add_wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="block until the pair is DUPLEX, showing progress")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -178,6 +254,8 @@ def _add_wait(p: argparse.ArgumentParser) -> None:
 def _sequence(text: str) -> int:
     if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"invalid sequence number {text!r}: expected a non-negative integer")
+    if int(text) > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"sequence number {text} is above the limit {UINT64_MAX}")
     return int(text)
 
 
@@ -188,17 +266,22 @@ def _system_id(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid system id {text!r}: expected a non-negative integer")
+    if value > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"system id {text} is above the limit {UINT64_MAX}")
     return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; usage errors exit with status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_backup_action(list(sys.argv[1:] if argv is None else argv)))
     if not args.server and args.command != "certs":
         parser.error(f"no server: pass --server HOST:PORT or set {ENV_SERVER}")
     return args
 
+
+#: The largest number a host API field carries (uint64).
+UINT64_MAX = (1 << 64) - 1
 
 #: Options that take a size string, checked before any connection is made.
 SIZE_OPTIONS = ("size", "track_size", "offset", "length")
@@ -209,8 +292,12 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     for attr in SIZE_OPTIONS:
         text = getattr(args, attr, None)
         if isinstance(text, str):
+            flag = "--" + attr.replace("_", "-")
             try:
-                setattr(args, attr, parse_size(text))
+                value = parse_size(text)
             except SplitmirrorError as err:
-                flag = "--" + attr.replace("_", "-")
                 raise SplitmirrorError(f"{flag}: {err.message}") from None
+            if value > UINT64_MAX:
+                raise OutOfRange(f"{flag} {text}: {value} bytes is above the limit of the host API, "
+                                 f"{UINT64_MAX} bytes (16 EiB - 1)")
+            setattr(args, attr, value)

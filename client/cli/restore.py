@@ -26,11 +26,11 @@ from typing import TypeVar
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from splitmirror.errors import FailedPrecondition, SplitmirrorError
-from splitmirror.sizes import format_size
 from splitmirror.v1 import host_pb2
 
 from ..agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
 from ..library import Client
+from ..render import percent_text, size_text
 from .output import Output
 
 __all__ = ["render_report", "restore", "restore_files", "restore_volume"]
@@ -224,9 +224,11 @@ def render_report(obj: dict[str, object]) -> list[str]:
     restored = obj["restored"]
     assert isinstance(restored, list)
     sent, size = int(str(obj["bytes_sent"])), int(str(obj["volume_size"]))
+    tracks, track_size = int(str(obj["tracks_sent"])), int(str(obj["track_size"]))
+    covered = min(size, tracks * track_size)
     lines = [f"restored from {obj['generation']} into pair {obj['pair']}: {', '.join(restored)}",
-             f"crossed the interconnect: {obj['tracks_sent']} tracks, {format_size(sent) if sent else '0'} "
-             f"of a {format_size(size)} volume ({100.0 * sent / size:.3f}%)"]
+             f"crossed the interconnect: {tracks} tracks ({size_text(covered)}, {percent_text(covered, size)} "
+             f"of the {size_text(size)} volume) in {size_text(sent)} of data"]
     if obj.get("warning"):
         lines.append(f"warning: {obj['warning']}")
     return lines

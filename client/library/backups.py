@@ -13,14 +13,31 @@ class BackupRestoreCalls(Connection):
     """Backups (issued at the primary) and restores (issued at the secondary)."""
 
     async def backup(self, pair: str = "", *, group: str = "", generation: str = "",
-                     wait: bool = True) -> host_pb2.BackupReply:
-        req = host_pb2.BackupRequest(pair=pair, group=group, generation=generation, wait=wait)
+                     wait: bool = True, ring: list[str] | None = None) -> host_pb2.BackupReply:
+        req = host_pb2.BackupRequest(pair=pair, group=group, generation=generation, wait=wait, ring=ring or [])
         reply: host_pb2.BackupReply = await self._call(lambda s: s.Backup, req)
         return reply
 
     async def list_backups(self, pair: str) -> list[host_pb2.Generation]:
         reply = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
         return list(reply.generations)
+
+    async def backup_listing(self, pair: str) -> host_pb2.GenerationList:
+        """The generations of a remote pair and (at the primary) its schedules."""
+        reply: host_pb2.GenerationList = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
+        return reply
+
+    async def set_schedule(self, schedule: host_pb2.Schedule) -> host_pb2.Schedule:
+        reply: host_pb2.Schedule = await self._call(lambda s: s.SetSchedule, schedule)
+        return reply
+
+    async def list_schedules(self, pair: str = "", group: str = "") -> list[host_pb2.Schedule]:
+        reply = await self._call(lambda s: s.ListSchedules, host_pb2.ListSchedulesRequest(pair=pair, group=group))
+        return list(reply.schedules)
+
+    async def delete_schedule(self, name: str = "", group: str = "") -> list[host_pb2.Schedule]:
+        reply = await self._call(lambda s: s.DeleteSchedule, host_pb2.DeleteScheduleRequest(name=name, group=group))
+        return list(reply.schedules)
 
     async def begin_restore(self, pair: str, generation: str) -> host_pb2.RestoreSession:
         reply: host_pb2.RestoreSession = await self._call(

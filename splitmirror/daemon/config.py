@@ -32,6 +32,10 @@ class DaemonConfig:
     async_queue_bytes: int = 256 << 20
     pre_restore_hook: str = ""
     post_restore_hook: str = ""
+    #: Shell commands run at the primary around each backup point (see procedures/hooks.py).
+    pre_backup_hook: str = ""
+    post_backup_hook: str = ""
+    backup_hook_timeout: float = 30.0
     log_level: str = "INFO"
     #: Directory made by ``splitmirror certs init``; "" runs without TLS.
     tls_dir: str = ""
@@ -48,6 +52,10 @@ class DaemonConfig:
     nbd_allow: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: Host identity -> volume name patterns it may do I/O on (absent: any).
     host_volumes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: NBD connections served at once, in all and per client address; seconds a handshake may take.
+    nbd_max_connections: int = 512
+    nbd_max_per_client: int = 64
+    nbd_handshake_timeout: float = 10.0
     #: HOST:PORT of the Prometheus metrics (HTTP; HTTPS with --tls-dir); "" serves none.
     metrics: str = ""
 
@@ -144,6 +152,14 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="shell command run before a restore fences a PVOL (e.g. stop the application)")
     parser.add_argument("--post-restore-hook", metavar="COMMAND",
                         help="shell command run after a restore unfences a PVOL (e.g. restart, recover)")
+    parser.add_argument("--pre-backup-hook", metavar="COMMAND",
+                        help="shell command run before each backup point (e.g. fsfreeze -f, a database "
+                             "checkpoint); failing or timing out cancels that backup")
+    parser.add_argument("--post-backup-hook", metavar="COMMAND",
+                        help="shell command run once the backup point is fixed, also after a failure "
+                             "(e.g. fsfreeze -u)")
+    parser.add_argument("--backup-hook-timeout", type=float, metavar="SECONDS",
+                        help="seconds a backup hook may run (default 30)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS on the interconnect, host API and NBD with the certificates "
                              "made by 'splitmirror certs init DIR'")
@@ -157,6 +173,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="host API calls served at once (default 1024)")
     parser.add_argument("--nbd-allow", action="append", default=[], metavar="EXPORT=NET[,NET]",
                         help="client addresses allowed to attach an NBD export ('*' for every export; repeatable)")
+    parser.add_argument("--nbd-max-connections", type=int, metavar="N",
+                        help="NBD connections served at once (default 512; lowered to fit the open-file limit)")
+    parser.add_argument("--nbd-max-per-client", type=int, metavar="N",
+                        help="NBD connections served at once per client address (default 64)")
+    parser.add_argument("--nbd-handshake-timeout", type=float, metavar="SECONDS",
+                        help="seconds an NBD client has to finish its handshake, TLS included (default 10)")
     parser.add_argument("--host-volumes", action="append", default=[], metavar="NAME=PATTERN[,PATTERN]",
                         help="volumes a host identity may do I/O on (repeatable)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -169,14 +191,14 @@ def _from_file(path: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"--config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgument(f"config file {path}: {exc}") from None
+        raise InvalidArgument(f"--config {path}: not valid TOML: {exc}") from None
     known = ({f.name for f in dataclasses.fields(DaemonConfig)} | {"async_queue", "max_message"}) - {
         "role", "async_queue_bytes", "max_message_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise InvalidArgument(f"config file {path}: unknown setting {unknown[0]!r}")
+        raise InvalidArgument(f"--config {path}: unknown setting {unknown[0]!r}")
     return data
 
 
@@ -230,22 +252,37 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     concurrent = pick("max_concurrent_rpcs", args.max_concurrent_rpcs, int, 1024)
     if concurrent < 1:
         raise InvalidArgument(f"setting 'max_concurrent_rpcs': must be positive, got {concurrent}")
+    hook_timeout = pick("backup_hook_timeout", args.backup_hook_timeout, float, 30.0)
+    if not 0 < hook_timeout <= 3600:
+        raise InvalidArgument(f"setting 'backup_hook_timeout': must be between 0 and 3600 seconds, got {hook_timeout}")
     tls_dir = pick("tls_dir", args.tls_dir, str, "")
     if tls_dir:
         from ..tls import TlsFiles
 
-        TlsFiles.load(Path(tls_dir), str(system_id))  # a missing file is a setting mistake: say so now
+        try:  # a missing file is a setting mistake: say so now
+            TlsFiles.load(Path(tls_dir), str(system_id))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"--tls-dir {tls_dir}: {exc.message}") from None
     token_file = pick("token_file", args.token_file, str, "")
     if token_file:
         from ..ports.access import load_tokens
 
-        load_tokens(Path(token_file))  # an open or doubled token refuses the start, in one line
+        try:  # an open or doubled token refuses the start, in one line
+            load_tokens(Path(token_file))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"--token-file {token_file}: {exc.message}") from None
     nbd = parse_nbd_address(nbd) if nbd else ""
     interconnect = parse_address("interconnect", pick("interconnect", args.interconnect, str))
     if token_file and not tls_dir:
         refuse_open_ports_in_token_mode(interconnect, nbd, peers)
     nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)
     nbd_allow.update(parse_networks("--nbd-allow", v) for v in args.nbd_allow)
+    nbd_limits = (pick("nbd_max_connections", args.nbd_max_connections, int, 512),
+                  pick("nbd_max_per_client", args.nbd_max_per_client, int, 64),
+                  pick("nbd_handshake_timeout", args.nbd_handshake_timeout, float, 10.0))
+    if min(nbd_limits) <= 0:
+        raise InvalidArgument(f"settings 'nbd_max_connections'/'nbd_max_per_client'/'nbd_handshake_timeout': "
+                              f"must be positive, got {'/'.join(f'{v:g}' for v in nbd_limits)}")
     host_volumes = _table("host_volumes", file.get("host_volumes", {}), _patterns)
     host_volumes.update(_patterns("--host-volumes", v) for v in args.host_volumes)
     return DaemonConfig(
@@ -261,6 +298,9 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         async_queue_bytes=queue_bytes,
         pre_restore_hook=pick("pre_restore_hook", args.pre_restore_hook, str, ""),
         post_restore_hook=pick("post_restore_hook", args.post_restore_hook, str, ""),
+        pre_backup_hook=pick("pre_backup_hook", args.pre_backup_hook, str, ""),
+        post_backup_hook=pick("post_backup_hook", args.post_backup_hook, str, ""),
+        backup_hook_timeout=hook_timeout,
         log_level=pick("log_level", args.log_level, str, "INFO"),
         tls_dir=tls_dir,
         token_file=token_file,
@@ -271,4 +311,7 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         nbd_allow=nbd_allow,
         host_volumes=host_volumes,
         metrics=parse_metrics_address(metrics) if metrics else "",
+        nbd_max_connections=nbd_limits[0],
+        nbd_max_per_client=nbd_limits[1],
+        nbd_handshake_timeout=nbd_limits[2],
     )

@@ -18,8 +18,9 @@ from ..clock import utc_now
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..eventsink import FENCE, UNFENCE, DiscardEvents, Event, EventSink
 from ..names import check_name
-from ..pairstate.pair import Pair, PairEnd
-from ..status import MIRRORING, PairStatus
+from ..pairstate.index import PairIndex
+from ..pairstate.pair import Pair, PairEnd, spvol_refusal
+from ..status import PairStatus
 from ..storage.copytable import CopyTable, VolumeRow
 from ..storage.intent import IntentLog
 from ..storage.ordering import RangeOrder
@@ -41,7 +42,9 @@ class StorageSystem(WritePath):
         self.intent = IntentLog(self.table, before_clear=self.persist_bitmaps)
         self._dirty = set()
         self.volumes: dict[str, Volume] = {}
-        self.pairs = {}
+        #: Pair name -> pair, indexed by volume and by peer (lookups per write cost
+        #: the pairs of the volume written, not every pair of the system).
+        self.pairs = PairIndex()
         self.fences = {}
         self._order = {}
         self.bytes_sent = 0
@@ -146,15 +149,16 @@ class StorageSystem(WritePath):
         log.info("volume %s deleted", name)
 
     def pairs_of(self, vol: Volume) -> list[Pair]:
-        return [p for p in self.pairs.values() if any(e.volume is vol for e in p.ends)]
+        """Pairs holding an end on ``vol`` (from the index: no walk over every pair)."""
+        return [p for p in self.pairs.of_volume(vol.name) if any(e.volume is vol for e in p.ends)]
 
     def pairs_from(self, vol: Volume) -> list[Pair]:
         """Pairs that copy from ``vol`` (it is their primary end here)."""
-        return [p for p in self.pairs.values() if p.primary is not None and p.primary.volume is vol]
+        return [p for p in self.pairs.of_volume(vol.name) if p.primary is not None and p.primary.volume is vol]
 
     def pair_into(self, vol: Volume) -> Pair | None:
         """The pair that copies into ``vol`` (it is its mirror end), if any."""
-        for p in self.pairs.values():
+        for p in self.pairs.of_volume(vol.name):
             if p.mirror is not None and p.mirror.volume is vol:
                 return p
         return None
@@ -176,10 +180,12 @@ class StorageSystem(WritePath):
         if into is not None:
             if not into.remote:
                 return f"volume {vol.name!r} is the SVOL of pair {into.name!r} and read-only to hosts"
-            if into.status in MIRRORING:
-                return (f"volume {vol.name!r} is the SPVOL of pair {into.name!r} ({into.status.value}); "
-                        "hosts may write it only while the pair is SPLIT or SUSPENDED")
+            refusal = spvol_refusal(vol, into)
+            if refusal:
+                return refusal
         for p in self.pairs_from(vol):
+            if p.hold_writes:
+                return f"volume {vol.name!r}: {p.hold_writes}"
             if p.status is PairStatus.COPY and p.row.direction == "reverse":
                 return f"volume {vol.name!r} is the target of a reverse resync of pair {p.name!r}"
         return None

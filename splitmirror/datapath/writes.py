@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable, Iterable
 
 from ..errors import FailedPrecondition
+from ..pairstate.index import PairIndex
 from ..pairstate.pair import Pair
 from ..status import MIRRORING, TRACKING
 from ..storage.bitmap import TrackBitmap
@@ -49,7 +50,7 @@ class WritePath(abc.ABC):
     # The storage system's state this pipeline works on.
     table: CopyTable
     intent: IntentLog
-    pairs: dict[str, Pair]
+    pairs: PairIndex
     fences: dict[str, str]
     _order: dict[str, RangeOrder]  # volume -> its write order
     _dirty: set[tuple[str, str]]   # (pair, volume) bitmaps changed since saved
@@ -107,9 +108,18 @@ class WritePath(abc.ABC):
         await self.flush_volume(vol)
 
     async def flush_volume(self, vol: Volume) -> None:
-        """Durable here and on every mirror end that receives this volume."""
-        waits = [p.channel.push(0, flush=True) for p in self.pairs_from(vol)
-                 if p.channel is not None and p.status in MIRRORING and p.row.direction == "forward"]
+        """Durable here and on every sync mirror end that receives this volume.
+
+        An async mirror end gets the flush in its stream (it makes everything
+        before it durable there, in order) but the host does not wait for it:
+        async promises local durability; the mirror's distance is the lag.
+        """
+        waits: list[asyncio.Future[bool]] = []
+        for pair in self._mirroring(vol):
+            assert pair.channel is not None
+            fut = pair.channel.push(0, flush=True)
+            if pair.row.mode != "async":
+                waits.append(fut)
         await asyncio.gather(vol.flush(), self.table.sync())
         if waits:
             await asyncio.gather(*waits)

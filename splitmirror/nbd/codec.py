@@ -30,6 +30,7 @@ from .constants import (
     EXPORT_NAME_PADDING,
     IHAVEOPT,
     MAX_OPTION_DATA,
+    MAX_OPTIONS,
     MAX_STRING,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
@@ -315,11 +316,15 @@ class NbdCodec:
         *,
         max_request: int = DEFAULT_MAX_REQUEST,
         max_option_data: int = MAX_OPTION_DATA,
+        max_options: int = MAX_OPTIONS,
     ) -> None:
         if not 1 <= max_request <= _U32_MAX - 8:
             raise ValueError(f"max_request out of range: {max_request}")
         self.max_request = max_request
         self.max_option_data = max_option_data
+        #: Options a client may send before it chooses an export (as nbdkit).
+        self.max_options = max_options
+        self.options_seen = 0
         # A refused WRITE up to this size has its payload skipped (reply
         # EINVAL); a larger one is treated as an attack and ends the session.
         self.discard_limit = 2 * max_request
@@ -333,11 +338,17 @@ class NbdCodec:
         self._buf = bytearray()
         self._eof = False
         self._skip = 0  # payload bytes of a refused WRITE still to drop
+        self._rejected: CommandRejected | None = None  # answered once its payload is dropped
         self._closed: ConnectionClosed | None = None
         self._pending: OptionRequest | None = None
         self._pending_export: tuple[int, TransmissionFlag] | None = None
         self._staged_contexts: dict[int, str] = {}
         self._meta_export: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet."""
+        return len(self._buf)
 
     @property
     def state(self) -> State:
@@ -374,7 +385,11 @@ class NbdCodec:
             dropped = min(self._skip, len(self._buf))
             del self._buf[:dropped]
             self._skip -= dropped
-        event = None if self._skip else _READERS[self._state](self)
+        event: Event | None = None
+        if not self._skip:
+            event, self._rejected = self._rejected, None
+            if event is None:
+                event = _READERS[self._state](self)
         if event is not None:
             return event
         if self._eof:
@@ -411,6 +426,8 @@ class NbdCodec:
         magic, option, length = _OPTION_HEADER.unpack_from(buf)
         if magic != IHAVEOPT:
             return self._fail(f"bad option magic {magic:#x}")
+        if self.options_seen >= self.max_options:
+            return self._fail(f"more than {self.max_options} options without choosing an export")
         if length > self.max_option_data:
             return self._fail(f"option {option} payload of {length} bytes is too large")
         end = _OPTION_HEADER.size + length
@@ -418,6 +435,11 @@ class NbdCodec:
             return None
         data = bytes(buf[_OPTION_HEADER.size : end])
         del buf[:end]
+        self.options_seen += 1
+        if option == Option.STARTTLS and buf:
+            # Bytes sent before the TLS handshake must not run after it with the
+            # TLS client's identity (nbdkit CVE-2021-3716): hang up.
+            return self._fail(f"{len(buf)} bytes sent after NBD_OPT_STARTTLS, before the TLS handshake")
         request = _parse_option(option, data, self.structured_replies)
         self._pending = request
         self._pending_export = None
@@ -452,10 +474,16 @@ class NbdCodec:
         if payload > self.discard_limit:
             return self._fail(f"WRITE of {payload} bytes is too large to skip")
         del buf[: _REQUEST.size]
-        self._skip = payload
         error, message = refusal
         self._transition(Trigger.RECV_REQUEST)
-        return CommandRejected(handle, ctype, flags, offset, length, error, message)
+        rejected = CommandRejected(handle, ctype, flags, offset, length, error, message)
+        if not payload:
+            return rejected
+        # The reply waits until the payload is consumed: a client (libnbd) that is
+        # still sending the request cannot match a reply that overtakes it.
+        self._skip = payload
+        self._rejected = rejected
+        return self.next_event() if self._buf else None
 
     def _check_request(self, ctype: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
         """Why a request must be refused, or None when it is acceptable."""

@@ -64,6 +64,12 @@ class ServerSettings(Protocol):
     def max_in_flight(self) -> int: ...
 
     @property
+    def max_in_flight_bytes(self) -> int: ...
+
+    @property
+    def handshake_timeout(self) -> float: ...
+
+    @property
     def tls(self) -> ssl.SSLContext | None: ...
 
     @property
@@ -78,6 +84,12 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes the stream holds that no one has read yet."""
+    buffer = getattr(reader, "_buffer", b"")
+    return len(buffer) if isinstance(buffer, bytes | bytearray) else 0
 
 
 class Connection:
@@ -103,6 +115,11 @@ class Connection:
         self.export_name = "-"
         self._write_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(server.max_in_flight)
+        #: Payload bytes of requests and replies this connection holds now.
+        self._held = 0
+        self._released = asyncio.Event()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._expired = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._broken = False
         self._tls_done = False
@@ -114,9 +131,12 @@ class Connection:
         self.log.info("nbd %s: connection opened", self.peer)
         reason = "connection lost"
         grace: float | None = None  # a departed client's commands still complete
+        self._deadline = asyncio.get_running_loop().call_later(self.server.handshake_timeout, self._expire)
         try:
             await self._send(self.codec.send_greeting())
             reason = await self._read_loop()
+            if self._expired:
+                reason = f"handshake not finished within {self.server.handshake_timeout:g} s"
         except asyncio.CancelledError:
             reason = "server shutting down"
             grace = self.shutdown_grace
@@ -125,6 +145,7 @@ class Connection:
             self.log.exception("nbd %s: internal error (export %s)", self.peer, self.export_name)
             reason = "internal error"
         finally:
+            self._deadline.cancel()
             try:
                 await self._finish_commands(grace)
             finally:
@@ -146,7 +167,13 @@ class Connection:
                     return end
             elif isinstance(event, CommandRequest):
                 await self._slots.acquire()
-                task = asyncio.create_task(self._run_command(event))
+                cost = _cost(event)
+                while self._held and self._held + cost > self.server.max_in_flight_bytes:
+                    # Replies wait (a client that does not read them): read no more requests.
+                    self._released.clear()
+                    await self._released.wait()
+                self._held += cost
+                task = asyncio.create_task(self._run_command(event, cost))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             elif isinstance(event, CommandRejected):
@@ -209,6 +236,8 @@ class Connection:
             return ExportError(Errno.EIO, "internal error opening the export")
 
     def _attach(self, export: Export) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.export = export
         self.export_name = export.name
         self.log.debug("nbd %s: attached export %s", self.peer, export.name)
@@ -279,6 +308,12 @@ class Connection:
             self.log.warning("nbd %s: TLS handshake failed: %s", self.peer, exc)
             self._broken = True
             return "TLS handshake failed"
+        if _buffered(self.reader) or self.codec.buffered:
+            # Plaintext that arrived before the switch would run with the TLS
+            # client's identity (nbdkit CVE-2021-3716): hang up.
+            self.log.warning("nbd %s: plaintext bytes after NBD_OPT_STARTTLS; hanging up", self.peer)
+            self._broken = True
+            return "data injected before the TLS handshake"
         self._tls_done = True
         ssl_object = self.writer.get_extra_info("ssl_object")
         self._peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -332,7 +367,15 @@ class Connection:
             wire_errno(error).name,
         )
 
-    async def _run_command(self, request: CommandRequest) -> None:
+    def _expire(self) -> None:
+        if self.export is None and not self._broken:
+            self._expired = True
+            self.log.warning("nbd %s: handshake not finished within %g s; hanging up", self.peer,
+                             self.server.handshake_timeout)
+            self._broken = True
+            self.writer.transport.abort()
+
+    async def _run_command(self, request: CommandRequest, cost: int) -> None:
         codec = self.codec
         try:
             try:
@@ -355,7 +398,14 @@ class Connection:
                 reply = codec.send_error(request.handle, Errno.EIO, "internal server error")
             await self._send(reply)
         finally:
+            self._held -= cost
+            self._released.set()
             self._slots.release()
+
+
+def _cost(request: CommandRequest) -> int:
+    """Payload bytes a command holds until its reply is sent."""
+    return request.length if request.type in (Command.READ, Command.WRITE) else 0
 
 
 def _check_writable(export: Export) -> None:

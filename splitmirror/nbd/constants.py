@@ -17,6 +17,7 @@ STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
 
 MAX_STRING: Final = 4096  # export names, error messages, context names
 MAX_OPTION_DATA: Final = 64 * 1024  # larger option payloads are refused unread
+MAX_OPTIONS: Final = 32  # options before an export is chosen; the next one hangs up (as nbdkit)
 DEFAULT_MAX_REQUEST: Final = 32 * 1024 * 1024  # READ/WRITE payload limit
 EXPORT_NAME_PADDING: Final = 124  # zeroes after an NBD_OPT_EXPORT_NAME reply
 BASE_ALLOCATION: Final = "base:allocation"

@@ -20,10 +20,29 @@ from .codec import NbdCodec
 from .connection import READ_CHUNK, Connection
 from .constants import DEFAULT_MAX_REQUEST
 
-__all__ = ["Admission", "NbdServer"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_IN_FLIGHT_BYTES",
+    "DEFAULT_MAX_PER_CLIENT",
+    "Admission",
+    "NbdServer",
+]
 
 DEFAULT_MAX_IN_FLIGHT: Final = 64
+#: Connections served at once, in all and per client address (more are closed at once).
+DEFAULT_MAX_CONNECTIONS: Final = 512
+DEFAULT_MAX_PER_CLIENT: Final = 64
+#: Seconds from accept to the end of the handshake (TLS included), as qemu-nbd.
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: Request and reply payload bytes one connection may hold; reading stops beyond.
+DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 2 * DEFAULT_MAX_REQUEST
 _SHUTDOWN_GRACE: Final = 5.0  # seconds in-flight commands get on shutdown; handed to each Connection
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 class NbdServer:
@@ -41,10 +60,24 @@ class NbdServer:
         logger: logging.Logger | None = None,
         tls: ssl.SSLContext | None = None,
         admit: Admission | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
     ) -> None:
         NbdCodec(max_request=max_request)  # raises ValueError for a bad max_request
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be positive: {max_in_flight}")
+        if min(max_connections, max_per_client) < 1 or handshake_timeout <= 0:
+            raise ValueError("connection limits and the handshake timeout must be positive")
+        if max_in_flight_bytes < max_request:
+            raise ValueError(f"max_in_flight_bytes {max_in_flight_bytes} is below max_request {max_request}")
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.handshake_timeout = handshake_timeout
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self.refused_connections = 0
         self.catalog = catalog
         self.host = host
         self.port = port
@@ -98,7 +131,17 @@ class NbdServer:
         if self._closing or task is None:
             writer.close()
             return
+        address = _address(writer)
+        refusal = self._over_limit(address)
+        if refusal is not None:
+            self.refused_connections += 1
+            if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, ...: no log flood
+                self.log.warning("nbd %s: connection refused: %s (%d refused so far)", address, refusal,
+                                 self.refused_connections)
+            writer.transport.abort()
+            return
         self._connections.add(task)
+        self._per_client[address] += 1
         connection = self._clients[task] = Connection(self, reader, writer, shutdown_grace=_SHUTDOWN_GRACE)
         try:
             await connection.serve()
@@ -110,6 +153,16 @@ class NbdServer:
         finally:
             self._connections.discard(task)
             self._clients.pop(task, None)
+            self._per_client[address] -= 1
+            if self._per_client[address] <= 0:
+                del self._per_client[address]
+
+    def _over_limit(self, address: str) -> str | None:
+        if len(self._connections) >= self.max_connections:
+            return f"{self.max_connections} NBD connections open (the server's limit)"
+        if self._per_client[address] >= self.max_per_client:
+            return f"{self.max_per_client} NBD connections open from this address (the limit per client)"
+        return None
 
     def export_connections(self) -> dict[str, int]:
         """Connections attached to each export now."""

@@ -64,4 +64,4 @@ class PairContext:
             raise NotFound(f"peer system {peer} is not configured on system {self.system.system_id}") from None
 
     def pairs_with(self, peer: int) -> list[Pair]:
-        return [p for p in self.system.pairs.values() if p.remote and p.peer_id == peer]
+        return [p for p in self.system.pairs.with_peer(peer) if p.remote and p.peer_id == peer]

@@ -39,8 +39,6 @@ from .verify import Verifier
 
 log = logging.getLogger("splitmirror.pairs")
 
-ASYNC_LINGER = 0.002  # seconds an async pair's stream gathers writes into one batch
-
 #: What to do with the entries a broken replication stream hands back.
 StreamFailureHandler = Callable[[Pair, list[Entry], str], Awaitable[None]]
 
@@ -137,13 +135,6 @@ class PrimaryEnd:
                                    lambda lost, reason: self.on_stream_failure(pair, lost, reason),
                                    self.settings.max_batch_bytes)
         pair.channel = RemoteChannel(stream)
-        self.set_batching(pair)
-
-    @staticmethod
-    def set_batching(pair: Pair) -> None:
-        """An async pair's stream gathers writes into batches; a sync pair's sends at once."""
-        if isinstance(pair.channel, RemoteChannel):
-            pair.channel.stream.linger = ASYNC_LINGER if pair.row.mode == "async" else 0.0
 
     # -- split ------------------------------------------------------------------------
     async def split(self, pair: Pair) -> Pair:
@@ -221,7 +212,6 @@ class PrimaryEnd:
         old = pair.row.mode
         for end in pair.ends:
             end.row.mode = mode
-        self.set_batching(pair)
         await self.system.save_rows(pair)
         log.info("pair %s: mode %s -> %s", name, old, mode)
         if mode == "sync" and pair.channel is not None and pair.status in MIRRORING:

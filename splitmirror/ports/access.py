@@ -33,7 +33,8 @@ from ..tls import ROLES, SYSTEM_OU, Subject, cert_subject, subject_from_der
 
 audit = logging.getLogger("splitmirror.audit")
 
-VIEWER = frozenset({"ListVolumes", "GetVolume", "DisplayPairs", "ListBackups", "GetStats", "Events"})
+VIEWER = frozenset({"ListVolumes", "GetVolume", "DisplayPairs", "ListBackups", "ListSchedules", "GetStats",
+                    "Events"})
 HOST_IO = frozenset({"Write", "Read", "Flush", "Checksum"})
 #: The least role each method needs; methods not listed need ``admin``.
 METHOD_ROLES: Mapping[str, str] = {**{m: "viewer" for m in VIEWER}, **{m: "host" for m in HOST_IO}}

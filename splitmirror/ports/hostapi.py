@@ -19,6 +19,7 @@ from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
 from ..procedures.restore import RestoreManager
+from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
 from ..v1 import host_pb2 as pb
 from ..v1 import host_pb2_grpc as pb_grpc
@@ -61,8 +62,9 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
-                 meter: IoMeter | None = None) -> None:
+                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None) -> None:
         self.manager = manager
+        self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
         self.restores = restores
         self.policy = policy or AccessPolicy(tls=False)
@@ -143,6 +145,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         if row.primary and row.mode == "async":
             msg.queue_bytes = pair.queued_bytes()
             msg.lag_seconds = pair.lag_seconds()
+        if row.copy_type == "REMOTE":
+            role = row.role
+            msg.epoch, msg.role_change, msg.role_since, msg.role_seq = row.epoch, role.how, role.since, role.seq
+            msg.fenced_by, msg.divergent_volume = role.fenced_by, role.divergent
         if row.copy_type == "REMOTE" and row.backup_time:
             msg.backup_time = row.backup_time
             msg.backup_age_seconds = seconds_since(row.backup_time)
@@ -201,12 +207,36 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                               algorithm="xxh3-64")
 
     @refusals
+    async def TakeoverPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.takeover(request.name, request.group, request.force))
+
+    @refusals
+    async def SwapPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.swap(request.name, request.group))
+
+    @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
-        return await self.backups.backup(request.pair, request.group, request.generation, request.wait)
+        return await self.backups.backup(request.pair, request.group, request.generation, request.wait,
+                                         list(request.ring))
 
     @refusals
     async def ListBackups(self, request: pb.PairRef, context: Context) -> pb.GenerationList:
-        return await self.backups.list_backups(request.name)
+        listing = await self.backups.list_backups(request.name)
+        listing.schedules.extend(s.message() for s in self.schedules.matching(request.name, ""))
+        return listing
+
+    @refusals
+    async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:
+        return await self.schedules.set(request)
+
+    @refusals
+    async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Context) -> pb.ScheduleList:
+        return pb.ScheduleList(schedules=[s.message() for s in self.schedules.matching(request.pair, request.group)])
+
+    @refusals
+    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest, context: Context) -> pb.ScheduleList:
+        gone = await self.schedules.delete(request.name, request.group)
+        return pb.ScheduleList(schedules=[s.message() for s in gone])
 
     @refusals
     async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:
@@ -238,7 +268,11 @@ class HostApiServicer(pb_grpc.HostApiServicer):
             stats.pairs.append(pb.PairCounters(
                 pair=name, replicated_writes=c.replicated_writes, replicated_bytes=c.replicated_bytes,
                 resync_tracks_sent=c.resync_tracks_sent, resync_bytes_sent=c.resync_bytes_sent,
-                resync_tracks_received=c.resync_tracks_received, resync_bytes_received=c.resync_bytes_received))
+                resync_tracks_received=c.resync_tracks_received, resync_bytes_received=c.resync_bytes_received,
+                mode=pair.row.mode, primary=pair.primary is not None))
+            if pair.primary is not None and pair.row.mode == "async":
+                stats.pairs[-1].lag_seconds = pair.lag_seconds()
+                stats.pairs[-1].lag_bytes = pair.queued_bytes()
         return stats
 
     async def Events(self, request: pb.EventsRequest, context: Context) -> AsyncIterator[pb.Event]:

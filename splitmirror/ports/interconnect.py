@@ -16,6 +16,7 @@ from ..errors import PermissionDenied, SplitmirrorError
 from ..pairs.manager import PairManager
 from ..procedures.backup import BackupManager
 from ..procedures.restore import RestoreManager
+from ..replication.framing import SequenceCheck
 from ..replication.link import SYSTEM_ID_KEY
 from ..tls import SYSTEM_OU, cert_subject
 from ..v1 import interconnect_pb2 as ic
@@ -55,6 +56,7 @@ def peer_id(context: Context, allowed: set[int], own: int,
     return caller
 
 
+ACK_EVERY = 4  # batches applied before an ack goes out even if more wait
 TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batch
 
 
@@ -122,6 +124,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         for pair in self.manager.pairs_with(peer):
             if pair.mirror is not None:
                 reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
+        reply.roles.extend(self.manager.roles.roles_for(peer))
         return reply
 
     @peer_call
@@ -161,15 +164,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             await self._take_over(pair.name, stream, pair.apply_lock)
             try:
                 batch: ic.ReplicateBatch | None = first
+                sequence = SequenceCheck()
+                applied = acked = held = 0
                 while batch is not None and not stream.superseded:
-                    if batch.entries:
-                        try:
-                            await self.manager.mirror_apply(pair, list(batch.entries))
-                        except SplitmirrorError as exc:
-                            log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
-                            await context.abort(exc.code, exc.message)
-                            raise
-                        yield ic.ReplicateAck(seq=batch.entries[-1].seq)
+                    try:
+                        applied = await self.manager.mirror_apply(pair, batch, sequence) or applied
+                    except SplitmirrorError as exc:
+                        log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
+                        await context.abort(exc.code, exc.message)
+                        raise
+                    # Cumulative: one ack covers the batches already waiting
+                    # (a few at most, so that sync writers are not held).
+                    held += 1
+                    if applied != acked and (batches.empty() or held >= ACK_EVERY):
+                        acked, held = applied, 0
+                        yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
             finally:
                 pair.apply_lock.release()

@@ -12,11 +12,13 @@ import errno
 import ipaddress
 import logging
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from ..addresses import parse_address
 from ..datapath.system import StorageSystem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied, SplitmirrorError
 from ..nbd import ExportError, NbdServer
+from ..nbd.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_CLIENT
 from ..observe.iometer import IoMeter
 from ..storage.volume import Volume
 from ..tls import TlsFiles, subject_from_der
@@ -169,14 +171,26 @@ class Admission:
         return None
 
 
+class NbdLimits(NamedTuple):
+    """How many NBD connections are served at once, and how long a handshake may take."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+
 async def start_nbd(system: StorageSystem, address: str, tls: TlsFiles | None = None,
                     allow: Mapping[str, list[str]] | None = None,
-                    policy: AccessPolicy | None = None, meter: IoMeter | None = None) -> tuple[NbdServer, int]:
+                    policy: AccessPolicy | None = None, meter: IoMeter | None = None,
+                    limits: NbdLimits | None = None) -> tuple[NbdServer, int]:
     """Serve ``system``'s volumes over NBD; ``policy`` (the host API's) says which
     client certificate may attach what when ``tls`` is given."""
     host, _, port = parse_address("nbd", address).rpartition(":")
     admit = Admission(allow or {}, tls is not None, policy)
+    limits = limits or NbdLimits()
     server = NbdServer(VolumeCatalog(system, meter), host.strip("[]"), int(port), logger=log,
-                       tls=tls.server_ssl_context() if tls is not None else None, admit=admit)
+                       tls=tls.server_ssl_context() if tls is not None else None, admit=admit,
+                       max_connections=limits.max_connections, max_per_client=limits.max_per_client,
+                       handshake_timeout=limits.handshake_timeout)
     await server.start()
     return server, server.bound_port

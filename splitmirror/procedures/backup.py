@@ -23,30 +23,51 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import grpc
 
 from ..clock import utc_now
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError, Unavailable
 from ..eventsink import BACKUP, Event, caused_by
+from ..names import check_name
 from ..pairstate.pair import Pair
 from ..replication.link import relay
 from ..replication.queue import BackupMarker
 from ..status import PairOp, PairStatus
 from ..v1 import host_pb2 as pb
 from ..v1 import interconnect_pb2 as ic
+from .hooks import BackupHooks, run_command
 from .operations import PairOperations
 
 log = logging.getLogger("splitmirror.backup")
 
 #: Meta key prefix of a consistency group's newest backup time (at the primary).
 GROUP_BACKUP_KEY = "group-backup:"
+#: Most generations a ring may name.
+MAX_RING = 64
+
+
+def check_ring(ring: Sequence[str]) -> None:
+    """A ring of generations from a client: bounded, each a valid name."""
+    if len(ring) > MAX_RING:
+        raise InvalidArgument(f"a ring names {len(ring)} generations; at most {MAX_RING} are allowed")
+    for name in ring:
+        check_name("generation", name)
+
+
+class BackupCancelled(FailedPrecondition):
+    """A failing or timed-out pre-backup hook cancelled the backup."""
+
+    result = "cancelled"
 
 
 class BackupManager:
     def __init__(self, manager: PairOperations) -> None:
         self.manager = manager
         self.system = manager.system
+        #: The daemon's --pre-backup-hook/--post-backup-hook (a schedule may give its own).
+        self.hooks = BackupHooks()
         #: mirror end: marker id -> outcome (and the SVOL flush in progress)
         self._outcomes: dict[str, ic.FinishBackupReply] = {}
         self._flushes: dict[str, asyncio.Task[None]] = {}
@@ -83,6 +104,15 @@ class BackupManager:
             raise FailedPrecondition(
                 f"pair {pair.name!r} has no backup generation on system {sid}: create local pairs from "
                 f"SPVOL {spvol!r} there (splitmirror pair create GEN --pvol {spvol} --svol SVOL)")
+        if req.ring and not req.generation:
+            check_ring(req.ring)
+            ring = set(req.ring)
+            mine = [g for g in gens if g.name in ring]
+            if not mine:
+                raise FailedPrecondition(
+                    f"none of the ring's generations ({', '.join(sorted(ring))}) is a generation of pair "
+                    f"{pair.name!r} on system {sid} (its generations: {', '.join(g.name for g in gens)})")
+            gens = mine
         if req.generation:
             chosen = next((g for g in gens if g.name == req.generation), None)
             if chosen is None:
@@ -180,7 +210,7 @@ class BackupManager:
         return ic.ListGenerationsReply(generations=self.list_local(pair))
 
     # -- the primary's side ---------------------------------------------------------
-    def _targets(self, name: str, group: str) -> list[Pair]:
+    def targets(self, name: str, group: str) -> list[Pair]:
         if bool(name) == bool(group):
             raise InvalidArgument("name a remote pair or a consistency group (--group), not both")
         if name:
@@ -197,7 +227,7 @@ class BackupManager:
                     "backups are issued at the primary of a remote pair")
         return pairs
 
-    def _check_ready(self, pairs: list[Pair]) -> None:
+    def check_ready(self, pairs: list[Pair]) -> None:
         for pair in pairs:
             if pair.status is not PairStatus.DUPLEX:
                 raise FailedPrecondition(
@@ -213,50 +243,94 @@ class BackupManager:
         except grpc.aio.AioRpcError as exc:
             raise relay(exc, pair.peer_id) from None
 
-    async def backup(self, name: str, group: str, generation: str, wait: bool) -> pb.BackupReply:
-        pairs = self._targets(name, group)
+    async def backup(self, name: str, group: str, generation: str, wait: bool, ring: Sequence[str] = (),
+                     hooks: BackupHooks | None = None, schedule: str = "") -> pb.BackupReply:
+        pairs = self.targets(name, group)
         if generation and len(pairs) > 1:
             raise InvalidArgument("--generation names one local pair; a group backup picks each pair's oldest")
-        self._check_ready(pairs)
+        check_ring(ring)
+        self.check_ready(pairs)
         busy = [p.name for p in pairs if p.backup_running]
         if busy:
             raise FailedPrecondition(f"a backup of pair {busy[0]!r} is already running")
+        hooks = hooks if hooks is not None else self.hooks
+        env = {"SPLITMIRROR_PAIR": ",".join(p.name for p in pairs), "SPLITMIRROR_GROUP": group,
+               "SPLITMIRROR_SCHEDULE": schedule, "SPLITMIRROR_SYSTEM_ID": str(self.system.system_id),
+               "SPLITMIRROR_VOLUME": ",".join(p.primary.volume.name for p in pairs if p.primary is not None)}
         started = time.monotonic()
         for pair in pairs:
             pair.backup_running = True
+        outcome = ("failed", "")
+        warning = ""
         try:
-            prepared: list[ic.PrepareBackupReply] = []
-            for pair in pairs:
-                reply = await self._rpc(pair, "PrepareBackup",
-                                        ic.PrepareBackupRequest(pair=pair.name, generation=generation), None)
-                assert isinstance(reply, ic.PrepareBackupReply)
-                prepared.append(reply)
-            prepare_seconds = time.monotonic() - started
-            self._check_ready(pairs)
-            # One step of the event loop, no await: one point of the write order.
-            backup_time = utc_now()
-            markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
-            futures = []
-            for pair, marker in zip(pairs, markers, strict=True):
-                assert pair.channel is not None
-                futures.append(pair.channel.push(0, marker=marker))
-            log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
-            for pair, marker in zip(pairs, markers, strict=True):
-                self._emit(pair, "point", marker.generation, detail=f"at {backup_time}")
-            results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
-                                       backup_time=backup_time, resynced_tracks=prep.resynced_tracks,
-                                       state="pending")
-                       for p, prep in zip(pairs, prepared, strict=True)]
-            completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results, group, backup_time))
+            try:
+                results, prepare_seconds, completion = await self._fix_point(pairs, group, generation, ring, hooks,
+                                                                             env, started)
+                outcome = ("point-fixed", "")
+            except SplitmirrorError as exc:
+                outcome = (getattr(exc, "result", "failed"), exc.message)
+                raise
+            finally:
+                if hooks.post:
+                    env.update(SPLITMIRROR_PHASE="post-backup", SPLITMIRROR_BACKUP_RESULT=outcome[0],
+                               SPLITMIRROR_BACKUP_ERROR=outcome[1])
+                    problem = await run_command(hooks.post, env, hooks.timeout, "post-backup hook")
+                    if problem:
+                        log.error("backup of %s: %s", env["SPLITMIRROR_PAIR"], problem)
+                        for pair in pairs:
+                            self._emit(pair, "hook-failed", env.get("SPLITMIRROR_GENERATION", ""), problem)
+                        warning = problem
             if wait:
                 await completion
             else:
                 completion.add_done_callback(_log_outcome)
+            # Built now: the completion updates the results' state.
             return pb.BackupReply(backups=results, latency_seconds=time.monotonic() - started,
-                                  prepare_seconds=prepare_seconds)
+                                  prepare_seconds=prepare_seconds, warning=warning)
         finally:
             for pair in pairs:
                 pair.backup_running = False
+
+    async def _fix_point(self, pairs: list[Pair], group: str, generation: str, ring: Sequence[str],
+                         hooks: BackupHooks, env: dict[str, str],
+                         started: float) -> tuple[list[pb.BackupResult], float, asyncio.Future[None]]:
+        """Bring the generations in sync, run the pre-hook, push the markers."""
+        prepared: list[ic.PrepareBackupReply] = []
+        for pair in pairs:
+            reply = await self._rpc(pair, "PrepareBackup",
+                                    ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring), None)
+            assert isinstance(reply, ic.PrepareBackupReply)
+            prepared.append(reply)
+        prepare_seconds = time.monotonic() - started
+        env["SPLITMIRROR_GENERATION"] = ",".join(prep.generation for prep in prepared)
+        env["SPLITMIRROR_SVOL"] = ",".join(prep.svol for prep in prepared)
+        self.check_ready(pairs)
+        if hooks.pre:
+            problem = await run_command(hooks.pre, {**env, "SPLITMIRROR_PHASE": "pre-backup"}, hooks.timeout,
+                                        "pre-backup hook")
+            if problem:
+                for pair, prep in zip(pairs, prepared, strict=True):
+                    self._emit(pair, "cancelled", prep.generation, problem)
+                log.error("backup of %s cancelled: %s", env["SPLITMIRROR_PAIR"], problem)
+                raise BackupCancelled(f"backup of {(group and f'group {group!r}') or f'pair {pairs[0].name!r}'} "
+                                      f"cancelled: {problem}; no backup point was fixed")
+            self.check_ready(pairs)
+        # One step of the event loop, no await: one point of the write order.
+        backup_time = utc_now()
+        markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
+        futures = []
+        for pair, marker in zip(pairs, markers, strict=True):
+            assert pair.channel is not None
+            futures.append(pair.channel.push(0, marker=marker))
+        env["SPLITMIRROR_BACKUP_TIME"] = backup_time
+        log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
+        for pair, marker in zip(pairs, markers, strict=True):
+            self._emit(pair, "point", marker.generation, detail=f"at {backup_time}")
+        results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
+                                   backup_time=backup_time, resynced_tracks=prep.resynced_tracks, state="pending")
+                   for p, prep in zip(pairs, prepared, strict=True)]
+        completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results, group, backup_time))
+        return results, prepare_seconds, completion
 
     async def _complete(self, pairs: list[Pair], markers: list[BackupMarker], futures: list[asyncio.Future[bool]],
                         results: list[pb.BackupResult], group: str = "", backup_time: str = "") -> None:

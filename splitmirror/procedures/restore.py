@@ -167,6 +167,10 @@ class RestoreManager:
     async def abort(self, name: str) -> pb.RestoreReport:
         pair = self._remote_mirror(name)
         state = await self._state(name)
+        if state is None and name not in self._running and pair.status is PairStatus.DUPLEX:
+            # A restore fences and splits before it changes anything: DUPLEX with none recorded is nothing.
+            raise FailedPrecondition(f"no restore of pair {name!r} is running or unfinished on system "
+                                     f"{self.system.system_id}: nothing to abort")
         self._claim(name)
         try:
             reply = await self._control(pair, ic.RESTORE_OP_ABORT)

@@ -66,6 +66,10 @@ class ReplicationQueue:
         return entry
 
     @property
+    def last_unsent(self) -> Entry | None:
+        return self._unsent[-1] if self._unsent else None
+
+    @property
     def has_unsent(self) -> bool:
         return bool(self._unsent)
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from ..v1 import interconnect_pb2 as ic
+from .framing import encode
 from .link import Counters, PeerLink
 from .queue import BackupMarker, Entry, ReplicationQueue
 
@@ -42,10 +43,6 @@ class ReplicationStream:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
-        #: Seconds the sender waits for more entries before sending a batch
-        #: (async pairs: the host does not wait, and batching spares CPU on
-        #: both sides for every message and acknowledgement saved).
-        self.linger = 0.0
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
@@ -57,6 +54,13 @@ class ReplicationStream:
         """
         if not self.queue.unacked:
             self._last_progress = time.monotonic()
+        last = self.queue.last_unsent
+        if flush and last is not None and last.flush and last.marker is None and not data:
+            # A flush right behind an unsent flush makes nothing more durable:
+            # one mirror flush in flight serves both.
+            waiter = self._waiters.get(last.seq)
+            if waiter is not None:
+                return waiter
         entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
@@ -108,21 +112,13 @@ class ReplicationStream:
         first = True
         while True:
             await self._wakeup.wait()
-            if self.linger:
-                await asyncio.sleep(self.linger)
             self._wakeup.clear()
             while self.queue.has_unsent:
-                batch = self.queue.take_batch()
-                msg = ic.ReplicateBatch(pair=self.pair if first else "")
-                first = False
-                for e in batch:
-                    wire = msg.entries.add(seq=e.seq, offset=e.offset, data=e.data, zero_length=e.zero_length,
-                                           flush=e.flush, resync=e.resync)
-                    if e.marker is not None:
-                        wire.backup_marker = e.marker.marker
-                        wire.backup_generation = e.marker.generation
-                        wire.backup_time = e.marker.backup_time
-                await call.write(msg)
+                for msg in messages(self.queue.take_batch()):
+                    if first:
+                        msg.pair = self.pair
+                        first = False
+                    await call.write(msg)
 
     async def _receive(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
         async for ack in call:
@@ -163,3 +159,23 @@ class ReplicationStream:
             for fut in waiters.values():
                 if not fut.done():
                     fut.set_result(False)
+
+
+def messages(batch: list[Entry]) -> list[ic.ReplicateBatch]:
+    """A batch as stream messages: runs of entries packed into one buffer
+    each, a backup marker in a message of its own."""
+    out: list[ic.ReplicateBatch] = []
+    run: list[Entry] = []
+    for e in batch:
+        if e.marker is None:
+            run.append(e)
+            continue
+        if run:
+            out.append(ic.ReplicateBatch(packed=encode(run)))
+            run = []
+        out.append(ic.ReplicateBatch(entries=[ic.WriteEntry(
+            seq=e.seq, offset=e.offset, backup_marker=e.marker.marker, backup_generation=e.marker.generation,
+            backup_time=e.marker.backup_time)]))
+    if run:
+        out.append(ic.ReplicateBatch(packed=encode(run)))
+    return out

@@ -421,6 +421,12 @@ class PairRow(_message.Message):
     LAG_SECONDS_FIELD_NUMBER: _builtins.int
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     BACKUP_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ROLE_CHANGE_FIELD_NUMBER: _builtins.int
+    ROLE_SINCE_FIELD_NUMBER: _builtins.int
+    ROLE_SEQ_FIELD_NUMBER: _builtins.int
+    FENCED_BY_FIELD_NUMBER: _builtins.int
+    DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -457,6 +463,19 @@ class PairRow(_message.Message):
     empty when none), and its age in seconds.
     """
     backup_age_seconds: _builtins.float
+    epoch: _builtins.int
+    """Remote pairs: the role epoch of this end (grows at every takeover and
+    swap), how it got its role (takeover, swap; empty: created so), since
+    when, and for a takeover the last sequence of the write order applied.
+    """
+    role_change: _builtins.str
+    role_since: _builtins.str
+    role_seq: _builtins.int
+    fenced_by: _builtins.int
+    """An old primary fenced because this system took the role over; the
+    volume its divergent tracks were saved into before a resync.
+    """
+    divergent_volume: _builtins.str
     def __init__(
         self,
         *,
@@ -483,10 +502,16 @@ class PairRow(_message.Message):
         lag_seconds: _builtins.float = ...,
         backup_time: _builtins.str = ...,
         backup_age_seconds: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        role_change: _builtins.str = ...,
+        role_since: _builtins.str = ...,
+        role_seq: _builtins.int = ...,
+        fenced_by: _builtins.int = ...,
+        divergent_volume: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,6 +543,34 @@ class GroupBackup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GroupBackup: _TypeAlias = GroupBackup  # noqa: Y015
+
+@_typing.final
+class RoleChangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a pair, or empty with group"""
+    group: _builtins.str
+    """every remote pair of this consistency group, at one point of the write order"""
+    force: _builtins.bool
+    """takeover: even while the primary answers (both claim it: the higher epoch wins)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        group: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "group", b"group", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleChangeRequest: _TypeAlias = RoleChangeRequest  # noqa: Y015
 
 @_typing.final
 class SetPairModeRequest(_message.Message):
@@ -573,6 +626,7 @@ class BackupRequest(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     """a remote pair, or empty with group"""
     group: _builtins.str
@@ -581,6 +635,10 @@ class BackupRequest(_message.Message):
     """local pair at the secondary; empty: the oldest"""
     wait: _builtins.bool
     """return once the generation is split (else once the point is fixed)"""
+    @_builtins.property
+    def ring(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """with no generation: use the oldest of these local pairs (per remote pair)"""
+
     def __init__(
         self,
         *,
@@ -588,10 +646,11 @@ class BackupRequest(_message.Message):
         group: _builtins.str = ...,
         generation: _builtins.str = ...,
         wait: _builtins.bool = ...,
+        ring: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "pair", b"pair", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "pair", b"pair", "ring", b"ring", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -645,10 +704,13 @@ class BackupReply(_message.Message):
     BACKUPS_FIELD_NUMBER: _builtins.int
     LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
     PREPARE_SECONDS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     latency_seconds: _builtins.float
     """command to split"""
     prepare_seconds: _builtins.float
     """of which bringing generations in sync"""
+    warning: _builtins.str
+    """the post-backup hook failed (the backup itself did not)"""
     @_builtins.property
     def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackupResult]: ...
     def __init__(
@@ -657,10 +719,11 @@ class BackupReply(_message.Message):
         backups: _abc.Iterable[Global___BackupResult] | None = ...,
         latency_seconds: _builtins.float = ...,
         prepare_seconds: _builtins.float = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -710,20 +773,181 @@ class GenerationList(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GENERATIONS_FIELD_NUMBER: _builtins.int
+    SCHEDULES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def generations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Generation]: ...
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """at the primary: the schedules of the pair and of its group"""
+
     def __init__(
         self,
         *,
         generations: _abc.Iterable[Global___Generation] | None = ...,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations", "schedules", b"schedules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationList: _TypeAlias = GenerationList  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """A backup schedule: a backup of a remote pair (or a consistency group)
+    every `every_seconds`, into the oldest generation of its ring.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAIR_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    EVERY_SECONDS_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    PRE_HOOK_FIELD_NUMBER: _builtins.int
+    POST_HOOK_FIELD_NUMBER: _builtins.int
+    HOOK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_RUN_FIELD_NUMBER: _builtins.int
+    LAST_RUN_FIELD_NUMBER: _builtins.int
+    LAST_RESULT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_GENERATIONS_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    LAST_CHECK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """default: PAIR-every-DURATION (or GROUP-...)"""
+    pair: _builtins.str
+    """a remote pair, or empty with group"""
+    group: _builtins.str
+    every_seconds: _builtins.float
+    at: _builtins.str
+    """HH:MM (UTC): slots are at this time of day plus multiples of every"""
+    check: _builtins.bool
+    """check each new backup at the secondary (backup check)"""
+    probe: _builtins.str
+    """with check: the operator's probe command at the secondary"""
+    pre_hook: _builtins.str
+    """empty: the daemon's --pre-backup-hook"""
+    post_hook: _builtins.str
+    """empty: the daemon's --post-backup-hook"""
+    hook_timeout_seconds: _builtins.float
+    """0: the daemon's --backup-hook-timeout"""
+    next_run: _builtins.str
+    """Set by the system."""
+    last_run: _builtins.str
+    last_result: _builtins.str
+    """done, failed or cancelled (pre-hook)"""
+    last_error: _builtins.str
+    last_generations: _builtins.str
+    runs: _builtins.int
+    last_check: _builtins.str
+    """verdict of the check of the newest backup, when checked"""
+    @_builtins.property
+    def ring(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """local pairs at the secondary; empty: every generation of the pair"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        pair: _builtins.str = ...,
+        group: _builtins.str = ...,
+        every_seconds: _builtins.float = ...,
+        at: _builtins.str = ...,
+        ring: _abc.Iterable[_builtins.str] | None = ...,
+        check: _builtins.bool = ...,
+        probe: _builtins.str = ...,
+        pre_hook: _builtins.str = ...,
+        post_hook: _builtins.str = ...,
+        hook_timeout_seconds: _builtins.float = ...,
+        next_run: _builtins.str = ...,
+        last_run: _builtins.str = ...,
+        last_result: _builtins.str = ...,
+        last_error: _builtins.str = ...,
+        last_generations: _builtins.str = ...,
+        runs: _builtins.int = ...,
+        last_check: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "check", b"check", "every_seconds", b"every_seconds", "group", b"group", "hook_timeout_seconds", b"hook_timeout_seconds", "last_check", b"last_check", "last_error", b"last_error", "last_generations", b"last_generations", "last_result", b"last_result", "last_run", b"last_run", "name", b"name", "next_run", b"next_run", "pair", b"pair", "post_hook", b"post_hook", "pre_hook", b"pre_hook", "probe", b"probe", "ring", b"ring", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    """only the schedules of this pair (and of its group)"""
+    group: _builtins.str
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "pair", b"pair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]: ...
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleList: _TypeAlias = ScheduleList  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a schedule, or a remote pair (all of its schedules)"""
+    group: _builtins.str
+    """all schedules of this group"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
 
 @_typing.final
 class RestoreRequest(_message.Message):
@@ -1016,6 +1240,10 @@ class PairCounters(_message.Message):
     RESYNC_BYTES_SENT_FIELD_NUMBER: _builtins.int
     RESYNC_TRACKS_RECEIVED_FIELD_NUMBER: _builtins.int
     RESYNC_BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    LAG_BYTES_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     replicated_writes: _builtins.int
     replicated_bytes: _builtins.int
@@ -1023,6 +1251,16 @@ class PairCounters(_message.Message):
     resync_bytes_sent: _builtins.int
     resync_tracks_received: _builtins.int
     resync_bytes_received: _builtins.int
+    lag_seconds: _builtins.float
+    """Async pairs (primary end): how far the mirror is behind the host, as
+    the age of the oldest write acknowledged to the host and not yet
+    applied at the mirror, and the bytes of such writes.
+    """
+    lag_bytes: _builtins.int
+    mode: _builtins.str
+    """sync or async"""
+    primary: _builtins.bool
+    """this system holds the pair's primary end"""
     def __init__(
         self,
         *,
@@ -1033,10 +1271,14 @@ class PairCounters(_message.Message):
         resync_bytes_sent: _builtins.int = ...,
         resync_tracks_received: _builtins.int = ...,
         resync_bytes_received: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        lag_bytes: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        primary: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pair", b"pair", "replicated_bytes", b"replicated_bytes", "replicated_writes", b"replicated_writes", "resync_bytes_received", b"resync_bytes_received", "resync_bytes_sent", b"resync_bytes_sent", "resync_tracks_received", b"resync_tracks_received", "resync_tracks_sent", b"resync_tracks_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag_bytes", b"lag_bytes", "lag_seconds", b"lag_seconds", "mode", b"mode", "pair", b"pair", "primary", b"primary", "replicated_bytes", b"replicated_bytes", "replicated_writes", b"replicated_writes", "resync_bytes_received", b"resync_bytes_received", "resync_bytes_sent", b"resync_bytes_sent", "resync_tracks_received", b"resync_tracks_received", "resync_tracks_sent", b"resync_tracks_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

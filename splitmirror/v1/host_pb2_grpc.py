@@ -109,6 +109,16 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
                 _registered_method=True)
+        self.TakeoverPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/TakeoverPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
+        self.SwapPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/SwapPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/splitmirror.v1.HostApi/Backup',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.SerializeToString,
@@ -118,6 +128,21 @@ class HostApiStub:
                 '/splitmirror.v1.HostApi/ListBackups',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+                _registered_method=True)
+        self.SetSchedule = channel.unary_unary(
+                '/splitmirror.v1.HostApi/SetSchedule',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/splitmirror.v1.HostApi/ListSchedules',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/splitmirror.v1.HostApi/DeleteSchedule',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
                 _registered_method=True)
         self.BeginRestore = channel.unary_unary(
                 '/splitmirror.v1.HostApi/BeginRestore',
@@ -244,6 +269,21 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeoverPair(self, request, context):
+        """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+        its mirror end becomes the primary end; with both up and the pair DUPLEX,
+        a swap reverses the roles with no data copied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapPair(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Backup(self, request, context):
         """Point-in-time backup of a remote pair (or of every remote pair of a
         consistency group) into a backup generation at the secondary, without
@@ -256,6 +296,25 @@ class HostApiServicer:
     def ListBackups(self, request, context):
         """Backup generations of a remote pair (at the primary: asked of the peer).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSchedule(self, request, context):
+        """Backup schedules, kept in the primary's copy table and run by it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -384,6 +443,16 @@ def add_HostApiServicer_to_server(servicer, server):
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.SerializeToString,
             ),
+            'TakeoverPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeoverPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
+            ),
+            'SwapPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
+            ),
             'Backup': grpc.unary_unary_rpc_method_handler(
                     servicer.Backup,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.FromString,
@@ -393,6 +462,21 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.ListBackups,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.SerializeToString,
+            ),
+            'SetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSchedule,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.Schedule.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.ScheduleList.SerializeToString,
             ),
             'BeginRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.BeginRestore,
@@ -841,6 +925,60 @@ class HostApi:
             _registered_method=True)
 
     @staticmethod
+    def TakeoverPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/TakeoverPair',
+            splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/SwapPair',
+            splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Backup(request,
             target,
             options=(),
@@ -884,6 +1022,87 @@ class HostApi:
             '/splitmirror.v1.HostApi/ListBackups',
             splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/SetSchedule',
+            splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/ListSchedules',
+            splitmirror_dot_v1_dot_host__pb2.ListSchedulesRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/DeleteSchedule',
+            splitmirror_dot_v1_dot_host__pb2.DeleteScheduleRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.ScheduleList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,12 @@ class HostApiStub:
     DeletePair: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]
     SetPairMode: _grpc.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]
     VerifyPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]
+    TakeoverPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]
+    """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+    its mirror end becomes the primary end; with both up and the pair DUPLEX,
+    a swap reverses the roles with no data copied.
+    """
+    SwapPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]
     Backup: _grpc.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -53,6 +59,10 @@ class HostApiStub:
     """
     ListBackups: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    SetSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]
+    """Backup schedules, kept in the primary's copy table and run by it."""
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.DeleteScheduleRequest, _host_pb2.ScheduleList]
     BeginRestore: _grpc.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreSession]
     """Restores, issued at the secondary (host B).  Files: BeginRestore fences
     the PVOL and splits the remote pair, the restore agent copies files into
@@ -90,6 +100,12 @@ class HostApiAsyncStub(HostApiStub):
     DeletePair: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]  # type: ignore[assignment]
     SetPairMode: _aio.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     VerifyPair: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]  # type: ignore[assignment]
+    TakeoverPair: _aio.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]  # type: ignore[assignment]
+    """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+    its mirror end becomes the primary end; with both up and the pair DUPLEX,
+    a swap reverses the roles with no data copied.
+    """
+    SwapPair: _aio.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     Backup: _aio.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]  # type: ignore[assignment]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -97,6 +113,10 @@ class HostApiAsyncStub(HostApiStub):
     """
     ListBackups: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]  # type: ignore[assignment]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    SetSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]  # type: ignore[assignment]
+    """Backup schedules, kept in the primary's copy table and run by it."""
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]  # type: ignore[assignment]
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.DeleteScheduleRequest, _host_pb2.ScheduleList]  # type: ignore[assignment]
     BeginRestore: _aio.UnaryUnaryMultiCallable[_host_pb2.RestoreRequest, _host_pb2.RestoreSession]  # type: ignore[assignment]
     """Restores, issued at the secondary (host B).  Files: BeginRestore fences
     the PVOL and splits the remote pair, the restore agent copies files into
@@ -223,6 +243,24 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_host_pb2.VerifyReply, _abc.Awaitable[_host_pb2.VerifyReply]]: ...
 
     @_abc_1.abstractmethod
+    def TakeoverPair(
+        self,
+        request: _host_pb2.RoleChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]:
+        """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+        its mirror end becomes the primary end; with both up and the pair DUPLEX,
+        a swap reverses the roles with no data copied.
+        """
+
+    @_abc_1.abstractmethod
+    def SwapPair(
+        self,
+        request: _host_pb2.RoleChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]: ...
+
+    @_abc_1.abstractmethod
     def Backup(
         self,
         request: _host_pb2.BackupRequest,
@@ -240,6 +278,28 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.GenerationList, _abc.Awaitable[_host_pb2.GenerationList]]:
         """Backup generations of a remote pair (at the primary: asked of the peer)."""
+
+    @_abc_1.abstractmethod
+    def SetSchedule(
+        self,
+        request: _host_pb2.Schedule,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.Schedule, _abc.Awaitable[_host_pb2.Schedule]]:
+        """Backup schedules, kept in the primary's copy table and run by it."""
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _host_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.ScheduleList, _abc.Awaitable[_host_pb2.ScheduleList]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _host_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.ScheduleList, _abc.Awaitable[_host_pb2.ScheduleList]]: ...
 
     @_abc_1.abstractmethod
     def BeginRestore(

@@ -71,6 +71,10 @@ class _PairOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PairOp.ValueTy
     """enter DUPLEX"""
     PAIR_OP_DELETE: _PairOp.ValueType  # 7
     PAIR_OP_SET_MODE: _PairOp.ValueType  # 8
+    PAIR_OP_ROLE: _PairOp.ValueType  # 20
+    """no change; report this end's role and epoch (either role answers)"""
+    PAIR_OP_SWAP: _PairOp.ValueType  # 21
+    """planned switchover: the mirror end becomes the primary end at epoch"""
 
 class PairOp(_PairOp, metaclass=_PairOpEnumTypeWrapper): ...
 
@@ -87,6 +91,10 @@ PAIR_OP_RESYNC_DONE: PairOp.ValueType  # 6
 """enter DUPLEX"""
 PAIR_OP_DELETE: PairOp.ValueType  # 7
 PAIR_OP_SET_MODE: PairOp.ValueType  # 8
+PAIR_OP_ROLE: PairOp.ValueType  # 20
+"""no change; report this end's role and epoch (either role answers)"""
+PAIR_OP_SWAP: PairOp.ValueType  # 21
+"""planned switchover: the mirror end becomes the primary end at epoch"""
 Global___PairOp: _TypeAlias = PairOp  # noqa: Y015
 
 @_typing.final
@@ -148,18 +156,24 @@ class PrepareBackupRequest(_message.Message):
 
     PAIR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     generation: _builtins.str
     """empty: the ring's oldest"""
+    @_builtins.property
+    def ring(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """with no generation: only these local pairs (those of this pair)"""
+
     def __init__(
         self,
         *,
         pair: _builtins.str = ...,
         generation: _builtins.str = ...,
+        ring: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "ring", b"ring"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,11 +413,16 @@ class HelloReply(_message.Message):
     SYSTEM_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     MIRRORS_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
         """Names of the pairs this system holds with the caller, and their status."""
+
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
+        """Every pair this system holds with the caller: its end's role and epoch."""
 
     def __init__(
         self,
@@ -411,10 +430,11 @@ class HelloReply(_message.Message):
         system_id: _builtins.int = ...,
         role: _builtins.str = ...,
         mirrors: _abc.Iterable[Global___MirrorState] | None = ...,
+        roles: _abc.Iterable[Global___MirrorState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "roles", b"roles", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,6 +488,8 @@ class PairCommandRequest(_message.Message):
     REVERSE_FIELD_NUMBER: _builtins.int
     SPLIT_TIME_FIELD_NUMBER: _builtins.int
     INCLUDE_ALLOCATED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     op: Global___PairOp.ValueType
     reason: _builtins.str
@@ -476,6 +498,10 @@ class PairCommandRequest(_message.Message):
     split_time: _builtins.str
     include_allocated: _builtins.bool
     """RESYNC_BEGIN: also report allocated tracks"""
+    epoch: _builtins.int
+    """SWAP: the epoch of the new roles (0: the mirror end asks the primary to swap)"""
+    group: _builtins.str
+    """SWAP asked by the mirror end: every pair of this consistency group"""
     def __init__(
         self,
         *,
@@ -486,10 +512,12 @@ class PairCommandRequest(_message.Message):
         reverse: _builtins.bool = ...,
         split_time: _builtins.str = ...,
         include_allocated: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "group", b"group", "include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -507,6 +535,9 @@ class MirrorState(_message.Message):
     PENDING_TRACKS_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     TRACK_SIZE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    APPLIED_SEQ_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     status: _builtins.str
     volume: _builtins.str
@@ -517,6 +548,12 @@ class MirrorState(_message.Message):
     pending_tracks: _builtins.int
     size: _builtins.int
     track_size: _builtins.int
+    epoch: _builtins.int
+    """this end's role epoch"""
+    primary: _builtins.bool
+    """this end is the pair's primary end"""
+    applied_seq: _builtins.int
+    """the last sequence of the write stream applied here"""
     def __init__(
         self,
         *,
@@ -528,10 +565,13 @@ class MirrorState(_message.Message):
         pending_tracks: _builtins.int = ...,
         size: _builtins.int = ...,
         track_size: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        primary: _builtins.bool = ...,
+        applied_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bitmap", b"allocated_bitmap", "pair", b"pair", "pending_bitmap", b"pending_bitmap", "pending_tracks", b"pending_tracks", "size", b"size", "status", b"status", "track_size", b"track_size", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bitmap", b"allocated_bitmap", "applied_seq", b"applied_seq", "epoch", b"epoch", "pair", b"pair", "pending_bitmap", b"pending_bitmap", "pending_tracks", b"pending_tracks", "primary", b"primary", "size", b"size", "status", b"status", "track_size", b"track_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -594,8 +634,17 @@ class ReplicateBatch(_message.Message):
 
     PAIR_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     """set on the first message of a stream"""
+    packed: _builtins.bytes
+    """The same entries packed with raw payloads (splitmirror/replication/
+    framing.py): per entry a little-endian header (u64 seq, u64 offset,
+    u32 payload length, u64 zero length, u8 flags: 1 flush, 2 resync)
+    then the payload.  A batch carries entries or packed, never both;
+    backup markers always travel as entries.  Sequence numbers are
+    consecutive within a stream: a gap or repeat suspends the pair.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteEntry]: ...
     def __init__(
@@ -603,10 +652,11 @@ class ReplicateBatch(_message.Message):
         *,
         pair: _builtins.str = ...,
         entries: _abc.Iterable[Global___WriteEntry] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "packed", b"packed", "pair", b"pair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -619,7 +669,9 @@ class ReplicateAck(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """every entry up to and including seq is applied"""
+    """Every entry up to and including seq is applied (cumulative: one ack
+    may cover several batches).
+    """
     error: _builtins.str
     def __init__(
         self,

@@ -1,0 +1,109 @@
+"""Many pairs in one storage system: what a write costs does not follow how many there are.
+
+In process, with real volumes, a real copy table and the real pairs layer:
+200 local pairs and 200 remote mirror ends (attached as a peer would)
+in one storage system, and writes on both ends of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from splitmirror.datapath.system import StorageSystem
+from splitmirror.pairs.manager import PairManager
+from splitmirror.pairs.settings import Settings
+from splitmirror.pairstate.pair import EndRole
+from splitmirror.status import PairStatus
+from splitmirror.v1 import interconnect_pb2 as ic
+
+PAIRS = 200
+PEER = 1001
+SIZE = 1 << 20
+
+
+@pytest.fixture
+async def many(tmp_path: Path) -> AsyncIterator[tuple[StorageSystem, PairManager]]:
+    system = StorageSystem(2001, "secondary", tmp_path)
+    await system.open()
+    manager = PairManager(system, {}, Settings(link_timeout=1.0))
+    await manager.start()
+    for i in range(PAIRS):
+        await system.create_volume(f"l{i}", SIZE)
+        await manager.create(f"local{i}", f"l{i}", f"l{i}-m", 0, "sync", "")
+        await manager.mirror_attach(PEER, ic.AttachMirrorRequest(pair=f"remote{i}", pvol=f"p{i}", svol=f"r{i}",
+                                                                 size=SIZE, track_size=8192, mode="sync"))
+        await manager.mirror_command(PEER, ic.PairCommandRequest(pair=f"remote{i}", op=ic.PAIR_OP_RESYNC_BEGIN))
+        await manager.mirror_command(PEER, ic.PairCommandRequest(pair=f"remote{i}", op=ic.PAIR_OP_RESYNC_DONE))
+    for i in range(PAIRS):
+        task = system.pairs[f"local{i}"].copy_task
+        if task is not None:
+            await asyncio.wait_for(task, 30)
+    try:
+        yield system, manager
+    finally:
+        await manager.stop()
+        await system.close()
+
+
+async def test_writes_never_walk_every_pair(many: tuple[StorageSystem, PairManager]) -> None:
+    system, manager = many
+    assert {system.pairs[f"local{i}"].status for i in range(PAIRS)} == {PairStatus.DUPLEX}
+    scans = system.pairs.full_scans
+    data = bytes(range(256)) * 32
+    for i in range(0, PAIRS, 7):
+        # A host write to a PVOL of a local pair (and through its channel, to its SVOL)...
+        await system.host_write(f"l{i}", 8192 * (i % 100), data)
+        await system.host_flush(f"l{i}")
+        # ... the stream of a remote pair applied at its mirror end...
+        pair = manager.mirror_pair(PEER, f"remote{i}")
+        await manager.mirror_apply(pair, [ic.WriteEntry(seq=1, offset=0, data=data)])
+        await manager.mirror_apply(pair, [ic.WriteEntry(seq=2, flush=True)])
+        # ... and a read back.
+        assert await system.host_read(f"l{i}-m", 8192 * (i % 100), len(data)) == data
+        assert await system.host_read(f"r{i}", 0, len(data)) == data
+    assert system.pairs.full_scans == scans, "a write walked every pair of the system"
+
+
+async def test_index_follows_pairs_in_and_out(many: tuple[StorageSystem, PairManager]) -> None:
+    system, manager = many
+    vol = system.volume("l3")
+    assert [p.name for p in system.pairs_from(vol)] == ["local3"]
+    assert system.pair_into(system.volume("l3-m")).name == "local3"  # type: ignore[union-attr]
+    assert system.pair_into(system.volume("r3")).name == "remote3"  # type: ignore[union-attr]
+    assert sorted(p.name for p in manager.pairs_with(PEER)) == sorted(f"remote{i}" for i in range(PAIRS))
+    # A takeover moves the end to the other role: the index follows.
+    pair = system.pairs["remote5"]
+    pair.move_end_to(EndRole.PRIMARY)
+    assert [p.name for p in system.pairs_from(system.volume("r5"))] == ["remote5"]
+    assert system.pair_into(system.volume("r5")) is None
+    pair.move_end_to(EndRole.MIRROR)
+    # A deleted pair leaves every index.
+    await manager.mirror_command(PEER, ic.PairCommandRequest(pair="remote7", op=ic.PAIR_OP_DELETE))
+    assert system.pairs_of(system.volume("r7")) == []
+    assert "remote7" not in [p.name for p in manager.pairs_with(PEER)]
+    await manager.delete("local9")
+    assert system.pairs_of(system.volume("l9")) == [] and system.pairs_of(system.volume("l9-m")) == []
+    await system.delete_volume("l9")
+
+
+async def test_index_is_rebuilt_from_the_copy_table(tmp_path: Path) -> None:
+    system = StorageSystem(2001, "secondary", tmp_path)
+    await system.open()
+    manager = PairManager(system, {}, Settings(link_timeout=1.0))
+    await manager.start()
+    for i in range(3):
+        await manager.mirror_attach(PEER, ic.AttachMirrorRequest(pair=f"remote{i}", pvol=f"p{i}", svol=f"r{i}",
+                                                                 size=SIZE, track_size=8192, mode="sync"))
+    await manager.stop()
+    await system.close()
+    again = StorageSystem(2001, "secondary", tmp_path)
+    await again.open()
+    try:
+        assert again.pair_into(again.volume("r1")).name == "remote1"  # type: ignore[union-attr]
+        assert sorted(p.name for p in again.pairs.with_peer(PEER)) == ["remote0", "remote1", "remote2"]
+    finally:
+        await again.close()

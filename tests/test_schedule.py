@@ -1,0 +1,136 @@
+"""Backup schedules: rings, the timetable across a primaryd restart, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client import Client, ClientError
+from splitmirror.clock import timestamp_of
+from splitmirror.testing import Site, wait_status
+from splitmirror.v1 import host_pb2
+
+MiB = 1 << 20
+SLOT = re.compile(r"schedule (\S+): (\w+)(?: into (\S+))? for slot (\S+)")
+
+
+@pytest.fixture
+def sched_sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
+    primary = Site("primary", 1001, tmp_path)
+    secondary = Site("secondary", 2001, tmp_path)
+    primary.peer_with(secondary)
+    secondary.start()
+    primary.start()
+    yield primary, secondary
+    primary.kill()
+    secondary.kill()
+
+
+async def scheduled_runs(c: Client) -> list[tuple[str, str, str, float, float]]:
+    """(schedule, result, generations, slot, event time) of every scheduled run, in order."""
+    runs = []
+    async for e in c.events():
+        if e.kind == "backup" and e.op == "scheduled":
+            found = SLOT.match(e.detail)
+            assert found is not None, e.detail
+            slot = timestamp_of(found[4])
+            assert slot is not None
+            runs.append((found[1], found[2], found[3] or "", slot, e.timestamp))
+    return runs
+
+
+async def test_schedules_rotate_their_rings_across_a_restart(sched_sites: tuple[Site, Site]) -> None:
+    primary, secondary = sched_sites
+    async with Client(primary.address) as c:
+        await c.create_volume("db", 2 * MiB)
+        await c.create_pair("p", "db", "db-r", peer=2001)
+        await c.wait_pair("p", timeout=30)
+        for i in range(1, 6):
+            secondary.cli("pair", "create", f"g{i}", "--pvol", "db-r", "--svol", f"s{i}", "--wait")
+        await c.write("db", 0, b"a" * 8192)
+        # Hourly-like into three generations, daily-like into two: disjoint rings.
+        primary.cli("backup", "schedule", "set", "p", "--every", "2s", "--generations", "g1,g2,g3")
+        primary.cli("backup", "schedule", "set", "p", "--every", "5s", "--generations", "g4,g5", "--name", "slow")
+        with pytest.raises(ClientError) as err:
+            await c.set_schedule(host_pb2.Schedule(pair="p", every_seconds=3, ring=["g3", "g4"]))
+        assert err.value.code == "FAILED_PRECONDITION" and "uses g3" in err.value.message
+        with pytest.raises(ClientError) as err:
+            await c.set_schedule(host_pb2.Schedule(pair="p", every_seconds=0.1))
+        assert err.value.code == "INVALID_ARGUMENT" and "--every" in err.value.message
+        bad = primary.cli("backup", "schedule", "set", "p", "--every", "soon", check=False)
+        assert bad.returncode == 2 and "invalid duration 'soon'" in bad.stderr
+
+        fast = "p-every-2s"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            runs = await scheduled_runs(c)
+            if sum(r[0] == fast for r in runs) >= 4 and any(r[0] == "slow" for r in runs):
+                break
+            await asyncio.sleep(0.3)
+        runs = await scheduled_runs(c)
+        fast_runs = [r for r in runs if r[0] == fast]
+        assert all(r[1] == "done" for r in runs), runs
+        # The ring rotates: g1, g2, g3, g1 ... and the slow ring stays in g4/g5.
+        assert [r[2] for r in fast_runs[:4]] == ["p:g1", "p:g2", "p:g3", "p:g1"]
+        assert {r[2] for r in runs if r[0] == "slow"} <= {"p:g4", "p:g5"}
+        listing = await c.backup_listing("p")
+        assert {s.name for s in listing.schedules} == {fast, "slow"}
+        text = primary.cli("backups", "p").stdout
+        assert fast in text and "done" in text
+
+    # Down for more than two slots of the fast schedule.
+    primary.stop()
+    down = time.time()
+    await asyncio.sleep(5.5)
+    up = time.time()
+    primary.start()
+    wait_status(primary, "p", ["DUPLEX"], timeout=30)
+    async with Client(primary.address) as c:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            later = [r for r in await scheduled_runs(c) if r[4] >= down and r[0] == fast]
+            if len(later) >= 3:
+                break
+            await asyncio.sleep(0.3)
+        assert len(later) >= 3, later
+        # The slots missed while down ran once, at start: one run for a slot
+        # before the restart, then the timetable goes on from there.
+        missed = [r for r in later if r[3] < up]
+        assert len(missed) == 1 and missed[0][3] < down + 2.5, later
+        assert all(r[1] == "done" for r in later)
+        slots = [r[3] for r in later]
+        assert slots == sorted(slots) and len(set(slots)) == len(slots)
+        for a, b in itertools.pairwise(later):
+            assert b[3] > a[4] - 0.01  # each next slot is after the previous run
+        # The ring continues where it stopped, across the restart.
+        before = [r[2] for r in (await scheduled_runs(c)) if r[0] == fast and r[4] < down]
+        ring = ["p:g1", "p:g2", "p:g3"]
+        expected = [ring[(ring.index(before[-1]) + 1 + i) % 3] for i in range(3)]
+        assert [r[2] for r in later[:3]] == expected
+
+        gone = primary.cli_json("backup", "schedule", "delete", "p")
+        assert {s["name"] for s in gone} == {fast, "slow"}
+        assert await c.list_schedules() == []
+
+
+def test_durations_and_slots() -> None:
+    from client.cli.parser import duration
+    from splitmirror.procedures.schedule import Schedule, anchor_of, duration_text
+
+    assert duration("90") == 90 and duration("15m") == 900 and duration("1h30m") == 5400 and duration("1d") == 86400
+    for bad in ("", "1x", "h", "1h-", "-1s"):
+        with pytest.raises(Exception, match="invalid duration"):
+            duration(bad)
+    assert duration_text(3600) == "1h" and duration_text(2) == "2s" and duration_text(90) == "90s"
+    # --at: slots at the time of day plus multiples of --every, from the day the schedule was set.
+    day = 1_800_000_000 - 1_800_000_000 % 86400
+    s = Schedule("s", "p", "", every=6 * 3600, anchor=anchor_of("00:30", day + 10 * 3600))
+    assert s.anchor == day + 1800
+    assert s.next_slot(day + 10 * 3600) == day + 12 * 3600 + 1800
+    assert s.next_slot(day + 12 * 3600 + 1800) == day + 18 * 3600 + 1800  # strictly after
