@@ -180,6 +180,8 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                         acked, held = applied, 0
                         yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
+                if applied != acked and not stream.superseded:
+                    yield ic.ReplicateAck(seq=applied)  # the primary ended its side: ack what is applied
             finally:
                 pair.apply_lock.release()
                 if self._streams.get(pair.name) is stream:
