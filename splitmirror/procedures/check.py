@@ -88,10 +88,10 @@ class GenerationChecker:
         output: list[str] = []
         try:
             await svol.flush()
-            before = await svol.run(lambda: svol.digest(0, svol.size))
+            before = await svol.digest(0, svol.size)
             report.reason = await self._examine(svol.path, gen, remote, probe, probe_timeout or PROBE_TIMEOUT,
                                                 output)
-            after = await svol.run(lambda: svol.digest(0, svol.size))
+            after = await svol.digest(0, svol.size)
             if after != before:  # never expected: the overlay opens the SVOL read-only
                 report.reason = f"SVOL {svol.name} changed during the check ({before} -> {after})"
             report.svol_digest = after
