@@ -343,19 +343,25 @@ class TrackDigestsRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     FIRST_TRACK_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     first_track: _builtins.int
     count: _builtins.int
+    tracks: _builtins.bytes
+    """Instead of first_track/count: a track bitmap (Roaring); the digests of its
+    tracks in ascending order (a resync compares before it sends).
+    """
     def __init__(
         self,
         *,
         pair: _builtins.str = ...,
         first_track: _builtins.int = ...,
         count: _builtins.int = ...,
+        tracks: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair", "tracks", b"tracks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
