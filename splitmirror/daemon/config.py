@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..addresses import parse_address
+from ..addresses import is_loopback, parse_address
 from ..errors import InvalidArgument
 from ..sizes import parse_size
 
@@ -117,6 +117,19 @@ def parse_peer(value: str) -> tuple[int, str]:
     if not sep or not sid.strip().isdecimal():
         raise InvalidArgument(f"--peer: {value!r} is not SYSTEM_ID=HOST:PORT")
     return int(sid), parse_address("--peer", address.strip())
+
+
+def refuse_open_ports_in_token_mode(interconnect: str, nbd: str, peers: dict[int, str]) -> None:
+    """Token mode (a token file, no TLS) authenticates host API callers only:
+    NBD clients and peers prove nothing.  So NBD, the interconnect and the
+    peers it talks to must stay on this host (loopback), where only local
+    users reach them; anything wider needs --tls-dir (mutual TLS)."""
+    why = ("with --token-file and no --tls-dir, NBD and the interconnect authenticate nobody; "
+           "listen on loopback (127.0.0.1) or add --tls-dir")
+    for setting, address in (("interconnect", interconnect), ("nbd", nbd),
+                             *((f"peer {sid}", a) for sid, a in sorted(peers.items()))):
+        if address and not is_loopback(address):
+            raise InvalidArgument(f"setting {setting!r}: {address} is not a loopback address: {why}")
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
@@ -254,10 +267,14 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     if token_file:
         from ..ports.access import load_tokens
 
-        try:
+        try:  # an open or doubled token refuses the start, in one line
             load_tokens(Path(token_file))
         except InvalidArgument as exc:
             raise InvalidArgument(f"--token-file {token_file}: {exc.message}") from None
+    nbd = parse_nbd_address(nbd) if nbd else ""
+    interconnect = parse_address("interconnect", pick("interconnect", args.interconnect, str))
+    if token_file and not tls_dir:
+        refuse_open_ports_in_token_mode(interconnect, nbd, peers)
     nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)
     nbd_allow.update(parse_networks("--nbd-allow", v) for v in args.nbd_allow)
     nbd_limits = (pick("nbd_max_connections", args.nbd_max_connections, int, 512),
@@ -273,9 +290,9 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         system_id=system_id,
         data_dir=Path(pick("data_dir", args.data_dir, str)),
         listen=parse_address("listen", pick("listen", args.listen, str)),
-        interconnect=parse_address("interconnect", pick("interconnect", args.interconnect, str)),
+        interconnect=interconnect,
         peers=peers,
-        nbd=parse_nbd_address(nbd) if nbd else "",
+        nbd=nbd,
         link_timeout=timeout,
         auto_resync=pick("auto_resync", args.auto_resync, bool, True),
         async_queue_bytes=queue_bytes,

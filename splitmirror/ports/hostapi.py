@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,13 +11,14 @@ from typing import Any, TypeVar
 import grpc
 
 from ..clock import iso_time, seconds_since
-from ..errors import InvalidArgument, SplitmirrorError
+from ..errors import DeadlineExceeded, InvalidArgument, SplitmirrorError
 from ..eventsink import Event
 from ..observe.events import EventLog
 from ..observe.iometer import IoMeter, measured
 from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
@@ -32,6 +34,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Rep]]
 
 MAX_IO = 32 << 20
+#: Checksum and VerifyPair calls one client may have running at once.
+MAX_VERIFY_PER_CLIENT = 2
 
 
 def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
@@ -59,8 +63,10 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
-                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None) -> None:
+                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None,
+                 checker: GenerationChecker | None = None) -> None:
         self.manager = manager
+        self.checker = checker or GenerationChecker(backups)
         self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
         self.restores = restores
@@ -121,7 +127,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         vol = self.system.volume(request.volume)
         length = request.length or vol.size - request.offset
         vol.check_range(request.offset, length)
-        digest = await vol.run(lambda: vol.digest(request.offset, length))
+        with self.policy.bounded("Checksum/VerifyPair", MAX_VERIFY_PER_CLIENT, context):
+            digest = await within_deadline(context, f"checksum of volume {vol.name!r}",
+                                           vol.digest(request.offset, length))
         return pb.ChecksumReply(algorithm="xxh3-128", digest=digest)
 
     # -- pairs ------------------------------------------------------------------
@@ -195,7 +203,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def VerifyPair(self, request: pb.VerifyPairRequest, context: Context) -> pb.VerifyReply:
-        checked, mismatches, repaired = await self.manager.verify(request.name, request.repair)
+        with self.policy.bounded("Checksum/VerifyPair", MAX_VERIFY_PER_CLIENT, context):
+            checked, mismatches, repaired = await within_deadline(
+                context, f"verify of pair {request.name!r}", self.manager.verify(request.name, request.repair))
         return pb.VerifyReply(pair=request.name, tracks_checked=checked, mismatches=mismatches, repaired=repaired,
                               algorithm="xxh3-64")
 
@@ -217,6 +227,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         listing = await self.backups.list_backups(request.name)
         listing.schedules.extend(s.message() for s in self.schedules.matching(request.name, ""))
         return listing
+
+    @refusals
+    async def CheckBackup(self, request: pb.CheckBackupRequest, context: Context) -> pb.BackupCheck:
+        return await self.checker.check(request.generation, request.probe, request.probe_timeout_seconds)
 
     @refusals
     async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:
@@ -282,6 +296,17 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         except Exception:
             log.exception("Events failed for %s", context.peer())
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in Events; see the daemon log")
+
+
+async def within_deadline(context: Context, what: str, work: Awaitable[Rep]) -> Rep:
+    """``work``, stopped when the caller's deadline passes (a cancelled call
+    is stopped by gRPC cancelling the handler)."""
+    remaining = context.time_remaining()
+    try:
+        async with asyncio.timeout(remaining):
+            return await work
+    except TimeoutError:
+        raise DeadlineExceeded(f"{what} stopped at the caller's deadline") from None
 
 
 def event_message(event: Event) -> pb.Event:
