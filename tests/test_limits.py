@@ -89,7 +89,7 @@ def test_names_are_matched_whole(site: Site, name: str) -> None:
 
 @pytest.mark.parametrize(("size", "track_size", "name", "limit"), [
     (1 << 50, 8192, "big", "16 TiB"),
-    ((1 << 64) - 1, 8192, "max", "16 TiB"),
+    ((1 << 64) - 1, 8192, "max", "exceeds the limit 9223372036854775807"),
     (1 << 30, 1 << 30, "trk", "1 MiB"),
     (1 << 20, 8192, "nl\n", "invalid volume name"),
 ])
