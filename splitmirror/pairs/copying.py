@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ..datapath.copyengine import CopyFailed, copy_forward, copy_reverse, read_tracks
+from ..datapath.copyengine import CopyFailed, MirrorDigests, Run, copy_forward, copy_reverse, read_tracks
 from ..errors import InvalidArgument, SplitmirrorError
 from ..eventsink import RESYNC_FINISH, RESYNC_PROGRESS, RESYNC_START, Event
 from ..pairstate.pair import Pair
@@ -55,7 +55,7 @@ class Copier:
             if reverse:
                 await copy_reverse(self.system, pair, lambda tracks: self._track_source(pair, tracks))
             else:
-                await copy_forward(self.system, pair)
+                await copy_forward(self.system, pair, self._mirror_digests(pair))
             outcome = "interrupted"
             if pair.status is not PairStatus.COPY:
                 return
@@ -124,6 +124,31 @@ class Copier:
                     reported = time.monotonic()
                     self._report(pair, RESYNC_PROGRESS, pair.row.direction, tracks=progress.done_tracks,
                                  bytes=progress.bytes_moved, progress=progress.percent)
+
+    @staticmethod
+    def _mirror_digests(pair: Pair) -> MirrorDigests:
+        """The mirror end's digests of some tracks: what a resync compares before it sends."""
+        if not pair.remote:
+            assert pair.mirror is not None
+            svol = pair.mirror.volume
+
+            async def local(runs: list[Run]) -> bytes:
+                return await svol.run(lambda: b"".join(svol.track_digests(f, c) for f, c in runs))
+
+            return local
+        assert pair.link is not None and pair.primary is not None
+        link = pair.link
+        tracks = pair.primary.volume.tracks
+
+        async def remote(runs: list[Run]) -> bytes:
+            wanted = TrackBitmap(tracks)
+            for first, count in runs:
+                wanted.add_range(first, first + count)
+            reply = await link.stub.TrackDigests(ic.TrackDigestsRequest(pair=pair.name, tracks=wanted.to_bytes()),
+                                                 metadata=link.metadata, timeout=link.timeout)
+            return bytes(reply.digests)
+
+        return remote
 
     def _track_source(self, pair: Pair, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         if not pair.remote:

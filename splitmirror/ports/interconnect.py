@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError
 from ..pairs.manager import PairManager
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
 from ..procedures.restore import RestoreManager
 from ..replication.framing import SequenceCheck
 from ..replication.link import SYSTEM_ID_KEY
@@ -127,8 +128,9 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
 
 class InterconnectServicer(ic_grpc.InterconnectServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager, role: str,
-                 tls: bool = False) -> None:
+                 tls: bool = False, checker: GenerationChecker | None = None) -> None:
         self.manager = manager
+        self.checker = checker or GenerationChecker(backups)
         self.backups = backups
         self.restores = restores
         self.tls = tls
@@ -260,6 +262,11 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
     async def ListGenerations(self, request: ic.ListGenerationsRequest, context: Context,
                               peer: int) -> ic.ListGenerationsReply:
         return await self.backups.list_generations(peer, request)
+
+    @peer_call
+    async def CheckGeneration(self, request: ic.CheckGenerationRequest, context: Context,
+                              peer: int) -> ic.CheckGenerationReply:
+        return await self.checker.check_for_peer(peer, request)
 
     @peer_call
     async def RestoreControl(self, request: ic.RestoreControlRequest, context: Context,
