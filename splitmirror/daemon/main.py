@@ -28,6 +28,7 @@ from ..ports.hostapi import HostApiServicer
 from ..ports.interconnect import InterconnectServicer
 from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
 from ..procedures.hooks import BackupHooks
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
@@ -74,6 +75,7 @@ class Daemon:
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
         self.backups.hooks = BackupHooks(config.pre_backup_hook, config.post_backup_hook, config.backup_hook_timeout)
         self.schedules = BackupScheduler(self.backups)
+        self.checker = GenerationChecker(self.backups)
         self.events = EventLog(self.system.table)
         self.system.events = self.events
         #: Host I/O is measured only when metrics are served.
@@ -110,6 +112,7 @@ class Daemon:
         await self.events.open()
         await self.backups.load()
         await self.schedules.load()
+        await self.checker.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -120,10 +123,11 @@ class Daemon:
 
         host_pb2_grpc.add_HostApiServicer_to_server(
             HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
-                            self.schedules),
+                            self.schedules, self.checker),
             self.host_server)
         interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
+            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None,
+                                 checker=self.checker),
             self.peer_server)
         on_interconnect, on_host_api = wrong_port_handlers(cfg.system_id, cfg.role)
         self.peer_server.add_generic_rpc_handlers((on_interconnect,))
