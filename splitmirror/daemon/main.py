@@ -33,11 +33,12 @@ from ..procedures.hooks import BackupHooks
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
+from ..storage.files import OPEN_FILES
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
 from .heap import fix_malloc_thresholds
-from .limits import nbd_connection_cap, raise_nofile
+from .limits import nbd_connection_cap, raise_nofile, volume_file_cap
 from .startup import DataDirLock, check_addresses, check_tls
 from .wrong_port import wrong_port_handlers
 
@@ -95,6 +96,10 @@ class Daemon:
         self.nbd: object | None = None
         #: The soft open-file limit, raised to the hard one at start.
         self.nofile = raise_nofile()
+        self.nbd_cap = nbd_connection_cap(config.nbd_max_connections, self.nofile) if config.nbd else 0
+        OPEN_FILES.set_limit(volume_file_cap(self.nofile, self.nbd_cap))
+        log.info("open-file limit %d: at most %d volume files open at once (the others opened on use)",
+                 self.nofile, OPEN_FILES.limit)
         self.stopping = asyncio.Event()
         #: True once every port serves: a failure before that is a start-up failure (exit 2).
         self.started = False
@@ -189,8 +194,7 @@ class Daemon:
         from ..ports.nbdexport import NbdLimits, start_nbd
 
         cfg = self.config
-        limits = NbdLimits(nbd_connection_cap(cfg.nbd_max_connections, self.nofile), cfg.nbd_max_per_client,
-                           cfg.nbd_handshake_timeout)
+        limits = NbdLimits(self.nbd_cap, cfg.nbd_max_per_client, cfg.nbd_handshake_timeout)
         server, port = await start_nbd(self.system, cfg.nbd, tls=self.tls, allow=cfg.nbd_allow, policy=self.policy,
                                        meter=self.meter, limits=limits)
         self.nbd = server
