@@ -20,13 +20,15 @@ async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     reply = await client.backup(args.name, group=args.group, generation=args.generation, wait=args.wait)
     if out.as_json:
         out.json({"latency_seconds": reply.latency_seconds, "prepare_seconds": reply.prepare_seconds,
-                  "backups": [backup_json(b) for b in reply.backups]})
+                  "backups": [backup_json(b) for b in reply.backups], "warning": reply.warning})
         return
     for b in reply.backups:
         out.text(f"pair {b.pair}: backup {b.state} in generation {b.generation} (SVOL {b.svol}) at {b.backup_time}"
                  f"{f', #{b.sequence}' if b.sequence else ''}; {b.resynced_tracks} tracks resynced first")
     out.text(f"latency {reply.latency_seconds * 1000:.0f} ms (bringing generations in sync: "
              f"{reply.prepare_seconds * 1000:.0f} ms)")
+    if reply.warning:
+        out.text(f"warning: {reply.warning}")
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:

@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
     p.add_argument("--force", action="store_true",
                    help="even while the primary answers or a copy is under way (the higher epoch wins)")
+    p = pair_cmds.add_parser(
+        "swap", parents=[common],
+        help="planned switchover (both sites up, DUPLEX): the roles change at both ends, no data copied")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
 
     p = commands.add_parser("backup", parents=[common],
                             help="point-in-time backup of a remote pair into a generation at the secondary")

@@ -74,6 +74,11 @@ class PairCalls(Connection):
         reply = await self._call(lambda s: s.TakeoverPair, req)
         return list(reply.rows)
 
+    async def swap_pair(self, name: str = "", group: str = "") -> list[host_pb2.PairRow]:
+        """Planned switchover (both ends up, DUPLEX): the roles change, no data is copied."""
+        reply = await self._call(lambda s: s.SwapPair, host_pb2.RoleChangeRequest(name=name, group=group))
+        return list(reply.rows)
+
     async def delete_pair(self, name: str) -> None:
         await self._call(lambda s: s.DeletePair, host_pb2.PairRef(name=name))
 

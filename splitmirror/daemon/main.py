@@ -28,6 +28,7 @@ from ..ports.hostapi import HostApiServicer
 from ..ports.interconnect import InterconnectServicer
 from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
+from ..procedures.hooks import BackupHooks
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
@@ -70,6 +71,7 @@ class Daemon:
         self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
                                        config.post_restore_hook)
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
+        self.backups.hooks = BackupHooks(config.pre_backup_hook, config.post_backup_hook, config.backup_hook_timeout)
         self.schedules = BackupScheduler(self.backups)
         self.events = EventLog(self.system.table)
         self.system.events = self.events

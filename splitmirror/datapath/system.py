@@ -10,11 +10,12 @@ management lives in :mod:`splitmirror.pairs`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from pathlib import Path
 
 from ..clock import utc_now
-from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..eventsink import FENCE, UNFENCE, DiscardEvents, Event, EventSink
 from ..names import check_name
 from ..pairstate.index import PairIndex
@@ -117,7 +118,15 @@ class StorageSystem(WritePath):
         path = self._volume_path(name)
         if path.exists():
             path.unlink()  # left over from a crash between file creation and table insert
-        vol = await asyncio.to_thread(Volume.create, name, path, size, track_size)
+        try:
+            vol = await asyncio.to_thread(Volume.create, name, path, size, track_size)
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                raise InvalidArgument(f"volume {name!r}: size {size} is larger than the file system of "
+                                      f"{self.volume_dir} can hold") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"volume {name!r}: no space left in {self.volume_dir}") from None
+            raise
         self.volumes[name] = vol
         self._order[name] = RangeOrder()
         await self.table.add_volume(VolumeRow(name, size, track_size, utc_now()))

@@ -31,6 +31,7 @@ from .mirror_end import MirrorEnd
 from .primary_end import PrimaryEnd
 from .roles import Roles
 from .settings import Settings
+from .swap import Swap
 from .verify import Verifier
 
 log = logging.getLogger("splitmirror.pairs")
@@ -62,6 +63,7 @@ class PairManager:
         self.primary_end = PrimaryEnd(self.context, self.copying, Verifier(self.context, self.resync),
                                       self.recovery.on_stream_failure)
         self.mirror_end = MirrorEnd(self.context)
+        self.swapping = Swap(self.context, self.roles, lambda pair, link: self.primary_end.attach_remote(pair, link))
         self._ends: dict[EndRole, EndCommands] = {EndRole.PRIMARY: self.primary_end,
                                                   EndRole.MIRROR: self.mirror_end}
         system.async_queue_bytes = settings.async_queue_bytes
@@ -159,6 +161,9 @@ class PairManager:
     async def takeover(self, name: str, group: str, force: bool = False) -> list[Pair]:
         return await self.roles.takeover(name, group, force)
 
+    async def swap(self, name: str, group: str) -> list[Pair]:
+        return await self.swapping.swap(name, group)
+
     # -- the interconnect: the mirror end's side ----------------------------------------
     async def mirror_attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
         return await self.mirror_end.attach(peer, req)
@@ -169,7 +174,21 @@ class PairManager:
                 if state.pair == req.pair:
                     return state
             raise NotFound(f"pair {req.pair!r} has no end on system {self.system.system_id} for system {peer}")
+        if req.op == ic.PAIR_OP_SWAP:
+            return await self._swap_command(peer, req)
         return await self.mirror_end.command(peer, req)
+
+    async def _swap_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
+        """A swap asked by the mirror end (epoch 0: drive it here), or the primary
+        handing its role over (promote here)."""
+        pair = self.pair(req.pair)
+        if not pair.remote or pair.peer_id != peer:
+            raise NotFound(f"pair {req.pair!r} has no end on system {self.system.system_id} for system {peer}")
+        if req.epoch:
+            await self.swapping.promote(pair, req.epoch)
+        else:
+            await self.swapping.swap("" if req.group else req.pair, req.group)
+        return next(s for s in self.roles.roles_for(peer) if s.pair == pair.name)
 
     async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
         return await self.mirror_end.apply(pair, batch, sequence)

@@ -74,6 +74,9 @@ class MirrorEnd:
     async def attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
         check_name("pair", req.pair)
         check_name("volume", req.svol)
+        check_name("volume", req.pvol)
+        if req.group:
+            check_name("consistency group", req.group)
         existing = self.system.pairs.get(req.pair)
         if existing is not None:
             owner = existing.peer_id if existing.mirror is not None else self.system.system_id
@@ -237,10 +240,37 @@ class MirrorEnd:
         pair = self.pair_for(peer, req.pair)
         assert pair.mirror is not None
         vol = pair.mirror.volume
-        if req.count == 0 or req.first_track + req.count > vol.tracks or req.count > (VERIFY_CHUNK // 4096):
+        if req.tracks:
+            runs = self._digest_runs(pair, peer, req.tracks)
+            return ic.TrackDigestsReply(algorithm="xxh3-64", digests=await vol.run(
+                lambda: b"".join(vol.track_digests(first, count) for first, count in runs)))
+        if req.count == 0 or req.first_track + req.count > vol.tracks:
             raise InvalidArgument(f"pair {pair.name!r}: bad track range {req.first_track}+{req.count}")
-        digests = await vol.run(lambda: vol.track_digests(req.first_track, req.count))
+        if req.count * vol.track_size > VERIFY_CHUNK:
+            raise InvalidArgument(f"pair {pair.name!r}: {req.count} tracks of {vol.track_size} bytes exceed the "
+                                  f"{VERIFY_CHUNK}-byte limit of one digest request")
+        digests = await vol.verify_digests(req.first_track, req.count)
         return ic.TrackDigestsReply(algorithm="xxh3-64", digests=digests)
+
+    @staticmethod
+    def _digest_runs(pair: Pair, peer: int, tracks: bytes) -> list[tuple[int, int]]:
+        """The runs of a track bitmap a peer asks digests of, within the limits."""
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        most = VERIFY_CHUNK // vol.track_size
+        try:
+            bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
+        except ValueError as exc:
+            raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} does not parse "
+                                  f"({exc})") from None
+        if len(bitmap) > most:
+            raise InvalidArgument(f"pair {pair.name!r}: digests of {len(bitmap)} tracks of {vol.track_size} bytes "
+                                  f"asked at once; the limit is {most} ({VERIFY_CHUNK} bytes)")
+        runs = list(bitmap.runs())
+        if sum(count for _, count in runs) != len(bitmap):  # runs() stops at the last track
+            raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} goes beyond "
+                                  f"volume {vol.name!r} ({vol.tracks} tracks)")
+        return runs
 
     # -- commands a host issues here: the primary drives the pair ----------------------------
     @staticmethod

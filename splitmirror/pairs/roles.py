@@ -201,6 +201,9 @@ class Roles:
                 log.warning("pair %s: neither system %d nor system %d is primary at epoch %d; run "
                             "'splitmirror pair takeover %s --force' at the site that should be", pair.name,
                             self.system.system_id, pair.peer_id, r.epoch, pair.name)
+            if pair.mirror is not None and pair.mirror.row.role.swap and r.primary and r.epoch == pair.row.epoch:
+                pair.mirror.row.role.swap = ""  # the swap we began is complete: the other end is primary
+                await self.system.save_rows(pair)
             if pair.hold_writes.endswith(FENCING) and pair.primary is not None and decision is not Decision.FENCE:
                 pair.hold_writes = ""
 

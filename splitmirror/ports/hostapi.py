@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..clock import iso_time, seconds_since
-from ..errors import InvalidArgument, SplitmirrorError
+from ..errors import DeadlineExceeded, InvalidArgument, SplitmirrorError
 from ..eventsink import Event
 from ..observe.events import EventLog
 from ..observe.iometer import IoMeter, measured
@@ -33,6 +34,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Rep]]
 
 MAX_IO = 32 << 20
+#: Checksum and VerifyPair calls one client may have running at once.
+MAX_VERIFY_PER_CLIENT = 2
 
 
 def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
@@ -122,7 +125,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         vol = self.system.volume(request.volume)
         length = request.length or vol.size - request.offset
         vol.check_range(request.offset, length)
-        digest = await vol.run(lambda: vol.digest(request.offset, length))
+        with self.policy.bounded("Checksum/VerifyPair", MAX_VERIFY_PER_CLIENT, context):
+            digest = await within_deadline(context, f"checksum of volume {vol.name!r}",
+                                           vol.digest(request.offset, length))
         return pb.ChecksumReply(algorithm="xxh3-128", digest=digest)
 
     # -- pairs ------------------------------------------------------------------
@@ -199,13 +204,19 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def VerifyPair(self, request: pb.VerifyPairRequest, context: Context) -> pb.VerifyReply:
-        checked, mismatches, repaired = await self.manager.verify(request.name, request.repair)
+        with self.policy.bounded("Checksum/VerifyPair", MAX_VERIFY_PER_CLIENT, context):
+            checked, mismatches, repaired = await within_deadline(
+                context, f"verify of pair {request.name!r}", self.manager.verify(request.name, request.repair))
         return pb.VerifyReply(pair=request.name, tracks_checked=checked, mismatches=mismatches, repaired=repaired,
                               algorithm="xxh3-64")
 
     @refusals
     async def TakeoverPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
         return self._rows(await self.manager.takeover(request.name, request.group, request.force))
+
+    @refusals
+    async def SwapPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.swap(request.name, request.group))
 
     @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
@@ -282,6 +293,17 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         except Exception:
             log.exception("Events failed for %s", context.peer())
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in Events; see the daemon log")
+
+
+async def within_deadline(context: Context, what: str, work: Awaitable[Rep]) -> Rep:
+    """``work``, stopped when the caller's deadline passes (a cancelled call
+    is stopped by gRPC cancelling the handler)."""
+    remaining = context.time_remaining()
+    try:
+        async with asyncio.timeout(remaining):
+            return await work
+    except TimeoutError:
+        raise DeadlineExceeded(f"{what} stopped at the caller's deadline") from None
 
 
 def event_message(event: Event) -> pb.Event:

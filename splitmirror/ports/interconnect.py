@@ -21,6 +21,7 @@ from ..replication.link import SYSTEM_ID_KEY
 from ..tls import SYSTEM_OU, cert_subject
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
+from .malformed import MalformedInStream
 
 log = logging.getLogger("splitmirror.interconnect")
 
@@ -73,12 +74,21 @@ Rep = TypeVar("Rep")
 
 
 @contextlib.asynccontextmanager
-async def refusals(context: Context) -> AsyncIterator[None]:
-    """A user error raised inside ends the call with its status."""
+async def refusals(context: Context, method: str = "") -> AsyncIterator[None]:
+    """A user error raised inside ends the call with its status; anything else
+    is logged with its traceback and answered INTERNAL without its text (no
+    exception text reaches a peer)."""
     try:
         yield
     except SplitmirrorError as exc:
         await context.abort(exc.code, exc.message)
+        raise
+    except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit, MalformedInStream):
+        raise
+    except Exception:
+        log.exception("interconnect %s failed for %s", method or "call", context.peer())
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method or 'the call'}; "
+                                                      "see the daemon log")
         raise
 
 
@@ -88,7 +98,7 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
 
     @functools.wraps(method)
     async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
-        async with refusals(context):
+        async with refusals(context, method.__name__):
             return await method(self, request, context, self._peer(context))
 
     return wrapper
@@ -136,6 +146,12 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
 
     async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
                         context: Context) -> AsyncIterator[ic.ReplicateAck]:
+        async with refusals(context, "Replicate"):
+            async for ack in self._replicate(request_iterator, context):
+                yield ack
+
+    async def _replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
+                         context: Context) -> AsyncIterator[ic.ReplicateAck]:
         async with refusals(context):
             peer = self._peer(context)
         batches: asyncio.Queue[ic.ReplicateBatch | None] = asyncio.Queue(maxsize=8)
@@ -173,6 +189,8 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                         acked, held = applied, 0
                         yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
+                if applied != acked and not stream.superseded:
+                    yield ic.ReplicateAck(seq=applied)  # the primary ended its side: ack what is applied
             finally:
                 pair.apply_lock.release()
                 if self._streams.get(pair.name) is stream:
@@ -229,8 +247,8 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
 
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: Context) -> AsyncIterator[ic.TrackData]:
-        async with refusals(context):
+        async with refusals(context, "ReadTracks"):
             tracks = self.manager.mirror_read_tracks(self._peer(context), request.pair, request.tracks)
-        async for first, count, data in tracks:
-            self.system.bytes_sent += len(data)
-            yield ic.TrackData(track=first, count=count, data=data)
+            async for first, count, data in tracks:
+                self.system.bytes_sent += len(data)
+                yield ic.TrackData(track=first, count=count, data=data)

@@ -37,6 +37,7 @@ from ..replication.queue import BackupMarker
 from ..status import PairOp, PairStatus
 from ..v1 import host_pb2 as pb
 from ..v1 import interconnect_pb2 as ic
+from .hooks import BackupHooks, run_command
 from .operations import PairOperations
 
 log = logging.getLogger("splitmirror.backup")
@@ -55,10 +56,18 @@ def check_ring(ring: Sequence[str]) -> None:
         check_name("generation", name)
 
 
+class BackupCancelled(FailedPrecondition):
+    """A failing or timed-out pre-backup hook cancelled the backup."""
+
+    result = "cancelled"
+
+
 class BackupManager:
     def __init__(self, manager: PairOperations) -> None:
         self.manager = manager
         self.system = manager.system
+        #: The daemon's --pre-backup-hook/--post-backup-hook (a schedule may give its own).
+        self.hooks = BackupHooks()
         #: mirror end: marker id -> outcome (and the SVOL flush in progress)
         self._outcomes: dict[str, ic.FinishBackupReply] = {}
         self._flushes: dict[str, asyncio.Task[None]] = {}
@@ -234,8 +243,8 @@ class BackupManager:
         except grpc.aio.AioRpcError as exc:
             raise relay(exc, pair.peer_id) from None
 
-    async def backup(self, name: str, group: str, generation: str, wait: bool,
-                     ring: Sequence[str] = ()) -> pb.BackupReply:
+    async def backup(self, name: str, group: str, generation: str, wait: bool, ring: Sequence[str] = (),
+                     hooks: BackupHooks | None = None, schedule: str = "") -> pb.BackupReply:
         pairs = self.targets(name, group)
         if generation and len(pairs) > 1:
             raise InvalidArgument("--generation names one local pair; a group backup picks each pair's oldest")
@@ -244,43 +253,84 @@ class BackupManager:
         busy = [p.name for p in pairs if p.backup_running]
         if busy:
             raise FailedPrecondition(f"a backup of pair {busy[0]!r} is already running")
+        hooks = hooks if hooks is not None else self.hooks
+        env = {"SPLITMIRROR_PAIR": ",".join(p.name for p in pairs), "SPLITMIRROR_GROUP": group,
+               "SPLITMIRROR_SCHEDULE": schedule, "SPLITMIRROR_SYSTEM_ID": str(self.system.system_id),
+               "SPLITMIRROR_VOLUME": ",".join(p.primary.volume.name for p in pairs if p.primary is not None)}
         started = time.monotonic()
         for pair in pairs:
             pair.backup_running = True
+        outcome = ("failed", "")
+        warning = ""
         try:
-            prepared: list[ic.PrepareBackupReply] = []
-            for pair in pairs:
-                reply = await self._rpc(pair, "PrepareBackup",
-                                        ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring),
-                                        None)
-                assert isinstance(reply, ic.PrepareBackupReply)
-                prepared.append(reply)
-            prepare_seconds = time.monotonic() - started
-            self.check_ready(pairs)
-            # One step of the event loop, no await: one point of the write order.
-            backup_time = utc_now()
-            markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
-            futures = []
-            for pair, marker in zip(pairs, markers, strict=True):
-                assert pair.channel is not None
-                futures.append(pair.channel.push(0, marker=marker))
-            log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
-            for pair, marker in zip(pairs, markers, strict=True):
-                self._emit(pair, "point", marker.generation, detail=f"at {backup_time}")
-            results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
-                                       backup_time=backup_time, resynced_tracks=prep.resynced_tracks,
-                                       state="pending")
-                       for p, prep in zip(pairs, prepared, strict=True)]
-            completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results, group, backup_time))
+            try:
+                results, prepare_seconds, completion = await self._fix_point(pairs, group, generation, ring, hooks,
+                                                                             env, started)
+                outcome = ("point-fixed", "")
+            except SplitmirrorError as exc:
+                outcome = (getattr(exc, "result", "failed"), exc.message)
+                raise
+            finally:
+                if hooks.post:
+                    env.update(SPLITMIRROR_PHASE="post-backup", SPLITMIRROR_BACKUP_RESULT=outcome[0],
+                               SPLITMIRROR_BACKUP_ERROR=outcome[1])
+                    problem = await run_command(hooks.post, env, hooks.timeout, "post-backup hook")
+                    if problem:
+                        log.error("backup of %s: %s", env["SPLITMIRROR_PAIR"], problem)
+                        for pair in pairs:
+                            self._emit(pair, "hook-failed", env.get("SPLITMIRROR_GENERATION", ""), problem)
+                        warning = problem
             if wait:
                 await completion
             else:
                 completion.add_done_callback(_log_outcome)
+            # Built now: the completion updates the results' state.
             return pb.BackupReply(backups=results, latency_seconds=time.monotonic() - started,
-                                  prepare_seconds=prepare_seconds)
+                                  prepare_seconds=prepare_seconds, warning=warning)
         finally:
             for pair in pairs:
                 pair.backup_running = False
+
+    async def _fix_point(self, pairs: list[Pair], group: str, generation: str, ring: Sequence[str],
+                         hooks: BackupHooks, env: dict[str, str],
+                         started: float) -> tuple[list[pb.BackupResult], float, asyncio.Future[None]]:
+        """Bring the generations in sync, run the pre-hook, push the markers."""
+        prepared: list[ic.PrepareBackupReply] = []
+        for pair in pairs:
+            reply = await self._rpc(pair, "PrepareBackup",
+                                    ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring), None)
+            assert isinstance(reply, ic.PrepareBackupReply)
+            prepared.append(reply)
+        prepare_seconds = time.monotonic() - started
+        env["SPLITMIRROR_GENERATION"] = ",".join(prep.generation for prep in prepared)
+        env["SPLITMIRROR_SVOL"] = ",".join(prep.svol for prep in prepared)
+        self.check_ready(pairs)
+        if hooks.pre:
+            problem = await run_command(hooks.pre, {**env, "SPLITMIRROR_PHASE": "pre-backup"}, hooks.timeout,
+                                        "pre-backup hook")
+            if problem:
+                for pair, prep in zip(pairs, prepared, strict=True):
+                    self._emit(pair, "cancelled", prep.generation, problem)
+                log.error("backup of %s cancelled: %s", env["SPLITMIRROR_PAIR"], problem)
+                raise BackupCancelled(f"backup of {(group and f'group {group!r}') or f'pair {pairs[0].name!r}'} "
+                                      f"cancelled: {problem}; no backup point was fixed")
+            self.check_ready(pairs)
+        # One step of the event loop, no await: one point of the write order.
+        backup_time = utc_now()
+        markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
+        futures = []
+        for pair, marker in zip(pairs, markers, strict=True):
+            assert pair.channel is not None
+            futures.append(pair.channel.push(0, marker=marker))
+        env["SPLITMIRROR_BACKUP_TIME"] = backup_time
+        log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
+        for pair, marker in zip(pairs, markers, strict=True):
+            self._emit(pair, "point", marker.generation, detail=f"at {backup_time}")
+        results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
+                                   backup_time=backup_time, resynced_tracks=prep.resynced_tracks, state="pending")
+                   for p, prep in zip(pairs, prepared, strict=True)]
+        completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results, group, backup_time))
+        return results, prepare_seconds, completion
 
     async def _complete(self, pairs: list[Pair], markers: list[BackupMarker], futures: list[asyncio.Future[bool]],
                         results: list[pb.BackupResult], group: str = "", backup_time: str = "") -> None:

@@ -272,8 +272,12 @@ class BackupScheduler:
         reply: pb.BackupReply | None = None
         try:
             await self._ready(schedule)
-            reply = await self.backups.backup(schedule.pair, schedule.group, "", True, schedule.ring)
-            generations = ", ".join(f"{b.pair}:{b.generation}" for b in reply.backups)
+            hooks = self.backups.hooks.over(schedule.pre_hook, schedule.post_hook, schedule.hook_timeout)
+            reply = await self.backups.backup(schedule.pair, schedule.group, "", True, schedule.ring, hooks,
+                                              schedule.name)
+            generations = ",".join(f"{b.pair}:{b.generation}" for b in reply.backups)
+            if reply.warning:
+                error = reply.warning
         except SplitmirrorError as exc:
             result, error = getattr(exc, "result", "failed"), exc.message
         schedule.runs += 1

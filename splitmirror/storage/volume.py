@@ -41,13 +41,35 @@ INLINE_WRITE_BYTES = 64 << 10
 
 #: One pool for every volume: pwrite/pread/fdatasync release the GIL.
 IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="volume-io")
+#: Verification (Checksum, verify digests) reads whole volumes: it has a pool
+#: of its own, so that host and replication I/O on IO_POOL never wait behind
+#: it, and it goes one VERIFY_STEP at a time, so that a cancelled call (its
+#: deadline passed, its client gone) stops after the step it is in.
+VERIFY_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="volume-verify")
+VERIFY_STEP = 4 << 20
+
+
+#: Track sizes: powers of two in [MIN_TRACK_SIZE, MAX_TRACK_SIZE].  A track is
+#: the unit of copies, resyncs and verify digests: one track is read, held and
+#: sent whole, so a huge track makes every copy step huge (a 1 GiB track pins
+#: gigabytes per step and starves the link's keepalive).
+MIN_TRACK_SIZE = 4 << 10
+MAX_TRACK_SIZE = 1 << 20
+#: Largest volume: 16 TiB, ext4's largest file with 4 KiB blocks; with 4 KiB
+#: tracks that is 2^32 tracks, all the 32-bit track bitmaps can number.
+MAX_VOLUME_SIZE = 16 << 40
 
 
 def validate_geometry(name: str, size: int, track_size: int) -> None:
-    if track_size < 4096 or track_size & (track_size - 1):
-        raise InvalidArgument(f"volume {name!r}: track size {track_size} is not a power of two >= 4096")
+    """Refuse a size or track size out of bounds, naming the bounds."""
+    if not MIN_TRACK_SIZE <= track_size <= MAX_TRACK_SIZE or track_size & (track_size - 1):
+        raise InvalidArgument(f"volume {name!r}: track size {track_size} is not a power of two from "
+                              f"{MIN_TRACK_SIZE} (4 KiB) to {MAX_TRACK_SIZE} (1 MiB)")
     if size <= 0:
         raise InvalidArgument(f"volume {name!r}: size must be positive")
+    if size > MAX_VOLUME_SIZE:
+        raise InvalidArgument(f"volume {name!r}: size {size} exceeds the largest volume size "
+                              f"{MAX_VOLUME_SIZE} (16 TiB)")
     if size % track_size:
         raise InvalidArgument(
             f"volume {name!r}: size {size} is not a multiple of the track size {track_size}")
@@ -153,14 +175,42 @@ class Volume:
     def allocated_bytes(self) -> int:
         return os.fstat(self._fd).st_blocks * 512
 
-    def digest(self, offset: int, length: int) -> str:
+    def _hash_step(self, h: xxhash.xxh3_128, offset: int, length: int) -> None:
+        """Feed ``length`` bytes at ``offset`` to ``h``; holes as zeroes, unread."""
+        end = offset + length
+        for data, size in self.allocated_ranges(offset, end):
+            while offset < data:  # a hole: zeroes, without reading them
+                n = min(len(ZERO_CHUNK), data - offset)
+                h.update(ZERO_CHUNK[:n])
+                offset += n
+            h.update(self.pread(data, size))
+            offset = data + size
+        while offset < end:
+            n = min(len(ZERO_CHUNK), end - offset)
+            h.update(ZERO_CHUNK[:n])
+            offset += n
+
+    async def digest(self, offset: int, length: int) -> str:
+        """xxh3-128 of a range, on VERIFY_POOL, one VERIFY_STEP at a time
+        (cancelling the caller stops it after the current step)."""
+        loop = asyncio.get_running_loop()
         h = xxhash.xxh3_128()
         end = offset + length
         while offset < end:
-            n = min(4 << 20, end - offset)
-            h.update(self.pread(offset, n))
+            n = min(VERIFY_STEP, end - offset)
+            await loop.run_in_executor(VERIFY_POOL, self._hash_step, h, offset, n)
             offset += n
         return h.hexdigest()
+
+    async def verify_digests(self, first: int, count: int) -> bytes:
+        """:meth:`track_digests` on VERIFY_POOL, a VERIFY_STEP of tracks at a time."""
+        loop = asyncio.get_running_loop()
+        per_step = max(1, VERIFY_STEP // self.track_size)
+        out = bytearray()
+        for start in range(first, first + count, per_step):
+            n = min(per_step, first + count - start)
+            out += await loop.run_in_executor(VERIFY_POOL, self.track_digests, start, n)
+        return bytes(out)
 
     def track_digests(self, first: int, count: int) -> bytes:
         """xxh3-64 of each track, 8 bytes big endian each (online verify)."""

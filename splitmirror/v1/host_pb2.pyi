@@ -713,10 +713,13 @@ class BackupReply(_message.Message):
     BACKUPS_FIELD_NUMBER: _builtins.int
     LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
     PREPARE_SECONDS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     latency_seconds: _builtins.float
     """command to split"""
     prepare_seconds: _builtins.float
     """of which bringing generations in sync"""
+    warning: _builtins.str
+    """the post-backup hook failed (the backup itself did not)"""
     @_builtins.property
     def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackupResult]: ...
     def __init__(
@@ -725,10 +728,11 @@ class BackupReply(_message.Message):
         backups: _abc.Iterable[Global___BackupResult] | None = ...,
         latency_seconds: _builtins.float = ...,
         prepare_seconds: _builtins.float = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,11 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
                 _registered_method=True)
+        self.SwapPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/SwapPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/splitmirror.v1.HostApi/Backup',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.SerializeToString,
@@ -269,6 +274,12 @@ class HostApiServicer:
         its mirror end becomes the primary end; with both up and the pair DUPLEX,
         a swap reverses the roles with no data copied.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapPair(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -434,6 +445,11 @@ def add_HostApiServicer_to_server(servicer, server):
             ),
             'TakeoverPair': grpc.unary_unary_rpc_method_handler(
                     servicer.TakeoverPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
+            ),
+            'SwapPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapPair,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
             ),
@@ -923,6 +939,33 @@ class HostApi:
             request,
             target,
             '/splitmirror.v1.HostApi/TakeoverPair',
+            splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/SwapPair',
             splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
             options,

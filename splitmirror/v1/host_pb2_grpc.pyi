@@ -51,6 +51,7 @@ class HostApiStub:
     its mirror end becomes the primary end; with both up and the pair DUPLEX,
     a swap reverses the roles with no data copied.
     """
+    SwapPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]
     Backup: _grpc.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -104,6 +105,7 @@ class HostApiAsyncStub(HostApiStub):
     its mirror end becomes the primary end; with both up and the pair DUPLEX,
     a swap reverses the roles with no data copied.
     """
+    SwapPair: _aio.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     Backup: _aio.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]  # type: ignore[assignment]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -250,6 +252,13 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         its mirror end becomes the primary end; with both up and the pair DUPLEX,
         a swap reverses the roles with no data copied.
         """
+
+    @_abc_1.abstractmethod
+    def SwapPair(
+        self,
+        request: _host_pb2.RoleChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]: ...
 
     @_abc_1.abstractmethod
     def Backup(

@@ -343,19 +343,25 @@ class TrackDigestsRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     FIRST_TRACK_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     first_track: _builtins.int
     count: _builtins.int
+    tracks: _builtins.bytes
+    """Instead of first_track/count: a track bitmap (Roaring); the digests of its
+    tracks in ascending order (a resync compares before it sends).
+    """
     def __init__(
         self,
         *,
         pair: _builtins.str = ...,
         first_track: _builtins.int = ...,
         count: _builtins.int = ...,
+        tracks: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair", "tracks", b"tracks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +501,7 @@ class PairCommandRequest(_message.Message):
     SPLIT_TIME_FIELD_NUMBER: _builtins.int
     INCLUDE_ALLOCATED_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     op: Global___PairOp.ValueType
     reason: _builtins.str
@@ -504,7 +511,9 @@ class PairCommandRequest(_message.Message):
     include_allocated: _builtins.bool
     """RESYNC_BEGIN: also report allocated tracks"""
     epoch: _builtins.int
-    """SWAP: the epoch of the new roles"""
+    """SWAP: the epoch of the new roles (0: the mirror end asks the primary to swap)"""
+    group: _builtins.str
+    """SWAP asked by the mirror end: every pair of this consistency group"""
     def __init__(
         self,
         *,
@@ -516,10 +525,11 @@ class PairCommandRequest(_message.Message):
         split_time: _builtins.str = ...,
         include_allocated: _builtins.bool = ...,
         epoch: _builtins.int = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "group", b"group", "include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
