@@ -14,6 +14,8 @@ from splitmirror.testing import Site, wait_status
 from tests.faultproxy import ProxyPair
 
 LINK_TIMEOUT = 2.0
+#: A loaded machine (tests in parallel) can take long to start a daemon.
+START_TIMEOUT = 60
 
 
 @pytest.fixture
@@ -23,8 +25,8 @@ def proxied(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
     primary.peer_with(secondary)
     proxies = ProxyPair(primary, secondary)
     try:
-        secondary.start()
-        primary.start()
+        secondary.start(timeout=START_TIMEOUT)
+        primary.start(timeout=START_TIMEOUT)
         primary.cli("volume", "create", "v", "--size", "1M")
         secondary.cli("volume", "create", "v-r", "--size", "1M")
         primary.cli("pair", "create", "p", "--pvol", "v", "--svol", "v-r", "--peer", "2001", "--wait")
@@ -77,6 +79,6 @@ def test_a_clean_stop_says_goodbye(proxied: tuple[Site, Site, ProxyPair], stoppi
     for text in (log, gone.log()):
         assert "Traceback" not in text and " ERROR " not in text
     assert "peer-stopped" in staying.cli("pair", "display", "p").stdout
-    gone.start()
+    gone.start(timeout=START_TIMEOUT)
     wait_status(primary, "p", ["DUPLEX"], timeout=10 * LINK_TIMEOUT)
     wait_status(secondary, "p", ["DUPLEX"], timeout=10 * LINK_TIMEOUT)
