@@ -310,15 +310,29 @@ def backup_json(b: host_pb2.BackupResult) -> JsonObject:
 def generation_json(g: host_pb2.Generation) -> JsonObject:
     return {"remote_pair": g.remote_pair, "local_pair": g.local_pair, "svol": g.svol, "status": g.status,
             "backup_time": g.backup_time or None, "changed_tracks": int(g.changed_tracks),
-            "sequence": int(g.sequence)}
+            "sequence": int(g.sequence),
+            "check": {"verdict": g.check_verdict, "time": g.check_time, "seconds": g.check_seconds,
+                      "reason": g.check_reason} if g.check_verdict else None}
 
 
 def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
-    table = _table("GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#", "CHANGED SINCE", right=("#", "CHANGED SINCE"))
+    table = _table("GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#", "CHANGED SINCE", "LAST CHECK",
+                   right=("#", "CHANGED SINCE"))
     for g in gens:
+        check = "-"
+        if g.check_verdict:
+            check = f"{g.check_verdict} {g.check_time} ({g.check_seconds:.1f}s)"
+            if g.check_reason:
+                check += f": {g.check_reason}"
         table.add_row(g.local_pair, g.svol, g.status, g.backup_time or "-", str(g.sequence) if g.sequence else "-",
-                      f"{g.changed_tracks} tracks" if g.backup_time else "-")
+                      f"{g.changed_tracks} tracks" if g.backup_time else "-", check)
     return table
+
+
+def check_json(c: host_pb2.BackupCheck) -> JsonObject:
+    return {"generation": c.generation, "remote_pair": c.remote_pair, "backup_time": c.backup_time,
+            "sequence": int(c.sequence), "verdict": c.verdict, "checked_at": c.checked_at, "seconds": c.seconds,
+            "reason": c.reason, "svol_digest": c.svol_digest, "output": c.output}
 
 
 #: The keys of one schedule object (``backup schedule list --json``, ``backups --json``).

@@ -81,7 +81,7 @@ async def test_takeover_fences_the_returning_primary(cut_sites: tuple[Site, Site
     proxies.heal()
 
     # On first contact it learns it lost the role: fenced, reads allowed, nothing overwritten.
-    row = wait_for(lambda: (r := primary.pair_row("p"))["fenced_by"] == 2001 and r, 20, 0.1, "the fence")
+    row = wait_for(lambda: (r := primary.pair_row("p")).get("fenced_by") == 2001 and r, 20, 0.1, "the fence")
     assert row["primary"] is False and row["status"] == "SUSPENDED" and row["epoch"] == 2, row
     assert row["pending_tracks"] == 3, row
     message = await refused(primary, "db", 0)

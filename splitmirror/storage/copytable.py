@@ -244,6 +244,8 @@ class CopyTable(EventRows):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_runs: list[tuple[str, str, int, int]] = []
         self._commit_future: asyncio.Future[None] | None = None  # the commit writers join
+        self._pending_intent: list[tuple[str, int]] = []
+        self._intent_future: asyncio.Future[None] | None = None  # the intent commit writers join
         self._changes = 0  # rows changed by the commits so far
         self._synced = -1  # ... when the WAL was last made durable
 
@@ -446,9 +448,23 @@ class CopyTable(EventRows):
         return await self._call(q)
 
     async def add_intent(self, volume: str, extents: Iterable[int]) -> None:
-        rows = [(volume, e) for e in extents]
+        """Durably record write-intent extents; returns once they are committed.
+
+        The writes that record extents in the same step of the event loop
+        (a copy chunk's tracks, a burst of host writes) share one commit
+        instead of queueing one each on the SQLite thread.
+        """
+        self._pending_intent.extend((volume, e) for e in extents)
+        if self._intent_future is None:
+            self._intent_future = asyncio.ensure_future(self._commit_intent())
+        await asyncio.shield(self._intent_future)
+
+    async def _commit_intent(self) -> None:
+        await asyncio.sleep(0)  # let concurrent writers join this commit
+        batch, self._pending_intent = self._pending_intent, []
+        self._intent_future = None
         await self._call(lambda db: db.executemany(
-            "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", rows))
+            "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", batch))
 
     async def remove_intent(self, volume: str, extents: Iterable[int]) -> None:
         rows = [(volume, e) for e in extents]
