@@ -8,10 +8,10 @@ from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2
 
 from ..library import Client
-from ..render import backup_json, generation_json, generations_table, schedule_json, schedules_table
+from ..render import backup_json, check_json, generation_json, generations_table, schedule_json, schedules_table
 from .output import Output
 
-__all__ = ["backup", "backups", "schedule"]
+__all__ = ["backup", "backups", "check", "schedule"]
 
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -74,3 +74,18 @@ async def schedule(client: Client, args: argparse.Namespace, out: Output) -> Non
             out.text(f"schedule {s.name} deleted")
     else:
         out.show(schedules_table(found))
+
+
+async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """``backup check GENERATION``: a failed verdict exits with status 1."""
+    report = await client.check_backup(args.generation, args.probe, args.probe_timeout)
+    if out.as_json:
+        out.json(check_json(report))
+    else:
+        for line in report.output.splitlines()[-12:]:
+            out.text(f"  | {line}")
+        out.text(f"generation {report.generation} (backup #{report.sequence} of pair {report.remote_pair} at "
+                 f"{report.backup_time}): {report.verdict} in {report.seconds:.1f}s; SVOL unchanged "
+                 f"(xxh3-128 {report.svol_digest})")
+    if report.verdict != "passed":
+        raise SplitmirrorError(f"generation {report.generation} failed its check: {report.reason}")

@@ -35,6 +35,7 @@ COMMANDS: dict[str, _Handler] = {
     "backup": backups.backup,
     "backups": backups.backups,
     "backup-schedule": backups.schedule,
+    "backup-check": backups.check,
     "restore": restore.restore,
     "events": events.events,
 }

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = vol_cmds.add_parser("create", parents=[common], help="create a volume")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", required=True, help="volume size, e.g. 16G")
-    p.add_argument("--track-size", default="0", help="change-tracking unit, power of two >= 4K (default 8K)")
+    p.add_argument("--track-size", default="0", help="change-tracking unit, a power of two from 4K to 1M (default 8K)")
     vol_cmds.add_parser("list", parents=[common], help="list volumes")
     p = vol_cmds.add_parser("show", parents=[common], help="show one volume")
     p.add_argument("name", metavar="NAME")
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``backup ACTION ...`` words that are commands, not a pair name (see :func:`parse_args`).
-BACKUP_ACTIONS = ("schedule",)
+BACKUP_ACTIONS = ("schedule", "check")
 _GLOBAL_VALUED = ("--server", "--tls-dir", "--identity", "--token-file")
 
 
@@ -218,6 +218,13 @@ def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("delete", parents=[common], help="delete a schedule (or every schedule of a pair or group)")
     p.add_argument("name", metavar="NAME|REMOTE_PAIR", nargs="?", default="")
     p.add_argument("--group", default="")
+    p = commands.add_parser("backup-check", parents=[common],
+                            help="backup check GENERATION: prove a backup restorable (at the secondary)")
+    p.add_argument("generation", metavar="GENERATION")
+    p.add_argument("--probe", default="", metavar="COMMAND",
+                   help="shell command run in the mounted copy ($SPLITMIRROR_MOUNT), e.g. start a database on it")
+    p.add_argument("--probe-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds the probe may run (default 600)")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

@@ -27,6 +27,13 @@ class BackupRestoreCalls(Connection):
         reply: host_pb2.GenerationList = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
         return reply
 
+    async def check_backup(self, generation: str, probe: str = "",
+                           probe_timeout: float = 0.0) -> host_pb2.BackupCheck:
+        """Check a generation at the secondary (fsck and the probe on a copy-on-write overlay)."""
+        req = host_pb2.CheckBackupRequest(generation=generation, probe=probe, probe_timeout_seconds=probe_timeout)
+        reply: host_pb2.BackupCheck = await self._call(lambda s: s.CheckBackup, req)
+        return reply
+
     async def set_schedule(self, schedule: host_pb2.Schedule) -> host_pb2.Schedule:
         reply: host_pb2.Schedule = await self._call(lambda s: s.SetSchedule, schedule)
         return reply

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from ..observe.iometer import IoMeter, measured
 from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
@@ -62,8 +64,10 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
-                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None) -> None:
+                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None,
+                 checker: GenerationChecker | None = None) -> None:
         self.manager = manager
+        self.checker = checker or GenerationChecker(backups)
         self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
         self.restores = restores
@@ -137,6 +141,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                          status=row.status.value, mode=row.mode, group=row.group,
                          pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
                          direction=row.direction)
+        since = self.events.status_since.get(row.name) if self.events is not None else None
+        if since is not None:  # the event log's last status change of the pair
+            msg.status_since, msg.status_age_seconds = iso_time(since), max(0.0, time.time() - since)
         fence = self.system.fences.get(row.volume)
         if fence:
             msg.reason = f"fenced: {fence}"
@@ -224,6 +231,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         listing = await self.backups.list_backups(request.name)
         listing.schedules.extend(s.message() for s in self.schedules.matching(request.name, ""))
         return listing
+
+    @refusals
+    async def CheckBackup(self, request: pb.CheckBackupRequest, context: Context) -> pb.BackupCheck:
+        return await self.checker.check(request.generation, request.probe, request.probe_timeout_seconds)
 
     @refusals
     async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:

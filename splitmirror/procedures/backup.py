@@ -24,6 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -68,6 +69,10 @@ class BackupManager:
         self.system = manager.system
         #: The daemon's --pre-backup-hook/--post-backup-hook (a schedule may give its own).
         self.hooks = BackupHooks()
+        #: mirror end: generations being checked (not reused meanwhile), newest check of each.
+        self.checking: set[str] = set()
+        self.checks: dict[str, dict[str, Any]] = {}
+        self.check_failures = 0  # since the daemon started (a metric)
         #: mirror end: marker id -> outcome (and the SVOL flush in progress)
         self._outcomes: dict[str, ic.FinishBackupReply] = {}
         self._flushes: dict[str, asyncio.Task[None]] = {}
@@ -113,6 +118,8 @@ class BackupManager:
                     f"none of the ring's generations ({', '.join(sorted(ring))}) is a generation of pair "
                     f"{pair.name!r} on system {sid} (its generations: {', '.join(g.name for g in gens)})")
             gens = mine
+        if not req.generation and len(gens) > 1:
+            gens = [g for g in gens if g.name not in self.checking] or gens
         if req.generation:
             chosen = next((g for g in gens if g.name == req.generation), None)
             if chosen is None:
@@ -121,6 +128,9 @@ class BackupManager:
                                f"system {sid} (generations: {names})")
         else:
             chosen = self._ring_next(gens)
+        if chosen.name in self.checking:
+            raise FailedPrecondition(f"generation {chosen.name!r} is being checked (backup check); try again once "
+                                     "the check is done")
         with caused_by(f"backup of pair {pair.name}"):
             resynced = await self._bring_to_duplex(chosen)
         assert chosen.mirror is not None
@@ -202,8 +212,17 @@ class BackupManager:
                 local_pair=gen.name, svol=gen.mirror.volume.name, status=gen.status.value,
                 backup_time=gen.row.backup_time or "",
                 changed_tracks=len(gen.primary.bitmap) if gen.row.backup_time else 0,
-                sequence=gen.row.backup_seq))
+                sequence=gen.row.backup_seq, **self.check_fields(gen)))
         return infos
+
+    def check_fields(self, gen: Pair) -> dict[str, Any]:
+        """The newest check of the backup the generation holds now (none for an older backup)."""
+        record = self.checks.get(gen.name)
+        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time \
+                or record.get("backup_time") != gen.row.backup_time:
+            return {}
+        return {"check_verdict": record["verdict"], "check_time": record["time"],
+                "check_seconds": record["seconds"], "check_reason": record["reason"]}
 
     async def list_generations(self, peer: int, req: ic.ListGenerationsRequest) -> ic.ListGenerationsReply:
         pair = self.manager.mirror_pair(peer, req.pair)
@@ -235,6 +254,10 @@ class BackupManager:
             assert pair.link is not None
             if not pair.link.up:
                 raise Unavailable(f"pair {pair.name!r}: peer system {pair.peer_id} is unreachable; no backup taken")
+
+    async def peer_rpc(self, pair: Pair, method: str, request: object, timeout: float | None) -> object:
+        """Call the peer system of ``pair`` (errors relayed as this system's)."""
+        return await self._rpc(pair, method, request, timeout)
 
     async def _rpc(self, pair: Pair, method: str, request: object, timeout: float | None) -> object:
         assert pair.link is not None
@@ -379,7 +402,9 @@ class BackupManager:
             raise FailedPrecondition(f"pair {name!r} is a local pair; generations belong to remote pairs")
         return pb.GenerationList(generations=[
             pb.Generation(remote_pair=name, local_pair=i.local_pair, svol=i.svol, status=i.status,
-                          backup_time=i.backup_time, changed_tracks=i.changed_tracks, sequence=i.sequence)
+                          backup_time=i.backup_time, changed_tracks=i.changed_tracks, sequence=i.sequence,
+                          check_verdict=i.check_verdict, check_time=i.check_time, check_seconds=i.check_seconds,
+                          check_reason=i.check_reason)
             for i in infos])
 
 

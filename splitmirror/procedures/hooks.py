@@ -48,6 +48,12 @@ class BackupHooks:
 
 async def run_command(command: str, env: dict[str, str], timeout: float, what: str) -> str:
     """Run ``command`` with ``env`` added; the problem (exit status or timeout, last output line), or ""."""
+    problem, _ = await command_output(command, env, timeout, what)
+    return problem
+
+
+async def command_output(command: str, env: dict[str, str], timeout: float, what: str) -> tuple[str, str]:
+    """:func:`run_command`, with the tail of the command's output."""
     # setsid(1) puts the shell in a process group of its own (the timeout
     # kills the group): a start_new_session would run Python code between
     # fork and exec in this multi-threaded daemon.
@@ -62,13 +68,13 @@ async def run_command(command: str, env: dict[str, str], timeout: float, what: s
         await proc.wait()
         if isinstance(exc, asyncio.CancelledError):
             raise
-        return f"{what} timed out after {timeout:g}s (killed)"
+        return f"{what} timed out after {timeout:g}s (killed)", ""
     text = out[-OUTPUT_TAIL:].decode(errors="replace").strip()
     if proc.returncode == 0:
         log.info("%s ran: %s", what, text[-200:])
-        return ""
+        return "", text
     last = text.splitlines()[-1] if text else "no output"
-    return f"{what} exited with {proc.returncode}: {last}"
+    return f"{what} exited with {proc.returncode}: {last}", text
 
 
 async def run_hook(command: str, pair: Pair, phase: str, system_id: int, fatal: bool = True) -> str:

@@ -427,6 +427,8 @@ class PairRow(_message.Message):
     ROLE_SEQ_FIELD_NUMBER: _builtins.int
     FENCED_BY_FIELD_NUMBER: _builtins.int
     DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
+    STATUS_SINCE_FIELD_NUMBER: _builtins.int
+    STATUS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -476,6 +478,11 @@ class PairRow(_message.Message):
     volume its divergent tracks were saved into before a resync.
     """
     divergent_volume: _builtins.str
+    status_since: _builtins.str
+    """When this end entered its status (ISO 8601; a status loaded at start
+    counts from the start), and the seconds since then.
+    """
+    status_age_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -508,10 +515,12 @@ class PairRow(_message.Message):
         role_seq: _builtins.int = ...,
         fenced_by: _builtins.int = ...,
         divergent_volume: _builtins.str = ...,
+        status_since: _builtins.str = ...,
+        status_age_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "status_age_seconds", b"status_age_seconds", "status_since", b"status_since", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,6 +749,10 @@ class Generation(_message.Message):
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHECK_VERDICT_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    CHECK_SECONDS_FIELD_NUMBER: _builtins.int
+    CHECK_REASON_FIELD_NUMBER: _builtins.int
     remote_pair: _builtins.str
     local_pair: _builtins.str
     svol: _builtins.str
@@ -749,6 +762,13 @@ class Generation(_message.Message):
     changed_tracks: _builtins.int
     """SPVOL tracks written since the backup"""
     sequence: _builtins.int
+    check_verdict: _builtins.str
+    """The newest check of this backup (empty verdict: not checked).
+    passed or failed
+    """
+    check_time: _builtins.str
+    check_seconds: _builtins.float
+    check_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -759,14 +779,96 @@ class Generation(_message.Message):
         backup_time: _builtins.str = ...,
         changed_tracks: _builtins.int = ...,
         sequence: _builtins.int = ...,
+        check_verdict: _builtins.str = ...,
+        check_time: _builtins.str = ...,
+        check_seconds: _builtins.float = ...,
+        check_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "local_pair", b"local_pair", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "check_reason", b"check_reason", "check_seconds", b"check_seconds", "check_time", b"check_time", "check_verdict", b"check_verdict", "local_pair", b"local_pair", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Generation: _TypeAlias = Generation  # noqa: Y015
+
+@_typing.final
+class CheckBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    PROBE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    """a local pair at the secondary holding a backup"""
+    probe: _builtins.str
+    """shell command run on the mounted copy (cwd and $SPLITMIRROR_MOUNT)"""
+    probe_timeout_seconds: _builtins.float
+    """0: 600"""
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        probe: _builtins.str = ...,
+        probe_timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "probe", b"probe", "probe_timeout_seconds", b"probe_timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBackupRequest: _TypeAlias = CheckBackupRequest  # noqa: Y015
+
+@_typing.final
+class BackupCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    REMOTE_PAIR_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    SVOL_DIGEST_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    remote_pair: _builtins.str
+    backup_time: _builtins.str
+    sequence: _builtins.int
+    verdict: _builtins.str
+    """passed or failed"""
+    checked_at: _builtins.str
+    seconds: _builtins.float
+    reason: _builtins.str
+    """why it failed (fsck, mount or probe), empty when passed"""
+    output: _builtins.str
+    """tail of the fsck and probe output"""
+    svol_digest: _builtins.str
+    """xxh3-128 of the SVOL before and after: unchanged by the check"""
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        remote_pair: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        verdict: _builtins.str = ...,
+        checked_at: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        output: _builtins.str = ...,
+        svol_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "checked_at", b"checked_at", "generation", b"generation", "output", b"output", "reason", b"reason", "remote_pair", b"remote_pair", "seconds", b"seconds", "sequence", b"sequence", "svol_digest", b"svol_digest", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupCheck: _TypeAlias = BackupCheck  # noqa: Y015
 
 @_typing.final
 class GenerationList(_message.Message):

@@ -129,6 +129,11 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
                 _registered_method=True)
+        self.CheckBackup = channel.unary_unary(
+                '/splitmirror.v1.HostApi/CheckBackup',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupCheck.FromString,
+                _registered_method=True)
         self.SetSchedule = channel.unary_unary(
                 '/splitmirror.v1.HostApi/SetSchedule',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
@@ -300,6 +305,14 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckBackup(self, request, context):
+        """Prove a split generation restorable (at the secondary): fsck and the
+        operator's probe on a copy-on-write overlay that never writes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetSchedule(self, request, context):
         """Backup schedules, kept in the primary's copy table and run by it.
         """
@@ -462,6 +475,11 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.ListBackups,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.SerializeToString,
+            ),
+            'CheckBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckBackup,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.BackupCheck.SerializeToString,
             ),
             'SetSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSchedule,
@@ -1022,6 +1040,33 @@ class HostApi:
             '/splitmirror.v1.HostApi/ListBackups',
             splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/CheckBackup',
+            splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.BackupCheck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class HostApiStub:
     """
     ListBackups: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    CheckBackup: _grpc.UnaryUnaryMultiCallable[_host_pb2.CheckBackupRequest, _host_pb2.BackupCheck]
+    """Prove a split generation restorable (at the secondary): fsck and the
+    operator's probe on a copy-on-write overlay that never writes it.
+    """
     SetSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]
     """Backup schedules, kept in the primary's copy table and run by it."""
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]
@@ -113,6 +117,10 @@ class HostApiAsyncStub(HostApiStub):
     """
     ListBackups: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]  # type: ignore[assignment]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    CheckBackup: _aio.UnaryUnaryMultiCallable[_host_pb2.CheckBackupRequest, _host_pb2.BackupCheck]  # type: ignore[assignment]
+    """Prove a split generation restorable (at the secondary): fsck and the
+    operator's probe on a copy-on-write overlay that never writes it.
+    """
     SetSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]  # type: ignore[assignment]
     """Backup schedules, kept in the primary's copy table and run by it."""
     ListSchedules: _aio.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]  # type: ignore[assignment]
@@ -278,6 +286,16 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.GenerationList, _abc.Awaitable[_host_pb2.GenerationList]]:
         """Backup generations of a remote pair (at the primary: asked of the peer)."""
+
+    @_abc_1.abstractmethod
+    def CheckBackup(
+        self,
+        request: _host_pb2.CheckBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.BackupCheck, _abc.Awaitable[_host_pb2.BackupCheck]]:
+        """Prove a split generation restorable (at the secondary): fsck and the
+        operator's probe on a copy-on-write overlay that never writes it.
+        """
 
     @_abc_1.abstractmethod
     def SetSchedule(

@@ -292,12 +292,20 @@ class GenerationInfo(_message.Message):
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHECK_VERDICT_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    CHECK_SECONDS_FIELD_NUMBER: _builtins.int
+    CHECK_REASON_FIELD_NUMBER: _builtins.int
     local_pair: _builtins.str
     svol: _builtins.str
     status: _builtins.str
     backup_time: _builtins.str
     changed_tracks: _builtins.int
     sequence: _builtins.int
+    check_verdict: _builtins.str
+    check_time: _builtins.str
+    check_seconds: _builtins.float
+    check_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -307,14 +315,69 @@ class GenerationInfo(_message.Message):
         backup_time: _builtins.str = ...,
         changed_tracks: _builtins.int = ...,
         sequence: _builtins.int = ...,
+        check_verdict: _builtins.str = ...,
+        check_time: _builtins.str = ...,
+        check_seconds: _builtins.float = ...,
+        check_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "local_pair", b"local_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "check_reason", b"check_reason", "check_seconds", b"check_seconds", "check_time", b"check_time", "check_verdict", b"check_verdict", "local_pair", b"local_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationInfo: _TypeAlias = GenerationInfo  # noqa: Y015
+
+@_typing.final
+class CheckGenerationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    """the remote pair"""
+    generation: _builtins.str
+    probe: _builtins.str
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        probe: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "probe", b"probe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGenerationRequest: _TypeAlias = CheckGenerationRequest  # noqa: Y015
+
+@_typing.final
+class CheckGenerationReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    verdict: _builtins.str
+    reason: _builtins.str
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        verdict: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "seconds", b"seconds", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGenerationReply: _TypeAlias = CheckGenerationReply  # noqa: Y015
 
 @_typing.final
 class ListGenerationsReply(_message.Message):
@@ -396,17 +459,23 @@ class HelloRequest(_message.Message):
 
     SYSTEM_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    GOODBYE_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
+    goodbye: _builtins.bool
+    """The caller is stopping cleanly: its pairs with the callee are suspended
+    now (an INFO line, not a lost link found by the keepalive).
+    """
     def __init__(
         self,
         *,
         system_id: _builtins.int = ...,
         role: _builtins.str = ...,
+        goodbye: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
