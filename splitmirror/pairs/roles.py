@@ -200,7 +200,7 @@ class Roles:
                 await self.system.save_rows(pair)
             elif decision is Decision.CONFLICT:
                 self._conflict(pair, r.epoch)
-            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap:
+            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap and not pair.reconciling:
                 log.warning("pair %s: neither system %d nor system %d is primary at epoch %d; run "
                             "'splitmirror pair takeover %s --force' at the site that should be", pair.name,
                             self.system.system_id, pair.peer_id, r.epoch, pair.name)
@@ -211,6 +211,8 @@ class Roles:
                 pair.hold_writes = ""
 
     def _conflict(self, pair: Pair, epoch: int) -> None:
+        if "both claim the primary role" in pair.hold_writes:
+            return  # said once; every keepalive sees it again
         pair.hold_writes = (
             f"pair {pair.name!r}: systems {self.system.system_id} and {pair.peer_id} both claim the primary role "
             f"at epoch {epoch}; host writes are refused at both until an operator runs "
