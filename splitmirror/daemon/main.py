@@ -94,6 +94,7 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        self.interconnect: InterconnectServicer | None = None
         #: The soft open-file limit, raised to the hard one at start.
         self.nofile = raise_nofile()
         self.nbd_cap = nbd_connection_cap(config.nbd_max_connections, self.nofile) if config.nbd else 0
@@ -125,10 +126,9 @@ class Daemon:
             HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
                             self.schedules, self.checker),
             self.host_server)
-        interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None,
-                                 checker=self.checker),
-            self.peer_server)
+        self.interconnect = InterconnectServicer(self.manager, self.backups, self.restores, cfg.role,
+                                                 tls=self.tls is not None, checker=self.checker)
+        interconnect_pb2_grpc.add_InterconnectServicer_to_server(self.interconnect, self.peer_server)
         on_interconnect, on_host_api = wrong_port_handlers(cfg.system_id, cfg.role)
         self.peer_server.add_generic_rpc_handlers((on_interconnect,))
         self.host_server.add_generic_rpc_handlers((on_host_api,))
@@ -237,6 +237,10 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.close()  # type: ignore[attr-defined]
         await self.host_server.stop(grace=5)
+        if self.interconnect is not None:
+            # Peers hear it from us (an INFO line there) instead of finding the link lost.
+            self.interconnect.stopping = True
+            await asyncio.gather(*(link.goodbye() for link in self.links.values()))
         await self.manager.stop()
         await self.peer_server.stop(grace=2)
         for link in self.links.values():

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError
+from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError, Unavailable
 from ..pairs.manager import PairManager
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
@@ -137,12 +137,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.system = manager.system
         self.role = role
         self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
+        #: Set once this system said goodbye to its peers: keepalives are refused from then on.
+        self.stopping = False
 
     def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
 
     @peer_call
     async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
+        if self.stopping:
+            raise Unavailable(f"system {self.system.system_id} is stopping")
+        if request.goodbye:
+            link = self.manager.links.get(peer)
+            if link is not None:
+                link.peer_left()
+            return ic.HelloReply(system_id=self.system.system_id, role=self.role)
         reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
         for pair in self.manager.pairs_with(peer):
             if pair.mirror is not None:
