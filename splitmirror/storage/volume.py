@@ -19,6 +19,7 @@ from typing import TypeVar
 import xxhash
 
 from ..errors import InvalidArgument, OutOfRange
+from .bitmap import TrackBitmap
 
 T = TypeVar("T")
 
@@ -84,6 +85,8 @@ class Volume:
         self.size = size
         self.track_size = track_size
         self._fd = fd
+        #: Tracks written since a backup receipt was taken (None: not tracked).
+        self.written: TrackBitmap | None = None
 
     @property
     def tracks(self) -> int:
@@ -130,6 +133,8 @@ class Volume:
         return data
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        if self.written is not None and len(data):
+            self.written.mark_bytes(offset, len(data), self.track_size)
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, offset)
@@ -138,6 +143,8 @@ class Volume:
 
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeroes, punching a hole where the fs can."""
+        if self.written is not None and length:
+            self.written.mark_bytes(offset, length, self.track_size)
         if _fallocate is not None:
             rc = _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
             if rc == 0:
