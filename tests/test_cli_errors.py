@@ -10,6 +10,7 @@ from pathlib import Path
 from splitmirror.testing import ROOT, Site
 
 MiB = 1 << 20
+START_TIMEOUT = 60
 
 
 def one_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -56,7 +57,7 @@ def test_io_past_the_end_speaks_in_the_users_terms(sites: tuple[Site, Site], tmp
 
 def test_server_pointed_at_the_wrong_port(tmp_path: Path) -> None:
     site = Site("primary", 1001, tmp_path, nbd=True)
-    site.start()
+    site.start(timeout=START_TIMEOUT)
     try:
         one_error(cli_at(site.interconnect, "volume", "list"),
                   f"{site.interconnect}: that is the interconnect port of system 1001 (primaryd)", "--listen")

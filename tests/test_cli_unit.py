@@ -317,7 +317,7 @@ def test_pair_row_json_while_copying() -> None:
     assert obj == {
         "pair": "p1", "volume": "pvol", "copy_type": "REMOTE", "pair_system_id": 2, "mirror_volume": "spvol",
         "primary": True, "status": "COPY", "mode": "sync", "group": "g1", "pending_tracks": 42,
-        "progress": 37.5, "split_time": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
+        "progress": 37.5, "split_time": None, "status_since": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
     }
     assert json.loads(json.dumps(obj)) == obj
 

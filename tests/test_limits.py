@@ -89,7 +89,7 @@ def test_names_are_matched_whole(site: Site, name: str) -> None:
 
 @pytest.mark.parametrize(("size", "track_size", "name", "limit"), [
     (1 << 50, 8192, "big", "16 TiB"),
-    ((1 << 64) - 1, 8192, "max", "16 TiB"),
+    ((1 << 64) - 1, 8192, "max", "exceeds the limit 9223372036854775807"),
     (1 << 30, 1 << 30, "trk", "1 MiB"),
     (1 << 20, 8192, "nl\n", "invalid volume name"),
 ])
@@ -200,3 +200,17 @@ def test_a_bulk_copy_at_the_largest_track_size_does_not_starve_another_pair(tmp_
     finally:
         primary.kill()
         secondary.kill()
+
+
+def test_corrupt_bitmap_from_a_peer_is_refused_in_our_words(site: Site) -> None:
+    md = ((SYSTEM_ID_KEY, "1001"),)
+    with grpc.insecure_channel(site.interconnect) as ch:
+        stub = interconnect_pb2_grpc.InterconnectStub(ch)
+        stub.AttachMirror(interconnect_pb2.AttachMirrorRequest(pair="bm", pvol="bm", svol="bm-r", size=1 << 20,
+                                                               track_size=8192, mode="sync"), metadata=md, timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ReadTracks(interconnect_pb2.ReadTracksRequest(pair="bm", tracks=b"\xe5\xd1\x89G\x7f"),
+                                 metadata=md, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == ("pair 'bm': the track bitmap from system 1001 does not parse "
+                                   "(corrupt track bitmap (not a serialized roaring bitmap))"), err.value.details()

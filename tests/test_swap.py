@@ -73,3 +73,34 @@ async def test_swap_and_failback_of_a_group(sites: tuple[Site, Site]) -> None:
             assert await ac.checksum(vol) == await bc.checksum(f"{vol}-r")
     report = a.cli_json("verify", "p-v1")
     assert report["mismatches"] == [], report
+
+
+async def test_backups_follow_the_swap_where_generations_exist(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    a.cli("volume", "create", "v", "--size", "16M")
+    a.cli("pair", "create", "p", "--pvol", "v", "--svol", "v-r", "--peer", "2001", "--wait")
+    b.cli("pair", "create", "gen-b", "--pvol", "v-r", "--svol", "v-b1", "--wait")
+    async with Client(a.address) as c:
+        await c.write("v", 0, os.urandom(MiB))
+    a.cli("backup", "p", "--wait")
+
+    a.cli("pair", "swap", "p")
+    # The new secondary (A) has no generation yet: refused, naming what to create.
+    cli = b.cli("backup", "p", "--wait", check=False)
+    assert cli.returncode == 1 and "no backup generation on system 1001" in cli.stderr, cli.stderr
+    assert "--pvol v" in cli.stderr, cli.stderr
+    a.cli("pair", "create", "gen-a", "--pvol", "v", "--svol", "v-a1", "--wait")
+    image = os.urandom(MiB)
+    async with Client(b.address) as c:
+        await c.write("v-r", 2 * MiB, image)
+    reply = b.cli_json("backup", "p", "--wait")
+    assert reply["backups"][0]["generation"] == "gen-a", reply
+    async with Client(a.address) as c:
+        assert await c.read("v-a1", 2 * MiB, MiB) == image
+
+    # Failback: the generations at B serve again.
+    b.cli("pair", "swap", "p")
+    reply = a.cli_json("backup", "p", "--wait")
+    assert reply["backups"][0]["generation"] == "gen-b", reply
+    async with Client(b.address) as c:
+        assert await c.read("v-b1", 2 * MiB, MiB) == image

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = vol_cmds.add_parser("create", parents=[common], help="create a volume")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", required=True, help="volume size, e.g. 16G")
-    p.add_argument("--track-size", default="0", help="change-tracking unit, power of two >= 4K (default 8K)")
+    p.add_argument("--track-size", default="0", help="change-tracking unit, a power of two from 4K to 1M (default 8K)")
     vol_cmds.add_parser("list", parents=[common], help="list volumes")
     p = vol_cmds.add_parser("show", parents=[common], help="show one volume")
     p.add_argument("name", metavar="NAME")

@@ -34,11 +34,12 @@ from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
+from ..storage.files import OPEN_FILES
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
 from .heap import fix_malloc_thresholds
-from .limits import nbd_connection_cap, raise_nofile
+from .limits import nbd_connection_cap, raise_nofile, volume_file_cap
 from .startup import DataDirLock, check_addresses, check_tls
 from .wrong_port import wrong_port_handlers
 
@@ -99,8 +100,13 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        self.interconnect: InterconnectServicer | None = None
         #: The soft open-file limit, raised to the hard one at start.
         self.nofile = raise_nofile()
+        self.nbd_cap = nbd_connection_cap(config.nbd_max_connections, self.nofile) if config.nbd else 0
+        OPEN_FILES.set_limit(volume_file_cap(self.nofile, self.nbd_cap))
+        log.info("open-file limit %d: at most %d volume files open at once (the others opened on use)",
+                 self.nofile, OPEN_FILES.limit)
         self.stopping = asyncio.Event()
         #: True once every port serves: a failure before that is a start-up failure (exit 2).
         self.started = False
@@ -127,10 +133,9 @@ class Daemon:
             HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
                             self.schedules, self.checker, self.receipts),
             self.host_server)
-        interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None,
-                                 checker=self.checker),
-            self.peer_server)
+        self.interconnect = InterconnectServicer(self.manager, self.backups, self.restores, cfg.role,
+                                                 tls=self.tls is not None, checker=self.checker)
+        interconnect_pb2_grpc.add_InterconnectServicer_to_server(self.interconnect, self.peer_server)
         on_interconnect, on_host_api = wrong_port_handlers(cfg.system_id, cfg.role)
         self.peer_server.add_generic_rpc_handlers((on_interconnect,))
         self.host_server.add_generic_rpc_handlers((on_host_api,))
@@ -196,8 +201,7 @@ class Daemon:
         from ..ports.nbdexport import NbdLimits, start_nbd
 
         cfg = self.config
-        limits = NbdLimits(nbd_connection_cap(cfg.nbd_max_connections, self.nofile), cfg.nbd_max_per_client,
-                           cfg.nbd_handshake_timeout)
+        limits = NbdLimits(self.nbd_cap, cfg.nbd_max_per_client, cfg.nbd_handshake_timeout)
         server, port = await start_nbd(self.system, cfg.nbd, tls=self.tls, allow=cfg.nbd_allow, policy=self.policy,
                                        meter=self.meter, limits=limits)
         self.nbd = server
@@ -240,6 +244,10 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.close()  # type: ignore[attr-defined]
         await self.host_server.stop(grace=5)
+        if self.interconnect is not None:
+            # Peers hear it from us (an INFO line there) instead of finding the link lost.
+            self.interconnect.stopping = True
+            await asyncio.gather(*(link.goodbye() for link in self.links.values()))
         await self.manager.stop()
         await self.peer_server.stop(grace=2)
         for link in self.links.values():

@@ -62,7 +62,22 @@ class StorageSystem(WritePath):
         self.volume_dir.mkdir(parents=True, exist_ok=True)
         await self.table.open()
         self.clean_start = await self.table.get_meta("clean_shutdown") in (None, "1")
+        try:
+            await self._load()
+        except BaseException:
+            # Nothing was written: the data stays as it was found (a clean
+            # stop stays clean, and the next start does not resync everything).
+            for vol in self.volumes.values():
+                vol.close()
+            self.volumes.clear()
+            await self.table.close()
+            raise
+        # From here on writes may happen before a clean stop records them.
         await self.table.set_meta("clean_shutdown", "0")
+        log.info("system %d (%s): %d volumes, %d pairs loaded from %s (%s start)", self.system_id, self.role,
+                 len(self.volumes), len(self.pairs), self.data_dir, "clean" if self.clean_start else "unclean")
+
+    async def _load(self) -> None:
         for vrow in await self.table.load_volumes():
             path = self._volume_path(vrow.name)
             vol = await asyncio.to_thread(Volume.open, vrow.name, path, vrow.size, vrow.track_size)
@@ -83,8 +98,6 @@ class StorageSystem(WritePath):
                 pair.mirror = end
         for key, reason in (await self.table.meta_items("fence:")).items():
             self.fences[key.removeprefix("fence:")] = reason
-        log.info("system %d (%s): %d volumes, %d pairs loaded from %s (%s start)", self.system_id, self.role,
-                 len(self.volumes), len(self.pairs), self.data_dir, "clean" if self.clean_start else "unclean")
 
     async def close(self) -> None:
         for pair in self.pairs.values():

@@ -33,6 +33,7 @@ from ..status import PairOp, PairStatus
 from ..storage.copytable import RoleRecord
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
+from .failpoints import failpoint
 
 log = logging.getLogger("splitmirror.pairs")
 
@@ -136,9 +137,11 @@ class Roles:
                 self.context.set_status(pair, PairOp.FAULT, "takeover")
             pair.move_end_to(EndRole.PRIMARY)
             self.context.set_status(pair, PairOp.TAKEOVER, f"taken over from system {pair.peer_id}")
+        failpoint("takeover-decided")
         for pair in pairs:
             await self.system.save_rows(pair)
             await self.system.save_bitmaps(pair)
+            failpoint("takeover-saved")
             self.attach(pair, self.context.links[pair.peer_id])
             log.warning("pair %s: taken over from system %d at epoch %d (last sequence applied %d)", pair.name,
                         pair.peer_id, pair.row.epoch, pair.applied_seq)
@@ -166,7 +169,7 @@ class Roles:
     def check(self, link: PeerLink, roles: list[ic.MirrorState]) -> None:
         """Every keepalive answer: settle the roles if an epoch differs (no await before a fence)."""
         mine = {p.name: p for p in self.context.pairs_with(link.peer_id)}
-        if any(r.pair in mine and (r.epoch != mine[r.pair].row.epoch
+        if any(r.pair in mine and (r.epoch != mine[r.pair].row.epoch or mine[r.pair].row.role.swap
                                    or r.primary == (mine[r.pair].role is EndRole.PRIMARY)) for r in roles):
             for pair in self._fence_now(link, roles):
                 pair.hold_writes = f"pair {pair.name!r}: system {pair.peer_id} {FENCING}"
@@ -197,7 +200,7 @@ class Roles:
                 await self.system.save_rows(pair)
             elif decision is Decision.CONFLICT:
                 self._conflict(pair, r.epoch)
-            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap:
+            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap and not pair.reconciling:
                 log.warning("pair %s: neither system %d nor system %d is primary at epoch %d; run "
                             "'splitmirror pair takeover %s --force' at the site that should be", pair.name,
                             self.system.system_id, pair.peer_id, r.epoch, pair.name)
@@ -208,6 +211,8 @@ class Roles:
                 pair.hold_writes = ""
 
     def _conflict(self, pair: Pair, epoch: int) -> None:
+        if "both claim the primary role" in pair.hold_writes:
+            return  # said once; every keepalive sees it again
         pair.hold_writes = (
             f"pair {pair.name!r}: systems {self.system.system_id} and {pair.peer_id} both claim the primary role "
             f"at epoch {epoch}; host writes are refused at both until an operator runs "
@@ -232,6 +237,7 @@ class Roles:
         end = pair.primary
         if end is None:
             return
+        failpoint("fence-closed")
         end.row.epoch = epoch
         end.row.role = RoleRecord(how="fenced", since=utc_now(), fenced_by=new)
         pair.move_end_to(EndRole.MIRROR)

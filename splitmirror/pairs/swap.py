@@ -164,10 +164,12 @@ class Swap:
         if end.row.epoch >= epoch:
             raise FailedPrecondition(f"pair {pair.name!r}: system {self.system.system_id} is at epoch "
                                      f"{end.row.epoch} already; a swap to epoch {epoch} is stale")
+        failpoint("swap-promote")
         end.row.epoch = epoch
         end.row.role = RoleRecord(how="swap", since=utc_now())
         pair.move_end_to(EndRole.PRIMARY)
         await self.system.save_rows(pair)
+        failpoint("swap-promoted")
         self.attach(pair, self.context.link(pair.peer_id))
         log.warning("pair %s: primary here at epoch %d (swapped from system %d)", pair.name, epoch, pair.peer_id)
         self.roles.report(pair, "promoted", f"swap from system {pair.peer_id}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -142,6 +143,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                          status=row.status.value, mode=row.mode, group=row.group,
                          pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
                          direction=row.direction)
+        since = self.events.status_since.get(row.name) if self.events is not None else None
+        if since is not None:  # the event log's last status change of the pair
+            msg.status_since, msg.status_age_seconds = iso_time(since), max(0.0, time.time() - since)
         fence = self.system.fences.get(row.volume)
         if fence:
             msg.reason = f"fenced: {fence}"

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from ..errors import PermissionDenied, SplitmirrorError
+from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError, Unavailable
 from ..pairs.manager import PairManager
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
@@ -58,6 +59,24 @@ def peer_id(context: Context, allowed: set[int], own: int,
 
 
 ACK_EVERY = 4  # batches applied before an ack goes out even if more wait
+#: Integers a peer sends end up in the copy table (SQLite: signed 64 bits) and
+#: in arithmetic on volumes of at most 16 TiB: larger ones are refused whole.
+INT64_MAX = (1 << 63) - 1
+
+
+def check_integers(message: Message) -> None:
+    """INVALID_ARGUMENT naming the field and the limit for a uint64 above
+    INT64_MAX anywhere in ``message`` (nested messages included)."""
+    for field, value in message.ListFields():
+        values = value if getattr(field, "is_repeated", False) or getattr(field, "label", 1) == 3 else [value]
+        for item in values:
+            if field.type == field.TYPE_MESSAGE:
+                check_integers(item)
+            elif field.type == field.TYPE_UINT64 and item > INT64_MAX:
+                raise InvalidArgument(f"{message.DESCRIPTOR.name}.{field.name} = {item} exceeds the limit "
+                                      f"{INT64_MAX} (2^63-1)")
+
+
 TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batch
 
 
@@ -100,7 +119,9 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
     @functools.wraps(method)
     async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
         async with refusals(context, method.__name__):
-            return await method(self, request, context, self._peer(context))
+            peer = self._peer(context)
+            check_integers(request)  # type: ignore[arg-type]
+            return await method(self, request, context, peer)
 
     return wrapper
 
@@ -116,12 +137,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.system = manager.system
         self.role = role
         self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
+        #: Set once this system said goodbye to its peers: keepalives are refused from then on.
+        self.stopping = False
 
     def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
 
     @peer_call
     async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
+        if self.stopping:
+            raise Unavailable(f"system {self.system.system_id} is stopping")
+        if request.goodbye:
+            link = self.manager.links.get(peer)
+            if link is not None:
+                link.peer_left()
+            return ic.HelloReply(system_id=self.system.system_id, role=self.role)
         reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
         for pair in self.manager.pairs_with(peer):
             if pair.mirror is not None:
@@ -152,11 +182,13 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         async def reader() -> None:
             try:
                 async for batch in request_iterator:
+                    check_integers(batch)
                     await batches.put(batch)
             finally:
                 await batches.put(None)
 
         stream = _Stream(asyncio.create_task(reader()), asyncio.current_task())
+        ending = False  # by an exception (an abort, say): a bad message read meanwhile must not replace it
         try:
             first = await batches.get()
             if first is None:
@@ -188,10 +220,17 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                 pair.apply_lock.release()
                 if self._streams.get(pair.name) is stream:
                     del self._streams[pair.name]
+        except BaseException:
+            ending = True
+            raise
         finally:
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await stream.reader
+                try:
+                    await stream.reader
+                except (MalformedInStream, SplitmirrorError):
+                    if not ending:
+                        raise
 
     async def _take_over(self, pair: str, stream: _Stream, lock: asyncio.Lock) -> None:
         """Make ``stream`` the pair's only Replicate stream.
@@ -246,7 +285,9 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: Context) -> AsyncIterator[ic.TrackData]:
         async with refusals(context, "ReadTracks"):
-            tracks = self.manager.mirror_read_tracks(self._peer(context), request.pair, request.tracks)
+            peer = self._peer(context)
+            check_integers(request)
+            tracks = self.manager.mirror_read_tracks(peer, request.pair, request.tracks)
             async for first, count, data in tracks:
                 self.system.bytes_sent += len(data)
                 yield ic.TrackData(track=first, count=count, data=data)

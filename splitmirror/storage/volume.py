@@ -20,6 +20,7 @@ import xxhash
 
 from ..errors import InvalidArgument, OutOfRange
 from .bitmap import TrackBitmap
+from .files import VolumeFile
 
 T = TypeVar("T")
 
@@ -76,15 +77,24 @@ def validate_geometry(name: str, size: int, track_size: int) -> None:
             f"volume {name!r}: size {size} is not a multiple of the track size {track_size}")
 
 
-class Volume:
-    """An open volume file."""
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
-    def __init__(self, name: str, path: Path, size: int, track_size: int, fd: int) -> None:
+
+class Volume:
+    """A volume file (opened on use, see :mod:`splitmirror.storage.files`)."""
+
+    def __init__(self, name: str, path: Path, size: int, track_size: int) -> None:
         self.name = name
         self.path = path
         self.size = size
         self.track_size = track_size
-        self._fd = fd
+        #: Opened on use: at most OPEN_FILES.limit volume files are open at once.
+        self._file = VolumeFile(path)
         #: Tracks written since a backup receipt was taken (None: not tracked).
         self.written: TrackBitmap | None = None
 
@@ -96,26 +106,27 @@ class Volume:
     @classmethod
     def create(cls, name: str, path: Path, size: int, track_size: int) -> Volume:
         """Create a sparse file (refuses to overwrite one)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
         except BaseException:
-            os.close(fd)
             path.unlink()
             raise
-        return cls(name, path, size, track_size, fd)
+        finally:
+            os.close(fd)
+        return cls(name, path, size, track_size)
 
     @classmethod
     def open(cls, name: str, path: Path, size: int, track_size: int) -> Volume:
-        fd = os.open(path, os.O_RDWR)
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
-        return cls(name, path, size, track_size, fd)
+        """A volume of an existing file (opened on first use, as every volume's)."""
+        vol = cls(name, path, size, track_size)
+        with vol._file.use() as fd:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        return vol
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     # -- checks ---------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:
@@ -127,7 +138,8 @@ class Volume:
 
     # -- synchronous primitives (run on IO_POOL) ----------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
+        with self._file.use() as fd:
+            data = os.pread(fd, length, offset)
         if len(data) < length:  # never for a sized sparse file, but be exact
             data += bytes(length - len(data))
         return data
@@ -135,18 +147,18 @@ class Volume:
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         if self.written is not None and len(data):
             self.written.mark_bytes(offset, len(data), self.track_size)
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view = view[n:]
-            offset += n
+        with self._file.use() as fd:
+            _pwrite_all(fd, data, offset)
+            self._file.dirty = True
 
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeroes, punching a hole where the fs can."""
         if self.written is not None and length:
             self.written.mark_bytes(offset, length, self.track_size)
         if _fallocate is not None:
-            rc = _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            with self._file.use() as fd:
+                rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                self._file.dirty = True
             if rc == 0:
                 return
             if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -158,29 +170,30 @@ class Volume:
             offset += n
 
     def fdatasync(self) -> None:
-        os.fdatasync(self._fd)
+        self._file.sync()
 
     def allocated_ranges(self, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
         """``(offset, length)`` of the data (non-hole) ranges of the file."""
         end = self.size if end is None else end
         ranges: list[tuple[int, int]] = []
         pos = start
-        while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
+        with self._file.use() as fd:
+            while pos < end:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break
+                    raise
+                if data >= end:
                     break
-                raise
-            if data >= end:
-                break
-            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
-            ranges.append((data, hole - data))
-            pos = hole
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                ranges.append((data, hole - data))
+                pos = hole
         return ranges
 
     def allocated_bytes(self) -> int:
-        return os.fstat(self._fd).st_blocks * 512
+        return os.stat(self.path).st_blocks * 512
 
     def _hash_step(self, h: xxhash.xxh3_128, offset: int, length: int) -> None:
         """Feed ``length`` bytes at ``offset`` to ``h``; holes as zeroes, unread."""
@@ -258,6 +271,12 @@ class Volume:
                     self.pwrite(offset, data)
 
         if sum(len(d) for _, d, z in entries if not z) <= INLINE_WRITE_BYTES and not any(z for *_, z in entries):
-            apply_all()
-        else:
-            await self.run(apply_all)
+            # On the loop only while the file is open: opening it (or closing
+            # another to make room, which may sync) is the I/O pool's job.
+            with self._file.pinned() as fd:
+                if fd >= 0:
+                    for offset, data, _ in entries:
+                        _pwrite_all(fd, data, offset)
+                    self._file.dirty = True
+                    return
+        await self.run(apply_all)

@@ -427,6 +427,8 @@ class PairRow(_message.Message):
     ROLE_SEQ_FIELD_NUMBER: _builtins.int
     FENCED_BY_FIELD_NUMBER: _builtins.int
     DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
+    STATUS_SINCE_FIELD_NUMBER: _builtins.int
+    STATUS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -476,6 +478,11 @@ class PairRow(_message.Message):
     volume its divergent tracks were saved into before a resync.
     """
     divergent_volume: _builtins.str
+    status_since: _builtins.str
+    """When this end entered its status (ISO 8601; a status loaded at start
+    counts from the start), and the seconds since then.
+    """
+    status_age_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -508,10 +515,12 @@ class PairRow(_message.Message):
         role_seq: _builtins.int = ...,
         fenced_by: _builtins.int = ...,
         divergent_volume: _builtins.str = ...,
+        status_since: _builtins.str = ...,
+        status_age_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "status_age_seconds", b"status_age_seconds", "status_since", b"status_since", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
