@@ -276,6 +276,8 @@ class Volume:
             with self._file.pinned() as fd:
                 if fd >= 0:
                     for offset, data, _ in entries:
+                        if self.written is not None:
+                            self.written.mark_bytes(offset, len(data), self.track_size)
                         _pwrite_all(fd, data, offset)
                     self._file.dirty = True
                     return
