@@ -185,7 +185,7 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
                     f"{', '.join(plan.missing)}; nothing was changed")
             _confirm(args, f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
                            f"({gen.backup_time}): the PVOL is fenced meanwhile")
-            session = await client.begin_restore(args.name, args.generation)
+            session = await client.begin_restore(args.name, args.generation, force=args.force)
             lap("fence_and_split")
             try:
                 spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
@@ -219,7 +219,8 @@ async def _abort(client: Client, pair: str, cause: BaseException) -> None:
 async def restore_volume(client: Client, args: argparse.Namespace, as_json: bool) -> dict[str, object]:
     _confirm(args, f"replace the whole PVOL of pair {args.name} with generation {args.generation}")
     reporter = Reporter(as_json, sys.stderr.isatty())
-    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation), reporter)
+    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation, force=args.force),
+                                  reporter)
     return _report_json(report, restored=["/"], kind="volume")
 
 

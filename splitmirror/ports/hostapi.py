@@ -20,6 +20,7 @@ from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
+from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
@@ -65,8 +66,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
                  meter: IoMeter | None = None, schedules: BackupScheduler | None = None,
-                 checker: GenerationChecker | None = None) -> None:
+                 checker: GenerationChecker | None = None, receipts: Receipts | None = None) -> None:
         self.manager = manager
+        self.receipts = receipts or Receipts(backups)
         self.checker = checker or GenerationChecker(backups)
         self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
@@ -241,6 +243,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         return await self.checker.check(request.generation, request.probe, request.probe_timeout_seconds)
 
     @refusals
+    async def VerifyBackup(self, request: pb.VerifyBackupRequest, context: Context) -> pb.VerifyBackupReply:
+        return await self.receipts.verify(request.generation)
+
+    @refusals
     async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:
         return await self.schedules.set(request)
 
@@ -255,7 +261,7 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:
-        return await self.restores.begin(request.pair, request.generation)
+        return await self.restores.begin(request.pair, request.generation, force=request.force)
 
     @refusals
     async def FinishRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
@@ -267,7 +273,7 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def RestoreVolume(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreReport:
-        return await self.restores.restore_volume(request.pair, request.generation)
+        return await self.restores.restore_volume(request.pair, request.generation, request.force)
 
     @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:
