@@ -36,6 +36,7 @@ COMMANDS: dict[str, _Handler] = {
     "backups": backups.backups,
     "backup-schedule": backups.schedule,
     "backup-check": backups.check,
+    "backup-verify": backups.verify,
     "restore": restore.restore,
     "events": events.events,
 }

@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
     p.add_argument("paths", nargs="+", metavar="PATH", help="absolute paths inside the filesystem ('/' = all)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true", help="restore even if the generation fails verification")
     p = restore_cmds.add_parser("volume", parents=[common], help="bring the whole PVOL back to a generation")
     p.add_argument("name", metavar="REMOTE_PAIR")
     p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true", help="restore even if the generation fails verification")
     p = restore_cmds.add_parser("abort", parents=[common],
                                 help="undo an interrupted restore: resync the mirror back and unfence")
     p.add_argument("name", metavar="REMOTE_PAIR")
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``backup ACTION ...`` words that are commands, not a pair name (see :func:`parse_args`).
-BACKUP_ACTIONS = ("schedule", "check")
+BACKUP_ACTIONS = ("schedule", "check", "verify")
 _GLOBAL_VALUED = ("--server", "--tls-dir", "--identity", "--token-file")
 
 
@@ -225,6 +227,10 @@ def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
                    help="shell command run in the mounted copy ($SPLITMIRROR_MOUNT), e.g. start a database on it")
     p.add_argument("--probe-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="seconds the probe may run (default 600)")
+    p = commands.add_parser("backup-verify", parents=[common],
+                            help="backup verify GENERATION: re-read it and name every track that no longer "
+                                 "matches its receipt (at the secondary)")
+    p.add_argument("generation", metavar="GENERATION")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

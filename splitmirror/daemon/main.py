@@ -30,6 +30,7 @@ from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
 from ..procedures.hooks import BackupHooks
+from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
@@ -84,6 +85,11 @@ class Daemon:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         options = server_options(config.max_message_bytes)
         self.tls = TlsFiles.load(Path(config.tls_dir), str(config.system_id)) if config.tls_dir else None
+        self.receipts = Receipts(self.backups, self.tls.key if self.tls else None,
+                                 self.tls.cert if self.tls else None)
+        self.backups.on_split = self.receipts.split
+        self.backups.before_reuse = self.receipts.settled
+        self.restores.receipts = self.receipts
         tokens = load_tokens(Path(config.token_file)) if config.token_file else {}
         if tokens and self.tls is None:
             log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")
@@ -114,6 +120,7 @@ class Daemon:
         await self.backups.load()
         await self.schedules.load()
         await self.checker.load()
+        await self.receipts.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -124,7 +131,7 @@ class Daemon:
 
         host_pb2_grpc.add_HostApiServicer_to_server(
             HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
-                            self.schedules, self.checker),
+                            self.schedules, self.checker, self.receipts),
             self.host_server)
         self.interconnect = InterconnectServicer(self.manager, self.backups, self.restores, cfg.role,
                                                  tls=self.tls is not None, checker=self.checker)

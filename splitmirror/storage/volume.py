@@ -19,6 +19,7 @@ from typing import TypeVar
 import xxhash
 
 from ..errors import InvalidArgument, OutOfRange
+from .bitmap import TrackBitmap
 from .files import VolumeFile
 
 T = TypeVar("T")
@@ -94,6 +95,8 @@ class Volume:
         self.track_size = track_size
         #: Opened on use: at most OPEN_FILES.limit volume files are open at once.
         self._file = VolumeFile(path)
+        #: Tracks written since a backup receipt was taken (None: not tracked).
+        self.written: TrackBitmap | None = None
 
     @property
     def tracks(self) -> int:
@@ -142,12 +145,16 @@ class Volume:
         return data
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        if self.written is not None and len(data):
+            self.written.mark_bytes(offset, len(data), self.track_size)
         with self._file.use() as fd:
             _pwrite_all(fd, data, offset)
             self._file.dirty = True
 
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeroes, punching a hole where the fs can."""
+        if self.written is not None and length:
+            self.written.mark_bytes(offset, length, self.track_size)
         if _fallocate is not None:
             with self._file.use() as fd:
                 rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
@@ -269,6 +276,8 @@ class Volume:
             with self._file.pinned() as fd:
                 if fd >= 0:
                     for offset, data, _ in entries:
+                        if self.written is not None:
+                            self.written.mark_bytes(offset, len(data), self.track_size)
                         _pwrite_all(fd, data, offset)
                     self._file.dirty = True
                     return
