@@ -133,6 +133,16 @@ class Receipts:
         if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time:
             raise FailedPrecondition(f"generation {name!r} has no receipt of the backup it holds (backups split "
                                      "before receipts existed, or none yet)")
+        if name in self.backups.checking:
+            raise FailedPrecondition(f"generation {name!r} is being checked or verified already")
+        self.backups.checking.add(name)  # not reused by a backup while it is read
+        try:
+            return await self._verify(gen, record)
+        finally:
+            self.backups.checking.discard(name)
+
+    async def _verify(self, gen: Pair, record: dict[str, Any]) -> pb.VerifyBackupReply:
+        name = gen.name
         assert gen.mirror is not None
         svol = gen.mirror.volume
         started = time.monotonic()
@@ -171,7 +181,9 @@ class Receipts:
         """Why a restore from ``name`` must not go ahead (verification failed), or ""."""
         try:
             reply = await self.verify(name)
-        except FailedPrecondition:
+        except FailedPrecondition as exc:
+            if "being checked" in exc.message:
+                raise
             return ""  # no receipt to hold it against
         if reply.ok:
             return ""
