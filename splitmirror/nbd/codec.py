@@ -225,6 +225,12 @@ _TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
 }
 
 
+def _take(buf: bytearray, start: int, end: int) -> bytes:
+    """``bytes(buf[start:end])`` with one copy instead of two."""
+    with memoryview(buf) as view:
+        return bytes(view[start:end])
+
+
 class _Invalid(Exception):
     """A syntactically invalid option payload (-> NBD_REP_ERR_INVALID)."""
 
@@ -464,7 +470,7 @@ class NbdCodec:
             end = _REQUEST.size + payload
             if len(buf) < end:
                 return None
-            data = bytes(buf[_REQUEST.size : end])
+            data = _take(buf, _REQUEST.size, end) if payload else b""
             del buf[:end]
             if ctype == Command.DISC:
                 self._transition(Trigger.RECV_DISC)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Final, Protocol, cast
 
 from .backend import Export, ExportError
@@ -56,6 +56,35 @@ def _peer(transport: asyncio.BaseTransport) -> tuple[str, str]:
     return str(peer), str(peer)
 
 
+class _Pass:
+    """Hands what a coroutine stepped by hand is waiting on to the task that drives it on."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: object) -> None:
+        self.pending = pending
+
+    def __await__(self) -> Generator[object, None, None]:
+        yield self.pending
+
+
+async def _resume(coro: Coroutine[object, None, None], pending: object) -> None:
+    """Drive on, as a task, a coroutine whose first step ran outside any task."""
+    while True:
+        try:
+            await _Pass(pending)
+        except BaseException as exc:  # cancelled: the coroutine decides what that means
+            try:
+                pending = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return
+
+
 class Connection(asyncio.Protocol):
     """One client: handshake, then commands dispatched as they are parsed."""
 
@@ -88,6 +117,7 @@ class Connection(asyncio.Protocol):
         self._ended: str | None = None  # no more input will be processed, and why
         self._lost = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._processing = False
 
     # ------------------------------------------------------- transport events
 
@@ -144,6 +174,14 @@ class Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Dispatch every event the buffered bytes hold, as far as the limits let."""
         codec = self.codec
+        self._processing = True
+        try:
+            self._process_events(codec)
+        finally:
+            self._processing = False
+        self._update_reading()
+
+    def _process_events(self, codec: NbdCodec) -> None:
         while self._ended is None and not self._tls_switch and not self._write_paused:
             if self._waiting is not None:
                 if not self._room(cost(self._waiting)):
@@ -170,7 +208,6 @@ class Connection(asyncio.Protocol):
             else:
                 assert isinstance(event, ConnectionClosed)
                 self._end(event.reason)
-        self._update_reading()
 
     def _room(self, size: int) -> bool:
         if self._running >= self.server.max_in_flight:
@@ -271,10 +308,20 @@ class Connection(asyncio.Protocol):
     # -------------------------------------------------------------- commands
 
     def _dispatch(self, request: CommandRequest) -> None:
+        """Run a command at once; only one that has to wait becomes a task.
+
+        A cached read or a small write completes without waiting for anything:
+        stepping its coroutine here saves creating and scheduling a task.
+        """
         size = cost(request)
         self._running += 1
         self._held += size
-        task = asyncio.get_running_loop().create_task(self._run(request, size))
+        coro = self._run(request, size)
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(_resume(coro, pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -301,7 +348,7 @@ class Connection(asyncio.Protocol):
         self._reply(reply, size)
         if self._ended is not None:
             self._settle()
-        else:
+        elif not self._processing:  # else the loop in _process goes on by itself
             self._process()
 
     def _refused(self, ctype: int, offset: int, length: int, error: int, message: str) -> None:

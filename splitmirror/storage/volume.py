@@ -39,6 +39,15 @@ if _fallocate is not None:
 #: batches, reads, hole punching and fdatasync always run on IO_POOL.
 INLINE_WRITE_BYTES = 64 << 10
 
+#: Reads up to this size first try the page cache from the event loop:
+#: ``preadv2(RWF_NOWAIT)`` never waits for the disk (it fails with EAGAIN when
+#: a page is not cached), and a cached 4 KiB read costs a few microseconds
+#: against the ~150 us of a hop to a worker thread and back.  Anything else
+#: (not cached, larger, or a kernel or filesystem without RWF_NOWAIT) is read
+#: on IO_POOL.
+INLINE_READ_BYTES = 256 << 10
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
 #: One pool for every volume: pwrite/pread/fdatasync release the GIL.
 IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="volume-io")
 
@@ -62,6 +71,7 @@ class Volume:
         self.size = size
         self.track_size = track_size
         self._fd = fd
+        self._nowait = bool(_RWF_NOWAIT)  # cleared when the filesystem refuses RWF_NOWAIT
 
     @property
     def tracks(self) -> int:
@@ -179,7 +189,25 @@ class Volume:
         return await asyncio.get_running_loop().run_in_executor(IO_POOL, fn)
 
     async def read(self, offset: int, length: int) -> bytes:
+        if self._nowait and length <= INLINE_READ_BYTES:
+            cached = self._read_cached(offset, length)
+            if cached is not None:
+                return cached
         return await self.run(lambda: self.pread(offset, length))
+
+    def _read_cached(self, offset: int, length: int) -> bytes | None:
+        """The range if the page cache holds all of it, else None; never waits for the disk."""
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            self._nowait = False
+            return None
+        return bytes(buf) if n == length else None
 
     async def write(self, offset: int, data: bytes) -> None:
         await self.run(lambda: self.pwrite(offset, data))
