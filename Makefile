@@ -2,8 +2,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test workers: each test file runs on one worker (--dist loadfile), files in parallel.
+TEST_JOBS ?= 3
 
-.PHONY: install deps system-deps proto lint test demo bench clean images compose-demo soak
+.PHONY: install deps system-deps proto lint test demo bench clean images compose-demo soak fuzz
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -25,13 +27,21 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: install lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -rs -n $(TEST_JOBS) --dist loadfile tests
 
 demo: install
 	$(PY) scripts/demo.py
 
 soak: install
 	SPLITMIRROR_SOAK_SCHEDULES=1000 $(VENV)/bin/pytest -q -rxf tests/test_faults.py -k test_fault_schedule
+
+# Seeded fuzz campaigns against running daemons (docs/security.md has the figures):
+# the interconnect, then NBD when tests/nbd_fuzz.py is there.
+FUZZ_SEED ?= 1
+FUZZ_INPUTS ?= 100000
+fuzz: install
+	$(PY) -m tests.ic_fuzz --seed $(FUZZ_SEED) --inputs $(FUZZ_INPUTS)
+	if [ -f tests/nbd_fuzz.py ]; then $(PY) -m tests.nbd_fuzz; fi
 
 images:
 	bash scripts/build-images.sh

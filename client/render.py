@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from rich import box
 from rich.table import Table
 
-from splitmirror.sizes import format_size
 from splitmirror.v1 import host_pb2
 
 JsonObject = dict[str, Any]
@@ -16,7 +16,7 @@ JsonObject = dict[str, Any]
 #: The keys of one ``pair display --json`` object, in order.
 PAIR_KEYS = (
     "pair", "volume", "copy_type", "pair_system_id", "mirror_volume", "primary", "status", "mode",
-    "group", "pending_tracks", "progress", "split_time",
+    "group", "pending_tracks", "progress", "split_time", "status_since",
 )
 
 
@@ -40,6 +40,7 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
         "pending_tracks": int(row.pending_tracks),
         "progress": float(row.progress) if row.has_progress else None,
         "split_time": row.split_time or None,
+        "status_since": row.status_since or None,
     }
     if row.primary and row.mode == "async":
         obj["queue_bytes"] = int(row.queue_bytes)
@@ -50,7 +51,26 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
     if row.backup_time:  # remote pairs that were backed up
         obj["backup_time"] = row.backup_time
         obj["backup_age_seconds"] = round(float(row.backup_age_seconds), 1)
+    if row.epoch > 1 or row.role_change or row.fenced_by:  # a remote pair whose roles changed (issue 18)
+        obj.update(epoch=int(row.epoch), role_change=row.role_change or None, role_since=row.role_since or None,
+                   role_seq=int(row.role_seq), fenced_by=int(row.fenced_by) or None,
+                   divergent_volume=row.divergent_volume or None)
     return obj
+
+
+def role_text(r: host_pb2.PairRow) -> str:
+    """The ROLE cell: how this end got its role, since when, and the epoch."""
+    if r.fenced_by:
+        text = f"fenced: system {r.fenced_by} is primary"
+    elif r.role_change == "takeover":
+        text = f"taken over {r.role_since}, last seq {r.role_seq}"
+    elif r.role_change:
+        text = f"{r.role_change} {r.role_since}"
+    else:
+        text = "-"
+    if r.divergent_volume:
+        text += f"; divergent tracks kept in {r.divergent_volume}"
+    return f"{text} (epoch {r.epoch})" if r.epoch else text
 
 
 def group_backup_json(g: host_pb2.GroupBackup) -> JsonObject:
@@ -107,14 +127,41 @@ def stats_json(stats: host_pb2.Stats) -> JsonObject:
 
 # ---------------------------------------------------------------------- text
 
+_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+
+
+def size_text(n: int | float) -> str:
+    """A size in binary units, one decimal: ``512 B``, ``8.0 KiB``, ``1.0 GiB``
+    (the one form every size of the CLI is shown in)."""
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for suffix in _BINARY_UNITS:
+        value /= 1024
+        if value < 1023.95 or suffix == _BINARY_UNITS[-1]:
+            return f"{value:.1f} {suffix}"
+    raise AssertionError("unreachable")
+
+
+def percent_text(part: float, whole: float = 100.0) -> str:
+    """``part`` of ``whole`` as a percentage that is never rounded to 0% or
+    up to 100%: ``0.0%`` only for nothing, ``100.0%`` only for all of it."""
+    if whole <= 0:
+        return "-"
+    pct = 100.0 * part / whole
+    if pct <= 0:
+        return "0.0%"
+    if pct >= 100:
+        return "100.0%"
+    if pct < 0.1:  # two significant digits, never an exponent
+        return f"{pct:.{1 - math.floor(math.log10(pct))}f}%"
+    return f"{int(pct * 10) / 10:.1f}%"  # truncated: 99.96% of a copy is not 100.0%
+
+
 
 def format_rate(bytes_per_s: float) -> str:
     """``12.5 MiB/s``."""
-    value = max(0.0, bytes_per_s)
-    for suffix, unit in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= unit:
-            return f"{value / unit:.1f} {suffix}/s"
-    return f"{value:.0f} B/s"
+    return f"{size_text(max(0.0, bytes_per_s))}/s"
 
 
 def format_age(seconds: float) -> str:
@@ -147,7 +194,8 @@ def _table(*columns: str, right: Sequence[str] = ()) -> Table:
 
 
 def _bytes(n: int) -> str:
-    return f"{format_size(n)} ({n} bytes)"
+    """The size, and the exact count where the unit rounds it."""
+    return size_text(n) if n < 1024 else f"{size_text(n)} ({n} bytes)"
 
 
 def _yes(flag: bool) -> str:
@@ -161,8 +209,8 @@ def volumes_table(volumes: Sequence[host_pb2.Volume]) -> Table:
     )
     for v in volumes:
         table.add_row(
-            v.name, format_size(v.size), format_size(v.track_size), str(v.tracks),
-            format_size(v.allocated_bytes), v.role or "SIMPLEX", _yes(v.host_writable), v.fence_reason or "-",
+            v.name, size_text(v.size), size_text(v.track_size), str(v.tracks),
+            size_text(v.allocated_bytes), v.role or "SIMPLEX", _yes(v.host_writable), v.fence_reason or "-",
         )
     return table
 
@@ -173,7 +221,7 @@ def volume_detail_table(vol: host_pb2.Volume) -> Table:
     table.add_column("value")
     table.add_row("name", vol.name)
     table.add_row("size", _bytes(vol.size))
-    table.add_row("track size", format_size(vol.track_size))
+    table.add_row("track size", size_text(vol.track_size))
     table.add_row("tracks", str(vol.tracks))
     table.add_row("allocated", _bytes(vol.allocated_bytes))
     table.add_row("role", vol.role or "SIMPLEX")
@@ -182,34 +230,48 @@ def volume_detail_table(vol: host_pb2.Volume) -> Table:
     return table
 
 
+def _since(row: host_pb2.PairRow) -> str:
+    """When the pair entered its status: ``10:33:46 (12s ago)`` (UTC)."""
+    if not row.status_since:
+        return "-"
+    clock = row.status_since.partition("T")[2][:8] or row.status_since
+    return f"{clock} ({format_age(row.status_age_seconds)} ago)"
+
+
 def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
     with_reason = any(r.reason for r in rows)
     with_queue = any(r.primary and r.mode == "async" for r in rows)
     with_backup = any(r.backup_time for r in rows)
+    with_role = any(r.epoch > 1 or r.role_change or r.fenced_by for r in rows)
     columns = [
         "PAIR", "VOLUME", "TYPE", "PEER", "MIRROR", "P/S", "STATUS", "MODE", "GROUP", "PENDING",
         "PROGRESS", "SPLIT TIME",
     ]
+    columns.insert(7, "SINCE")
     if with_queue:
         columns += ["QUEUE", "LAG"]
     if with_backup:
         columns.append("NEWEST BACKUP")
+    if with_role:
+        columns.append("ROLE")
     if with_reason:
         columns.append("REASON")
-    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS", "QUEUE", "LAG", "NEWEST BACKUP"))
+    table = _table(*columns, right=("PEER", "SINCE", "PENDING", "PROGRESS", "QUEUE", "LAG", "NEWEST BACKUP"))
     for r in rows:
         cells = [
             r.pair, r.volume, r.copy_type, str(r.pair_system_id), r.mirror_volume, "P" if r.primary else "S",
-            r.status, r.mode, r.group or "-", str(r.pending_tracks),
-            f"{r.progress:.1f}%" if r.has_progress else "-", r.split_time or "-",
+            r.status, _since(r), r.mode, r.group or "-", str(r.pending_tracks),
+            percent_text(r.progress) if r.has_progress else "-", r.split_time or "-",
         ]
         if r.has_progress:
-            cells[10] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
+            cells[11] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
         if with_queue:
             is_async = r.primary and r.mode == "async"
             cells += [_bytes(r.queue_bytes) if is_async else "-", f"{r.lag_seconds:.2f}s" if is_async else "-"]
         if with_backup:
             cells.append(f"{format_age(r.backup_age_seconds)} ago" if r.backup_time else "-")
+        if with_role:
+            cells.append(role_text(r))
         if with_reason:
             cells.append(r.reason or "-")
         table.add_row(*cells)
@@ -232,9 +294,9 @@ def stats_tables(stats: host_pb2.Stats) -> list[Table]:
         )
         for p in stats.pairs:
             pairs.add_row(
-                p.pair, str(p.replicated_writes), format_size(p.replicated_bytes),
-                str(p.resync_tracks_sent), format_size(p.resync_bytes_sent),
-                str(p.resync_tracks_received), format_size(p.resync_bytes_received),
+                p.pair, str(p.replicated_writes), size_text(p.replicated_bytes),
+                str(p.resync_tracks_sent), size_text(p.resync_bytes_sent),
+                str(p.resync_tracks_received), size_text(p.resync_bytes_received),
             )
         tables.append(pairs)
     return tables
@@ -248,15 +310,29 @@ def backup_json(b: host_pb2.BackupResult) -> JsonObject:
 def generation_json(g: host_pb2.Generation) -> JsonObject:
     return {"remote_pair": g.remote_pair, "local_pair": g.local_pair, "svol": g.svol, "status": g.status,
             "backup_time": g.backup_time or None, "changed_tracks": int(g.changed_tracks),
-            "sequence": int(g.sequence)}
+            "sequence": int(g.sequence),
+            "check": {"verdict": g.check_verdict, "time": g.check_time, "seconds": g.check_seconds,
+                      "reason": g.check_reason} if g.check_verdict else None}
 
 
 def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
-    table = _table("GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#", "CHANGED SINCE", right=("#", "CHANGED SINCE"))
+    table = _table("GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#", "CHANGED SINCE", "LAST CHECK",
+                   right=("#", "CHANGED SINCE"))
     for g in gens:
+        check = "-"
+        if g.check_verdict:
+            check = f"{g.check_verdict} {g.check_time} ({g.check_seconds:.1f}s)"
+            if g.check_reason:
+                check += f": {g.check_reason}"
         table.add_row(g.local_pair, g.svol, g.status, g.backup_time or "-", str(g.sequence) if g.sequence else "-",
-                      f"{g.changed_tracks} tracks" if g.backup_time else "-")
+                      f"{g.changed_tracks} tracks" if g.backup_time else "-", check)
     return table
+
+
+def check_json(c: host_pb2.BackupCheck) -> JsonObject:
+    return {"generation": c.generation, "remote_pair": c.remote_pair, "backup_time": c.backup_time,
+            "sequence": int(c.sequence), "verdict": c.verdict, "checked_at": c.checked_at, "seconds": c.seconds,
+            "reason": c.reason, "svol_digest": c.svol_digest, "output": c.output}
 
 
 #: The keys of one schedule object (``backup schedule list --json``, ``backups --json``).
@@ -321,9 +397,9 @@ def event_line(e: host_pb2.Event) -> str:
     if e.tracks:
         parts.append(f"tracks:{e.tracks}")
     if e.bytes:
-        parts.append(f"bytes:{format_size(e.bytes)}")
+        parts.append(f"bytes:{size_text(e.bytes)}")
     if e.kind.startswith("resync-") and e.kind != "resync-start":
-        parts.append(f"progress:{e.progress:.1f}%")
+        parts.append(f"progress:{percent_text(e.progress)}")
     if e.detail:
         parts.append(f"detail:{_quoted(e.detail)}")
     return " ".join(parts)

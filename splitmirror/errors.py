@@ -47,10 +47,14 @@ class ResourceExhausted(SplitmirrorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(SplitmirrorError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[SplitmirrorError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, OutOfRange, Unavailable,
-                PermissionDenied, ResourceExhausted)
+                PermissionDenied, ResourceExhausted, DeadlineExceeded)
 }
 
 

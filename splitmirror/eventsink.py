@@ -33,9 +33,10 @@ UNFENCE = "unfence"
 LINK_UP = "link-up"
 LINK_DOWN = "link-down"
 SPLIT_BRAIN = "split-brain"          # both ends written while suspended: an operator must choose
+ROLE = "role"                        # a pair end's role changed: op takeover, fenced, swap, promoted; the epoch
 
 KINDS = (STATUS, RESYNC_START, RESYNC_PROGRESS, RESYNC_FINISH, BACKUP, RESTORE, FENCE, UNFENCE, LINK_UP,
-         LINK_DOWN, SPLIT_BRAIN)
+         LINK_DOWN, SPLIT_BRAIN, ROLE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

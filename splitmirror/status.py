@@ -28,6 +28,8 @@ class PairOp(enum.StrEnum):
     RESYNC = "resync"
     FAULT = "fault"          # link loss, peer down, queue overflow
     DELETE = "delete"
+    TAKEOVER = "takeover"    # the mirror end becomes the primary end (primary lost)
+    FENCE = "fence"          # an old primary learnt that the other end took the role over
 
 
 S, Op = PairStatus, PairOp
@@ -47,6 +49,16 @@ TRANSITIONS: dict[tuple[PairStatus, PairOp], PairStatus] = {
     (S.DUPLEX, Op.DELETE): S.SIMPLEX,
     (S.SPLIT, Op.DELETE): S.SIMPLEX,
     (S.SUSPENDED, Op.DELETE): S.SIMPLEX,
+    # A takeover makes the mirror end a primary end holding its pair SPLIT:
+    # host writes are tracked, and only an operator's resync copies again.
+    (S.DUPLEX, Op.TAKEOVER): S.SPLIT,
+    (S.SUSPENDED, Op.TAKEOVER): S.SPLIT,
+    (S.SPLIT, Op.TAKEOVER): S.SPLIT,
+    # The old primary, fenced, waits SUSPENDED for the new primary's resync.
+    (S.COPY, Op.FENCE): S.SUSPENDED,
+    (S.DUPLEX, Op.FENCE): S.SUSPENDED,
+    (S.SPLIT, Op.FENCE): S.SUSPENDED,
+    (S.SUSPENDED, Op.FENCE): S.SUSPENDED,
 }
 
 #: Statuses in which writes are tracked in the pending bitmap instead of
@@ -76,7 +88,8 @@ def transition(pair: str, status: PairStatus, op: PairOp) -> PairStatus:
 def mirror_end_writable(status: PairStatus) -> bool:
     """May hosts write the secondary end (SPVOL, SVOL) of a pair in ``status``?
 
-    An SVOL is never host-writable whatever this says; an SPVOL only while
-    its remote pair is suspended (SPLIT or SUSPENDED).
+    An SVOL is never host-writable whatever this says; an SPVOL only after
+    an operator's split (SPLIT) - never merely because a fault suspended
+    its pair (a takeover makes it a primary end instead).
     """
-    return status in TRACKING or status is S.SIMPLEX
+    return status is S.SPLIT or status is S.SIMPLEX

@@ -317,7 +317,7 @@ def test_pair_row_json_while_copying() -> None:
     assert obj == {
         "pair": "p1", "volume": "pvol", "copy_type": "REMOTE", "pair_system_id": 2, "mirror_volume": "spvol",
         "primary": True, "status": "COPY", "mode": "sync", "group": "g1", "pending_tracks": 42,
-        "progress": 37.5, "split_time": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
+        "progress": 37.5, "split_time": None, "status_since": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
     }
     assert json.loads(json.dumps(obj)) == obj
 
@@ -426,7 +426,7 @@ def test_volume_commands(capsys: pytest.CaptureFixture[str], fake: FakeServer) -
                                "fence_reason": ""}
     code, out, _ = run_cli(capsys, "--server", fake.address, "volume", "list")
     assert code == 0
-    assert "NAME" in out and "v1" in out and "1M" in out and "4K" in out
+    assert "NAME" in out and "v1" in out and "1.0 MiB" in out and "4.0 KiB" in out
     code, out, _ = run_cli(capsys, "--server", fake.address, "volume", "show", "v1")
     assert code == 0 and "1048576 bytes" in out
     code, out, _ = run_cli(capsys, "--server", fake.address, "--json", "volume", "list")
@@ -516,7 +516,7 @@ def test_stats(capsys: pytest.CaptureFixture[str], fake: FakeServer) -> None:
     assert obj["system_id"] == 1 and obj["interconnect_bytes_sent"] == 3 << 20
     assert obj["pairs"][0]["replicated_bytes"] == 1 << 20
     code, out, _ = run_cli(capsys, "--server", fake.address, "stats")
-    assert code == 0 and "3M" in out and "p1" in out
+    assert code == 0 and "3.0 MiB" in out and "p1" in out
 
 
 # ---------------------------------------------------------------------- library

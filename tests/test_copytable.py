@@ -12,7 +12,7 @@ import pytest
 
 from splitmirror.status import PairStatus
 from splitmirror.storage.bitmap import TrackBitmap
-from splitmirror.storage.copytable import CopyTable, PairRow, VolumeRow
+from splitmirror.storage.copytable import CopyTable, PairRow, RoleRecord, VolumeRow
 
 TRACKS = 1024
 
@@ -94,6 +94,42 @@ async def test_pair_round_trip_every_field(table: CopyTable) -> None:
     assert isinstance(back.status, PairStatus)
     assert back.primary is True
     assert back.key == ("pair-a", "vol1")
+
+
+async def test_role_epoch_and_record_survive_reopen(table: CopyTable) -> None:
+    row = pair_row(epoch=7, role=RoleRecord(how="takeover", since="2026-12-03T10:00:00+00:00", seq=42,
+                                            fenced_by=1001, divergent="db-divergent-x", swap="demoted"))
+    await table.save_pair(row)
+    table = await reopen(table)
+    [back] = await table.load_pairs()
+    assert back == row and back.epoch == 7 and back.role.seq == 42
+    await table.save_pair(pair_row())
+    [plain] = await table.load_pairs()
+    assert plain.epoch == 1 and plain.role == RoleRecord()
+    await table.close()
+
+
+async def test_a_copy_table_without_role_columns_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE pairs (name TEXT NOT NULL, volume TEXT NOT NULL, copy_type TEXT NOT NULL,"
+               " pair_system_id INTEGER NOT NULL, mirror_volume TEXT NOT NULL, is_primary INTEGER NOT NULL,"
+               " status TEXT NOT NULL, mode TEXT NOT NULL, grp TEXT NOT NULL, split_time TEXT,"
+               " reason TEXT NOT NULL DEFAULT '', direction TEXT NOT NULL DEFAULT 'forward', backup_time TEXT,"
+               " backup_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (name, volume))")
+    db.execute("INSERT INTO pairs VALUES ('p', 'v', 'REMOTE', 2001, 'w', 1, 'DUPLEX', 'sync', '', NULL, '',"
+               " 'forward', NULL, 0)")
+    db.commit()
+    db.close()
+    t = CopyTable(path)
+    await t.open()
+    try:
+        [row] = await t.load_pairs()
+        assert row.epoch == 1 and row.role == RoleRecord() and row.status is PairStatus.DUPLEX
+    finally:
+        await t.close()
 
 
 async def test_pair_defaults_and_none_split_time(table: CopyTable) -> None:

@@ -845,9 +845,12 @@ async def test_verify_finds_and_repairs_injected_mismatch(rig: Rig) -> None:
         await sc.delete_volume(svol)
 
 
-async def test_split_brain_needs_an_explicit_direction(manual_rig: Rig) -> None:
-    """Both ends written while the link was cut: resync refuses and explains;
-    --force keeps the primary's data, --reverse the secondary's."""
+async def test_a_suspended_spvol_refuses_host_writes_and_resync_overwrites_nothing(manual_rig: Rig) -> None:
+    """The link is cut: both ends suspend, and the SPVOL stays read-only to
+    hosts (gRPC and NBD): it becomes writable only after a takeover there or
+    an operator's split, never because the link dropped.  So after the heal
+    the secondary holds no host writes, resync claims no split brain and
+    brings exactly the primary's writes; the secondary stays readable."""
     rig = manual_rig
     primary, secondary = rig.primary, rig.secondary
     pair, vol, svol, size = "psb", "vsb", "vsb-r", 16 * MiB
@@ -864,72 +867,45 @@ async def test_split_brain_needs_an_explicit_direction(manual_rig: Rig) -> None:
         p, s = await pair_state(rig, pair)
         return p.status == s.status == "SUSPENDED"
 
-    async def diverge(mine: dict[int, bytes], theirs: dict[int, bytes]) -> None:
-        # Each end must have seen the link up, or it has nothing to lose.
-        await wait_for("the links to come up", lambda: _true(link_up(primary, 2001) and link_up(secondary, 1001)))
-        rig.proxies.cut()
-        await wait_for("both ends to suspend", both_suspended, 10 * LINK_TIMEOUT)
-        async with client(primary) as pc, client(secondary) as sc:
-            for track, data in mine.items():
-                await pc.write(vol, track * TRACK, data)
-            for track, data in theirs.items():
-                # The SPVOL is host-writable while its pair is SUSPENDED.
-                await sc.write(svol, track * TRACK, data)
-        rig.proxies.heal()
-        await asyncio.sleep(3 * LINK_TIMEOUT)
-        assert await both_suspended(), "auto-resync is off: the pair must stay SUSPENDED"
-
-    async def refused() -> str:
-        deadline = time.monotonic() + 10
-        async with client(primary) as c:
-            while True:
-                try:
-                    await c.resync_pair(pair)
-                except ClientError as exc:
-                    if exc.code != "UNAVAILABLE" or time.monotonic() > deadline:
-                        assert exc.code == "FAILED_PRECONDITION", exc
-                        return exc.message
-                    await asyncio.sleep(0.2)
-                else:
-                    raise AssertionError("resync of a split-brained pair was accepted")
-
-    async def images() -> tuple[bytes, bytes]:
-        async with client(primary) as pc, client(secondary) as sc:
-            return await pc.read(vol, 0, size), await sc.read(svol, 0, size)
-
     def block(fill: int) -> bytes:
         return bytes([fill]) * TRACK
 
-    # Round 1: --force keeps the primary's data, on every track either end wrote.
-    mine, theirs = {10: block(0xA1), 11: block(0xA2)}, {11: block(0xB1), 20: block(0xB2)}
-    await diverge(mine, theirs)
-    message = await refused()
-    assert "split-brain" in message and "--force" in message and "--reverse" in message, message
-    cli = await asyncio.to_thread(primary.cli, "pair", "resync", pair, check=False)
-    assert cli.returncode != 0 and "split-brain" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
-    await asyncio.to_thread(primary.cli, "pair", "resync", pair, "--force", "--wait")
+    await wait_for("the links to come up", lambda: _true(link_up(primary, 2001) and link_up(secondary, 1001)))
+    rig.proxies.cut()
+    await wait_for("both ends to suspend", both_suspended, 10 * LINK_TIMEOUT)
+    mine = {10: block(0xA1), 11: block(0xA2)}
+    async with client(primary) as pc, client(secondary) as sc:
+        for track, data in mine.items():
+            await pc.write(vol, track * TRACK, data)
+        with pytest.raises(ClientError) as refused:
+            await sc.write(svol, 11 * TRACK, block(0xB1))
+        assert refused.value.code == "FAILED_PRECONDITION", refused.value
+        message = refused.value.message
+        assert svol in message and "SUSPENDED" in message and "takeover" in message, message
+        assert await sc.read(svol, 0, TRACK) == bytes(image[:TRACK]), "a suspended SPVOL must stay readable"
+        volume = await sc.get_volume(svol)
+        assert volume.host_writable is False, volume
+    rig.proxies.heal()
+    await asyncio.sleep(3 * LINK_TIMEOUT)
+    assert await both_suspended(), "auto-resync is off: the pair must stay SUSPENDED"
+    _, s = await pair_state(rig, pair)
+    assert s.pending_tracks == 0, f"no host wrote the SPVOL, yet it has {s.pending_tracks} tracks pending"
+    deadline = time.monotonic() + 10
+    async with client(primary) as c:
+        while True:  # the link may still be coming back
+            try:
+                await c.resync_pair(pair)
+                break
+            except ClientError as exc:
+                assert exc.code == "UNAVAILABLE" and time.monotonic() < deadline, exc
+                await asyncio.sleep(0.2)
     await converge(rig, pair)
     for track, data in mine.items():
         image[track * TRACK:(track + 1) * TRACK] = data
-    p_img, s_img = await images()
-    assert p_img == bytes(image), "--force changed the primary's data"
-    assert s_img == bytes(image), "--force did not copy the primary's data over the secondary's writes"
-
-    # Round 2: --reverse keeps the secondary's data.
-    mine, theirs = {30: block(0xC1), 12: block(0xC2)}, {30: block(0xD1), 31: block(0xD2)}
-    await diverge(mine, theirs)
-    assert "split-brain" in await refused()
-    await asyncio.to_thread(primary.cli, "pair", "resync", pair, "--reverse", "--wait")
-    await converge(rig, pair)
-    for track, data in theirs.items():
-        image[track * TRACK:(track + 1) * TRACK] = data
-    p_img, s_img = await images()
-    assert s_img == bytes(image), "--reverse changed the secondary's data"
-    assert p_img == bytes(image), "--reverse did not bring the secondary's data (and undo the primary's writes)"
-
-    # Mirroring forward again.
     async with client(primary) as pc, client(secondary) as sc:
-        await pc.write(vol, 40 * TRACK, block(0xE1))
+        assert await pc.read(vol, 0, size) == bytes(image)
+        assert await sc.read(svol, 0, size) == bytes(image)
+        await pc.write(vol, 40 * TRACK, block(0xE1))  # mirroring forward again
         assert await sc.read(svol, 40 * TRACK, TRACK) == block(0xE1)
 
 

@@ -231,7 +231,8 @@ async def test_read_tracks_yields_runs_with_zeroes_empty(vol: Volume, small_wind
     pair.mirror, pair.primary = pair.primary, None
     wanted = TrackBitmap(vol.tracks, [1, 3, 4, 20, *range(30, 45)]).to_bytes()
     got = [(f, c, d[:1]) async for f, c, d in resync.read_tracks(FakeSystem(), pair, wanted)]  # type: ignore[arg-type]
-    assert got == [(1, 1, b""), (3, 2, b"d"), (20, 1, b""), (30, 8, b""), (38, 7, b"")]
+    # Track 4 is zero: it crosses as a length apart from track 3 (a hole stays a hole).
+    assert got == [(1, 1, b""), (3, 1, b"d"), (4, 1, b""), (20, 1, b""), (30, 8, b""), (38, 7, b"")]
 
 
 async def test_forward_ack_after_suspension_keeps_the_bits(vol: Volume, small_window: None) -> None:
@@ -268,3 +269,54 @@ async def test_forward_async_pair_leaves_the_queue_to_host_writes(vol: Volume, s
         await settle()
     await task
     assert not bitmap
+
+
+async def test_forward_sends_only_tracks_that_differ_from_the_mirror(vol: Volume, tmp_path: Path,
+                                                                    small_window: None) -> None:
+    """A crash marks whole extents pending; the mirror's digests leave out what it holds already."""
+    mirror = Volume.create("m", tmp_path / "m.vol", vol.size, TS)
+    try:
+        for t in range(0, 64, 4):  # both ends hold these
+            vol.pwrite(t * TS, bytes([t + 1]) * TS)
+            mirror.pwrite(t * TS, bytes([t + 1]) * TS)
+        vol.pwrite(9 * TS, b"new" * (TS // 3) + b"n")  # differs: data
+        mirror.pwrite(21 * TS, b"old" * (TS // 3) + b"o")  # differs: zero here, a hole to punch there
+        vol.pwrite(33 * TS, b"z" * 100)  # a run with data in one track only: the rest of it stays holes
+        mirror.pwrite(34 * TS, b"y" * TS)
+        bitmap = TrackBitmap(vol.tracks, range(0, 64))
+        asked: list[list[tuple[int, int]]] = []
+
+        async def digests(runs: list[tuple[int, int]]) -> bytes:
+            asked.append(runs)
+            return b"".join(mirror.track_digests(f, c) for f, c in runs)
+
+        channel = FakeChannel()
+        system = FakeSystem()
+        pair = make_pair(vol, bitmap, channel)
+        task = asyncio.create_task(resync.copy_forward(system, pair, digests))  # type: ignore[arg-type]
+        while not task.done():
+            channel.ack(1000)
+            await settle()
+        await task
+        sent = [(o // TS, len(d), z // TS) for o, d, z, flush, _ in channel.pushed if not flush]
+        assert sent == [(9, TS, 0), (21, 0, 1), (33, TS, 0), (34, 0, 1)]
+        assert not bitmap and sum(c for r in asked for _, c in r) == 64
+        assert pair.counters.resync_bytes_sent == 2 * TS == system.bytes_sent
+        assert pair.progress is not None and pair.progress.done_tracks == 64
+    finally:
+        mirror.close()
+
+
+async def test_forward_without_digests_splits_zero_tracks_from_data(vol: Volume, small_window: None) -> None:
+    vol.pwrite(2 * TS, b"d" * TS)
+    vol.pwrite(5 * TS, b"e" * TS)
+    bitmap = TrackBitmap(vol.tracks, range(0, 8))
+    channel = FakeChannel()
+    pair = make_pair(vol, bitmap, channel)
+    task = asyncio.create_task(resync.copy_forward(FakeSystem(), pair))  # type: ignore[arg-type]
+    while not task.done():
+        channel.ack(1000)
+        await settle()
+    await task
+    sent = [(o // TS, len(d) // TS, z // TS) for o, d, z, flush, _ in channel.pushed if not flush]
+    assert sent == [(0, 0, 2), (2, 1, 0), (3, 0, 2), (5, 1, 0), (6, 0, 2)]

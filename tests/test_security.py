@@ -587,6 +587,7 @@ def test_request_burst_is_rate_limited_and_others_are_served(tmp_path: Path) -> 
     and a viewer on its own connection is served all along, memory bounded."""
     tokens = tmp_path / "tokens"
     tokens.write_text("flood host flood-token-0123456789\nwatch viewer watch-token-0123456789\n")
+    tokens.chmod(0o600)
     site = Site("primary", 1001, tmp_path)
     rate = 200
     site.extra_args += ["--token-file", str(tokens), "--rate-limit", str(rate), "--rate-burst", str(rate),
@@ -651,6 +652,7 @@ def test_request_burst_is_rate_limited_and_others_are_served(tmp_path: Path) -> 
 def test_bearer_tokens_map_to_roles(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("ops admin s3cr3t-admin-token-0001\nwatch viewer s3cr3t-viewer-token-01\n")
+    tokens.chmod(0o600)
     site = Site("primary", 1001, tmp_path)
     site.extra_args += ["--token-file", str(tokens)]
     site.start()

@@ -37,6 +37,15 @@ EXPECTED: dict[tuple[PairStatus, PairOp], PairStatus] = {
     (PairStatus.DUPLEX, PairOp.DELETE): PairStatus.SIMPLEX,
     (PairStatus.SPLIT, PairOp.DELETE): PairStatus.SIMPLEX,
     (PairStatus.SUSPENDED, PairOp.DELETE): PairStatus.SIMPLEX,
+    # Issue 18: a takeover holds the new primary SPLIT (no automatic resync);
+    # the fenced old primary waits SUSPENDED for the operator's resync.
+    (PairStatus.DUPLEX, PairOp.TAKEOVER): PairStatus.SPLIT,
+    (PairStatus.SUSPENDED, PairOp.TAKEOVER): PairStatus.SPLIT,
+    (PairStatus.SPLIT, PairOp.TAKEOVER): PairStatus.SPLIT,
+    (PairStatus.COPY, PairOp.FENCE): PairStatus.SUSPENDED,
+    (PairStatus.DUPLEX, PairOp.FENCE): PairStatus.SUSPENDED,
+    (PairStatus.SPLIT, PairOp.FENCE): PairStatus.SUSPENDED,
+    (PairStatus.SUSPENDED, PairOp.FENCE): PairStatus.SUSPENDED,
 }
 
 
@@ -122,7 +131,7 @@ def test_full_lifecycle() -> None:
         (PairStatus.COPY, False),
         (PairStatus.DUPLEX, False),
         (PairStatus.SPLIT, True),
-        (PairStatus.SUSPENDED, True),
+        (PairStatus.SUSPENDED, False),  # a fault never makes an SPVOL host-writable (issue 18)
     ],
 )
 def test_mirror_end_writable(status: PairStatus, writable: bool) -> None:
@@ -134,7 +143,7 @@ def test_tracking_and_mirroring_partition_the_paired_statuses() -> None:
     paired = set(PairStatus) - {PairStatus.SIMPLEX}
     assert paired == TRACKING | MIRRORING
     for status in PairStatus:
-        assert mirror_end_writable(status) is (status not in MIRRORING)
+        assert mirror_end_writable(status) is (status in (PairStatus.SPLIT, PairStatus.SIMPLEX))
 
 
 def test_enum_string_values() -> None:

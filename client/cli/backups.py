@@ -8,10 +8,10 @@ from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2
 
 from ..library import Client
-from ..render import backup_json, generation_json, generations_table, schedule_json, schedules_table
+from ..render import backup_json, check_json, generation_json, generations_table, schedule_json, schedules_table
 from .output import Output
 
-__all__ = ["backup", "backups", "schedule"]
+__all__ = ["backup", "backups", "check", "schedule", "verify"]
 
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -20,13 +20,15 @@ async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     reply = await client.backup(args.name, group=args.group, generation=args.generation, wait=args.wait)
     if out.as_json:
         out.json({"latency_seconds": reply.latency_seconds, "prepare_seconds": reply.prepare_seconds,
-                  "backups": [backup_json(b) for b in reply.backups]})
+                  "backups": [backup_json(b) for b in reply.backups], "warning": reply.warning})
         return
     for b in reply.backups:
         out.text(f"pair {b.pair}: backup {b.state} in generation {b.generation} (SVOL {b.svol}) at {b.backup_time}"
                  f"{f', #{b.sequence}' if b.sequence else ''}; {b.resynced_tracks} tracks resynced first")
     out.text(f"latency {reply.latency_seconds * 1000:.0f} ms (bringing generations in sync: "
              f"{reply.prepare_seconds * 1000:.0f} ms)")
+    if reply.warning:
+        out.text(f"warning: {reply.warning}")
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -72,3 +74,41 @@ async def schedule(client: Client, args: argparse.Namespace, out: Output) -> Non
             out.text(f"schedule {s.name} deleted")
     else:
         out.show(schedules_table(found))
+
+
+async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """``backup check GENERATION``: a failed verdict exits with status 1."""
+    report = await client.check_backup(args.generation, args.probe, args.probe_timeout)
+    if out.as_json:
+        out.json(check_json(report))
+    else:
+        for line in report.output.splitlines()[-12:]:
+            out.text(f"  | {line}")
+        out.text(f"generation {report.generation} (backup #{report.sequence} of pair {report.remote_pair} at "
+                 f"{report.backup_time}): {report.verdict} in {report.seconds:.1f}s; SVOL unchanged "
+                 f"(xxh3-128 {report.svol_digest})")
+    if report.verdict != "passed":
+        raise SplitmirrorError(f"generation {report.generation} failed its check: {report.reason}")
+
+
+async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """``backup verify GENERATION``: a mismatch exits with status 1."""
+    r = await client.verify_backup(args.generation)
+    if out.as_json:
+        out.json({"generation": r.generation, "svol": r.svol, "sequence": int(r.sequence),
+                  "backup_time": r.backup_time, "root": r.root, "root_ok": r.root_ok, "signature": r.signature,
+                  "signer": r.signer, "track_size": int(r.track_size), "tracks_checked": int(r.tracks_checked),
+                  "mismatched": int(r.mismatched), "tracks": [int(t) for t in r.tracks], "seconds": r.seconds,
+                  "receipt_time": r.receipt_time, "receipt_changed_tracks": int(r.receipt_changed_tracks),
+                  "ok": r.ok})
+    else:
+        out.text(f"generation {r.generation} (SVOL {r.svol}, backup #{r.sequence} at {r.backup_time}): receipt "
+                 f"{r.root} of {r.receipt_time}, signature {r.signature}{f' ({r.signer})' if r.signer else ''}")
+        out.text(f"{r.tracks_checked} tracks re-read in {r.seconds:.1f}s: {r.mismatched} differ"
+                 + (f" (tracks {', '.join(str(t) for t in r.tracks[:20])}"
+                    f"{', ...' if r.mismatched > 20 else ''}; bytes at track x {r.track_size})" if r.mismatched
+                    else ""))
+    if not r.ok:
+        raise SplitmirrorError(f"generation {r.generation} fails verification: {r.mismatched} track(s) no longer "
+                               f"match its receipt{'' if r.root_ok else '; the receipt is damaged'}"
+                               f"{'; its signature is invalid' if r.signature == 'invalid' else ''}")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -34,6 +35,8 @@ COMMANDS: dict[str, _Handler] = {
     "backup": backups.backup,
     "backups": backups.backups,
     "backup-schedule": backups.schedule,
+    "backup-check": backups.check,
+    "backup-verify": backups.verify,
     "restore": restore.restore,
     "events": events.events,
 }
@@ -67,6 +70,8 @@ def error_message(err: BaseException, server: str = "") -> str:
                 message = (f"TLS handshake with splitmirror server at {server} failed{reason}; "
                            "check that --tls-dir holds the CA that signed the server's certificate "
                            "and a client certificate the server accepts")
+            elif "failed parsing http/2" in lowered:
+                message = f"{server} is not a gRPC server: {_what_is_there(server)}"
             elif lowered.startswith("failed to connect to all addresses"):
                 reason = message.rsplit(": ", 1)[-1]
                 if reason == "Socket closed":
@@ -75,6 +80,12 @@ def error_message(err: BaseException, server: str = "") -> str:
             elif "dns resolution failed" in lowered or "errors resolving" in lowered:
                 reason = message.rsplit(": ", 1)[-1].strip(" ]")
                 message = f"cannot resolve splitmirror server address {server}: {reason}"
+        elif err.code == "UNIMPLEMENTED":
+            if message.startswith("that is the"):  # a daemon's other port says what it is
+                message = f"{server}: {message}"
+            else:
+                message = (f"the gRPC server at {server} does not offer the splitmirror host API "
+                           f"(it answered: {message})")
     elif isinstance(err, SplitmirrorError):
         message = err.message
     elif isinstance(err, OSError) and err.strerror:
@@ -82,6 +93,22 @@ def error_message(err: BaseException, server: str = "") -> str:
     else:
         message = str(err) or type(err).__name__
     return " ".join(message.split())
+
+
+def _what_is_there(server: str) -> str:
+    """Peek at what answers on ``server`` (only after gRPC failed to talk to it)."""
+    host, _, port = server.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=2) as sock:
+            sock.settimeout(2)
+            greeting = sock.recv(8)
+    except (OSError, ValueError):
+        greeting = b""
+    if greeting.startswith(b"NBDMAGIC"):
+        return "it is an NBD server (a daemon's --nbd port); the host API is elsewhere (the daemon's --listen)"
+    if greeting.startswith(b"HTTP/"):
+        return "it speaks HTTP/1, not HTTP/2"
+    return "it does not speak HTTP/2"
 
 
 def _fail(message: str, stderr: IO[str] | None = None) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from typing import BinaryIO
 
-from splitmirror.errors import SplitmirrorError
-from splitmirror.sizes import format_size
+from splitmirror.errors import OutOfRange, SplitmirrorError
 
-from ..library import DEFAULT_CHUNK, Client
+from ..library import DEFAULT_CHUNK, Client, ClientError
+from ..render import size_text
 from .output import Output
 
 __all__ = ["IO_DEPTH", "IO_WINDOW", "checksum", "flush", "read", "write"]
@@ -32,16 +34,38 @@ def _open_output(path: str | None) -> BinaryIO:
     return open(path, "wb")
 
 
+async def past_end(client: Client, name: str, op: str, offset: int, length: int, known: bool = True) -> OutOfRange:
+    """The error for I/O beyond a volume's end, in the user's offset and length (not the RPCs')."""
+    size = (await client.get_volume(name)).size
+    amount = f"{size_text(length)} ({length} bytes)" if known else f"at least {size_text(length)} ({length} bytes)"
+    return OutOfRange(f"{op} of {amount} at offset {offset} on volume {name!r} goes past its end: "
+                      f"the volume holds {size_text(size)} ({size} bytes), so offset + length must be at most {size}")
+
+
+async def _check_range(client: Client, name: str, op: str, offset: int, length: int) -> None:
+    size = (await client.get_volume(name)).size
+    if offset + length > size:
+        raise await past_end(client, name, op, offset, length)
+
+
 async def write(client: Client, args: argparse.Namespace, out: Output) -> None:
     offset: int = args.offset
     source, owned = _open_input(args.file)
     total = 0
     try:
+        info = os.fstat(source.fileno())
+        if owned and stat.S_ISREG(info.st_mode):  # a regular file: its size is known before a byte is sent
+            await _check_range(client, args.name, "write", offset, info.st_size)
         while True:
             window = source.read(IO_WINDOW)
             if not window:
                 break
-            total += await client.write(args.name, offset + total, window, fua=args.fua, depth=IO_DEPTH)
+            try:
+                total += await client.write(args.name, offset + total, window, fua=args.fua, depth=IO_DEPTH)
+            except ClientError as err:
+                if err.code != "OUT_OF_RANGE":
+                    raise
+                raise await past_end(client, args.name, "write", offset, total + len(window), known=False) from None
     finally:
         if owned:
             source.close()
@@ -50,7 +74,7 @@ async def write(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.as_json:
         out.json({"volume": args.name, "offset": offset, "written": total})
     else:
-        out.text(f"wrote {format_size(total)} ({total} bytes) to {args.name} at offset {offset}")
+        out.text(f"wrote {size_text(total)} ({total} bytes) to {args.name} at offset {offset}")
 
 
 async def read(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -59,6 +83,7 @@ async def read(client: Client, args: argparse.Namespace, out: Output) -> None:
     sink: BinaryIO | None = None
     owned = args.out is not None
     done = 0
+    await _check_range(client, args.name, "read", offset, length)  # before anything is written out
     try:
         while done < length:
             n = min(IO_WINDOW, length - done)
@@ -76,7 +101,7 @@ async def read(client: Client, args: argparse.Namespace, out: Output) -> None:
         if out.as_json:
             out.json({"volume": args.name, "offset": offset, "length": done, "out": args.out})
         else:
-            out.text(f"read {format_size(done)} ({done} bytes) from {args.name} at offset {offset} "
+            out.text(f"read {size_text(done)} ({done} bytes) from {args.name} at offset {offset} "
                      f"into {args.out}")
 
 
@@ -91,6 +116,8 @@ async def flush(client: Client, args: argparse.Namespace, out: Output) -> None:
 async def checksum(client: Client, args: argparse.Namespace, out: Output) -> None:
     offset: int = args.offset
     length: int = args.length
+    if length:
+        await _check_range(client, args.name, "checksum", offset, length)
     reply = await client.checksum_reply(args.name, offset, length)
     if out.as_json:
         out.json({"volume": args.name, "offset": offset, "length": length,

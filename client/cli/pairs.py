@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..library import Client
+from . import roles
 from .output import Output, WaitReporter
 
 __all__ = ["pair", "verify"]
@@ -35,6 +36,8 @@ async def pair(client: Client, args: argparse.Namespace, out: Output) -> None:
             await _wait_and_show(client, out, args.name, args.timeout)
         else:
             out.pairs(rows)
+    elif args.action in roles.ACTIONS:
+        await roles.role_change(client, args, out)
     elif args.action == "set-mode":
         out.pairs(await client.set_pair_mode(args.name, args.mode))
     elif args.action == "delete":

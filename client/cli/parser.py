@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from splitmirror.errors import SplitmirrorError
+from splitmirror.errors import OutOfRange, SplitmirrorError
 from splitmirror.sizes import parse_size
 
 __all__ = [
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = vol_cmds.add_parser("create", parents=[common], help="create a volume")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", required=True, help="volume size, e.g. 16G")
-    p.add_argument("--track-size", default="0", help="change-tracking unit, power of two >= 4K (default 8K)")
+    p.add_argument("--track-size", default="0", help="change-tracking unit, a power of two from 4K to 1M (default 8K)")
     vol_cmds.add_parser("list", parents=[common], help="list volumes")
     p = vol_cmds.add_parser("show", parents=[common], help="show one volume")
     p.add_argument("name", metavar="NAME")
@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = pair_cmds.add_parser("set-mode", parents=[common], help="switch a live pair between sync and async")
     p.add_argument("name", metavar="NAME")
     p.add_argument("mode", choices=("sync", "async"))
+    p = pair_cmds.add_parser(
+        "takeover", parents=[common],
+        help="at the secondary, when the primary site is lost: make this end the primary (host-writable)")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
+    p.add_argument("--force", action="store_true",
+                   help="even while the primary answers or a copy is under way (the higher epoch wins)")
+    p = pair_cmds.add_parser(
+        "swap", parents=[common],
+        help="planned switchover (both sites up, DUPLEX): the roles change at both ends, no data copied")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group, at one point")
 
     p = commands.add_parser("backup", parents=[common],
                             help="point-in-time backup of a remote pair into a generation at the secondary")
@@ -139,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
     p.add_argument("paths", nargs="+", metavar="PATH", help="absolute paths inside the filesystem ('/' = all)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true", help="restore even if the generation fails verification")
     p = restore_cmds.add_parser("volume", parents=[common], help="bring the whole PVOL back to a generation")
     p.add_argument("name", metavar="REMOTE_PAIR")
     p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true", help="restore even if the generation fails verification")
     p = restore_cmds.add_parser("abort", parents=[common],
                                 help="undo an interrupted restore: resync the mirror back and unfence")
     p.add_argument("name", metavar="REMOTE_PAIR")
@@ -173,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``backup ACTION ...`` words that are commands, not a pair name (see :func:`parse_args`).
-BACKUP_ACTIONS = ("schedule",)
+BACKUP_ACTIONS = ("schedule", "check", "verify")
 _GLOBAL_VALUED = ("--server", "--tls-dir", "--identity", "--token-file")
 
 
@@ -206,6 +220,17 @@ def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("delete", parents=[common], help="delete a schedule (or every schedule of a pair or group)")
     p.add_argument("name", metavar="NAME|REMOTE_PAIR", nargs="?", default="")
     p.add_argument("--group", default="")
+    p = commands.add_parser("backup-check", parents=[common],
+                            help="backup check GENERATION: prove a backup restorable (at the secondary)")
+    p.add_argument("generation", metavar="GENERATION")
+    p.add_argument("--probe", default="", metavar="COMMAND",
+                   help="shell command run in the mounted copy ($SPLITMIRROR_MOUNT), e.g. start a database on it")
+    p.add_argument("--probe-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds the probe may run (default 600)")
+    p = commands.add_parser("backup-verify", parents=[common],
+                            help="backup verify GENERATION: re-read it and name every track that no longer "
+                                 "matches its receipt (at the secondary)")
+    p.add_argument("generation", metavar="GENERATION")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -242,6 +267,8 @@ def _add_wait(p: argparse.ArgumentParser) -> None:
 def _sequence(text: str) -> int:
     if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"invalid sequence number {text!r}: expected a non-negative integer")
+    if int(text) > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"sequence number {text} is above the limit {UINT64_MAX}")
     return int(text)
 
 
@@ -252,6 +279,8 @@ def _system_id(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"invalid system id {text!r}: expected a non-negative integer")
+    if value > UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"system id {text} is above the limit {UINT64_MAX}")
     return value
 
 
@@ -264,6 +293,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: The largest number a host API field carries (uint64).
+UINT64_MAX = (1 << 64) - 1
+
 #: Options that take a size string, checked before any connection is made.
 SIZE_OPTIONS = ("size", "track_size", "offset", "length")
 
@@ -273,8 +305,12 @@ def resolve_sizes(args: argparse.Namespace) -> None:
     for attr in SIZE_OPTIONS:
         text = getattr(args, attr, None)
         if isinstance(text, str):
+            flag = "--" + attr.replace("_", "-")
             try:
-                setattr(args, attr, parse_size(text))
+                value = parse_size(text)
             except SplitmirrorError as err:
-                flag = "--" + attr.replace("_", "-")
                 raise SplitmirrorError(f"{flag}: {err.message}") from None
+            if value > UINT64_MAX:
+                raise OutOfRange(f"{flag} {text}: {value} bytes is above the limit of the host API, "
+                                 f"{UINT64_MAX} bytes (16 EiB - 1)")
+            setattr(args, attr, value)

@@ -26,11 +26,11 @@ from typing import TypeVar
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from splitmirror.errors import FailedPrecondition, SplitmirrorError
-from splitmirror.sizes import format_size
 from splitmirror.v1 import host_pb2
 
 from ..agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
 from ..library import Client
+from ..render import percent_text, size_text
 from .output import Output
 
 __all__ = ["render_report", "restore", "restore_files", "restore_volume"]
@@ -174,7 +174,7 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
                     f"{', '.join(plan.missing)}; nothing was changed")
             _confirm(args, f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
                            f"({gen.backup_time}): the PVOL is fenced meanwhile")
-            session = await client.begin_restore(args.name, args.generation)
+            session = await client.begin_restore(args.name, args.generation, force=args.force)
             lap("fence_and_split")
             try:
                 spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
@@ -208,7 +208,8 @@ async def _abort(client: Client, pair: str, cause: BaseException) -> None:
 async def restore_volume(client: Client, args: argparse.Namespace, as_json: bool) -> dict[str, object]:
     _confirm(args, f"replace the whole PVOL of pair {args.name} with generation {args.generation}")
     reporter = Reporter(as_json, sys.stderr.isatty())
-    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation), reporter)
+    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation, force=args.force),
+                                  reporter)
     return _report_json(report, restored=["/"], kind="volume")
 
 
@@ -224,9 +225,11 @@ def render_report(obj: dict[str, object]) -> list[str]:
     restored = obj["restored"]
     assert isinstance(restored, list)
     sent, size = int(str(obj["bytes_sent"])), int(str(obj["volume_size"]))
+    tracks, track_size = int(str(obj["tracks_sent"])), int(str(obj["track_size"]))
+    covered = min(size, tracks * track_size)
     lines = [f"restored from {obj['generation']} into pair {obj['pair']}: {', '.join(restored)}",
-             f"crossed the interconnect: {obj['tracks_sent']} tracks, {format_size(sent) if sent else '0'} "
-             f"of a {format_size(size)} volume ({100.0 * sent / size:.3f}%)"]
+             f"crossed the interconnect: {tracks} tracks ({size_text(covered)}, {percent_text(covered, size)} "
+             f"of the {size_text(size)} volume) in {size_text(sent)} of data"]
     if obj.get("warning"):
         lines.append(f"warning: {obj['warning']}")
     return lines

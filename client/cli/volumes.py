@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from splitmirror.sizes import format_size
-
 from ..library import Client
-from ..render import volume_detail_table, volume_json, volumes_table
+from ..render import size_text, volume_detail_table, volume_json, volumes_table
 from .output import Output
 
 __all__ = ["volume"]
@@ -19,8 +17,8 @@ async def volume(client: Client, args: argparse.Namespace, out: Output) -> None:
         if out.as_json:
             out.json(volume_json(vol))
         else:
-            out.text(f"volume {vol.name} created: {format_size(vol.size)}, "
-                     f"{format_size(vol.track_size)} tracks")
+            out.text(f"volume {vol.name} created: {size_text(vol.size)}, "
+                     f"tracks of {size_text(vol.track_size)}")
     elif args.action == "list":
         volumes = await client.list_volumes()
         if out.as_json:

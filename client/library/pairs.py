@@ -68,6 +68,17 @@ class PairCalls(Connection):
         reply: host_pb2.VerifyReply = await self._call(lambda s: s.VerifyPair, req)
         return reply
 
+    async def takeover_pair(self, name: str = "", group: str = "", force: bool = False) -> list[host_pb2.PairRow]:
+        """At the secondary, with the primary lost: its mirror ends become primary ends."""
+        req = host_pb2.RoleChangeRequest(name=name, group=group, force=force)
+        reply = await self._call(lambda s: s.TakeoverPair, req)
+        return list(reply.rows)
+
+    async def swap_pair(self, name: str = "", group: str = "") -> list[host_pb2.PairRow]:
+        """Planned switchover (both ends up, DUPLEX): the roles change, no data is copied."""
+        reply = await self._call(lambda s: s.SwapPair, host_pb2.RoleChangeRequest(name=name, group=group))
+        return list(reply.rows)
+
     async def delete_pair(self, name: str) -> None:
         await self._call(lambda s: s.DeletePair, host_pb2.PairRef(name=name))
 

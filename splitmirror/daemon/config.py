@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..addresses import parse_address
+from ..addresses import is_loopback, parse_address
 from ..errors import InvalidArgument
 from ..sizes import parse_size
 
@@ -32,6 +32,10 @@ class DaemonConfig:
     async_queue_bytes: int = 256 << 20
     pre_restore_hook: str = ""
     post_restore_hook: str = ""
+    #: Shell commands run at the primary around each backup point (see procedures/hooks.py).
+    pre_backup_hook: str = ""
+    post_backup_hook: str = ""
+    backup_hook_timeout: float = 30.0
     log_level: str = "INFO"
     #: Directory made by ``splitmirror certs init``; "" runs without TLS.
     tls_dir: str = ""
@@ -115,6 +119,19 @@ def parse_peer(value: str) -> tuple[int, str]:
     return int(sid), parse_address("--peer", address.strip())
 
 
+def refuse_open_ports_in_token_mode(interconnect: str, nbd: str, peers: dict[int, str]) -> None:
+    """Token mode (a token file, no TLS) authenticates host API callers only:
+    NBD clients and peers prove nothing.  So NBD, the interconnect and the
+    peers it talks to must stay on this host (loopback), where only local
+    users reach them; anything wider needs --tls-dir (mutual TLS)."""
+    why = ("with --token-file and no --tls-dir, NBD and the interconnect authenticate nobody; "
+           "listen on loopback (127.0.0.1) or add --tls-dir")
+    for setting, address in (("interconnect", interconnect), ("nbd", nbd),
+                             *((f"peer {sid}", a) for sid, a in sorted(peers.items()))):
+        if address and not is_loopback(address):
+            raise InvalidArgument(f"setting {setting!r}: {address} is not a loopback address: {why}")
+
+
 def build_parser(role: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"{role}d", description=f"splitmirror {role} storage daemon")
     parser.add_argument("--system-id", type=int, help="serial of this storage system")
@@ -135,6 +152,14 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="shell command run before a restore fences a PVOL (e.g. stop the application)")
     parser.add_argument("--post-restore-hook", metavar="COMMAND",
                         help="shell command run after a restore unfences a PVOL (e.g. restart, recover)")
+    parser.add_argument("--pre-backup-hook", metavar="COMMAND",
+                        help="shell command run before each backup point (e.g. fsfreeze -f, a database "
+                             "checkpoint); failing or timing out cancels that backup")
+    parser.add_argument("--post-backup-hook", metavar="COMMAND",
+                        help="shell command run once the backup point is fixed, also after a failure "
+                             "(e.g. fsfreeze -u)")
+    parser.add_argument("--backup-hook-timeout", type=float, metavar="SECONDS",
+                        help="seconds a backup hook may run (default 30)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS on the interconnect, host API and NBD with the certificates "
                              "made by 'splitmirror certs init DIR'")
@@ -166,14 +191,14 @@ def _from_file(path: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise InvalidArgument(f"config file {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"--config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgument(f"config file {path}: {exc}") from None
+        raise InvalidArgument(f"--config {path}: not valid TOML: {exc}") from None
     known = ({f.name for f in dataclasses.fields(DaemonConfig)} | {"async_queue", "max_message"}) - {
         "role", "async_queue_bytes", "max_message_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise InvalidArgument(f"config file {path}: unknown setting {unknown[0]!r}")
+        raise InvalidArgument(f"--config {path}: unknown setting {unknown[0]!r}")
     return data
 
 
@@ -227,11 +252,29 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     concurrent = pick("max_concurrent_rpcs", args.max_concurrent_rpcs, int, 1024)
     if concurrent < 1:
         raise InvalidArgument(f"setting 'max_concurrent_rpcs': must be positive, got {concurrent}")
+    hook_timeout = pick("backup_hook_timeout", args.backup_hook_timeout, float, 30.0)
+    if not 0 < hook_timeout <= 3600:
+        raise InvalidArgument(f"setting 'backup_hook_timeout': must be between 0 and 3600 seconds, got {hook_timeout}")
     tls_dir = pick("tls_dir", args.tls_dir, str, "")
     if tls_dir:
         from ..tls import TlsFiles
 
-        TlsFiles.load(Path(tls_dir), str(system_id))  # a missing file is a setting mistake: say so now
+        try:  # a missing file is a setting mistake: say so now
+            TlsFiles.load(Path(tls_dir), str(system_id))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"--tls-dir {tls_dir}: {exc.message}") from None
+    token_file = pick("token_file", args.token_file, str, "")
+    if token_file:
+        from ..ports.access import load_tokens
+
+        try:  # an open or doubled token refuses the start, in one line
+            load_tokens(Path(token_file))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"--token-file {token_file}: {exc.message}") from None
+    nbd = parse_nbd_address(nbd) if nbd else ""
+    interconnect = parse_address("interconnect", pick("interconnect", args.interconnect, str))
+    if token_file and not tls_dir:
+        refuse_open_ports_in_token_mode(interconnect, nbd, peers)
     nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)
     nbd_allow.update(parse_networks("--nbd-allow", v) for v in args.nbd_allow)
     nbd_limits = (pick("nbd_max_connections", args.nbd_max_connections, int, 512),
@@ -247,17 +290,20 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         system_id=system_id,
         data_dir=Path(pick("data_dir", args.data_dir, str)),
         listen=parse_address("listen", pick("listen", args.listen, str)),
-        interconnect=parse_address("interconnect", pick("interconnect", args.interconnect, str)),
+        interconnect=interconnect,
         peers=peers,
-        nbd=parse_nbd_address(nbd) if nbd else "",
+        nbd=nbd,
         link_timeout=timeout,
         auto_resync=pick("auto_resync", args.auto_resync, bool, True),
         async_queue_bytes=queue_bytes,
         pre_restore_hook=pick("pre_restore_hook", args.pre_restore_hook, str, ""),
         post_restore_hook=pick("post_restore_hook", args.post_restore_hook, str, ""),
+        pre_backup_hook=pick("pre_backup_hook", args.pre_backup_hook, str, ""),
+        post_backup_hook=pick("post_backup_hook", args.post_backup_hook, str, ""),
+        backup_hook_timeout=hook_timeout,
         log_level=pick("log_level", args.log_level, str, "INFO"),
         tls_dir=tls_dir,
-        token_file=pick("token_file", args.token_file, str, ""),
+        token_file=token_file,
         max_message_bytes=max_message,
         rate_limit=rate,
         rate_burst=burst,

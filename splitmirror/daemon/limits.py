@@ -1,5 +1,8 @@
 """Open-file limits: raised at start, and shared so NBD cannot starve the rest.
 
+Volume files are opened on use and at most :func:`volume_file_cap` of them
+stay open, so a thousand volumes start under a limit of 1024.
+
 Every NBD connection costs one file descriptor, and a daemon out of
 descriptors stops everything (the host API, the interconnect, volume files).
 At start the soft ``RLIMIT_NOFILE`` is raised to the hard limit, and
@@ -35,6 +38,18 @@ def raise_nofile() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
     return soft
+
+
+#: Volume files kept open at most, however high the limit (the others are
+#: opened on use, least recently used closed first: storage/files.py).
+MAX_OPEN_VOLUMES = 4096
+MIN_OPEN_VOLUMES = 16
+
+
+def volume_file_cap(nofile: int, nbd_connections: int = 0) -> int:
+    """How many volume files may be open at once: what :data:`RESERVED_FDS`
+    and the NBD connection cap leave of the open-file limit."""
+    return max(MIN_OPEN_VOLUMES, min(MAX_OPEN_VOLUMES, nofile - RESERVED_FDS - nbd_connections))
 
 
 def nbd_connection_cap(wanted: int, nofile: int) -> int:

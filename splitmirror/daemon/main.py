@@ -6,6 +6,7 @@ The daemons are thin: they parse their settings and call :func:`main`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -27,14 +28,20 @@ from ..ports.hostapi import HostApiServicer
 from ..ports.interconnect import InterconnectServicer
 from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
+from ..procedures.hooks import BackupHooks
+from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
+from ..storage.files import OPEN_FILES
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
 from .heap import fix_malloc_thresholds
-from .limits import nbd_connection_cap, raise_nofile
+from .limits import nbd_connection_cap, raise_nofile, volume_file_cap
+from .startup import DataDirLock, check_addresses, check_tls
+from .wrong_port import wrong_port_handlers
 
 log = logging.getLogger("splitmirror.daemon")
 
@@ -67,7 +74,9 @@ class Daemon:
         self.restores = RestoreManager(self.manager, self.backups, config.pre_restore_hook,
                                        config.post_restore_hook)
         self.manager.mirror_end.marker_handler = self.backups.apply_marker
+        self.backups.hooks = BackupHooks(config.pre_backup_hook, config.post_backup_hook, config.backup_hook_timeout)
         self.schedules = BackupScheduler(self.backups)
+        self.checker = GenerationChecker(self.backups)
         self.events = EventLog(self.system.table)
         self.system.events = self.events
         #: Host I/O is measured only when metrics are served.
@@ -76,6 +85,11 @@ class Daemon:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         options = server_options(config.max_message_bytes)
         self.tls = TlsFiles.load(Path(config.tls_dir), str(config.system_id)) if config.tls_dir else None
+        self.receipts = Receipts(self.backups, self.tls.key if self.tls else None,
+                                 self.tls.cert if self.tls else None)
+        self.backups.on_split = self.receipts.split
+        self.backups.before_reuse = self.receipts.settled
+        self.restores.receipts = self.receipts
         tokens = load_tokens(Path(config.token_file)) if config.token_file else {}
         if tokens and self.tls is None:
             log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")
@@ -86,17 +100,27 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        self.interconnect: InterconnectServicer | None = None
         #: The soft open-file limit, raised to the hard one at start.
         self.nofile = raise_nofile()
+        self.nbd_cap = nbd_connection_cap(config.nbd_max_connections, self.nofile) if config.nbd else 0
+        OPEN_FILES.set_limit(volume_file_cap(self.nofile, self.nbd_cap))
+        log.info("open-file limit %d: at most %d volume files open at once (the others opened on use)",
+                 self.nofile, OPEN_FILES.limit)
         self.stopping = asyncio.Event()
+        #: True once every port serves: a failure before that is a start-up failure (exit 2).
+        self.started = False
+        self._opened = False
 
     async def start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
         await self.system.open()
+        self._opened = True
         await self.events.open()
         await self.backups.load()
         await self.schedules.load()
+        await self.checker.load()
+        await self.receipts.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -107,11 +131,14 @@ class Daemon:
 
         host_pb2_grpc.add_HostApiServicer_to_server(
             HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
-                            self.schedules),
+                            self.schedules, self.checker, self.receipts),
             self.host_server)
-        interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None),
-            self.peer_server)
+        self.interconnect = InterconnectServicer(self.manager, self.backups, self.restores, cfg.role,
+                                                 tls=self.tls is not None, checker=self.checker)
+        interconnect_pb2_grpc.add_InterconnectServicer_to_server(self.interconnect, self.peer_server)
+        on_interconnect, on_host_api = wrong_port_handlers(cfg.system_id, cfg.role)
+        self.peer_server.add_generic_rpc_handlers((on_interconnect,))
+        self.host_server.add_generic_rpc_handlers((on_host_api,))
         for server, service in ((self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"]),
                                 (self.peer_server, interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"])):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -144,13 +171,37 @@ class Daemon:
                  cfg.system_id, listen_port, peer_port, nbd_text,
                  ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none",
                  f"mutual TLS from {cfg.tls_dir}" if self.tls else "no TLS")
+        self.started = True
+
+    async def abort(self) -> None:
+        """Undo a start that failed part way: no port left open, the data closed as it was found."""
+        with contextlib.suppress(Exception):
+            await self.schedules.stop()
+        for server in (self.metrics, self.nbd):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.close()  # type: ignore[attr-defined]
+        for grpc_server in (self.host_server, self.peer_server):
+            with contextlib.suppress(Exception):
+                await grpc_server.stop(None)
+        for link in self.links.values():
+            with contextlib.suppress(Exception):
+                await link.close()
+        if self._opened:
+            with contextlib.suppress(Exception):
+                await self.events.flush()
+            # An unclean start stays unclean: its bitmaps have not been rebuilt.
+            with contextlib.suppress(Exception):
+                if self.system.clean_start:
+                    await self.system.close()
+                else:
+                    await self.system.table.close()
 
     async def _start_nbd(self) -> str:
         from ..ports.nbdexport import NbdLimits, start_nbd
 
         cfg = self.config
-        limits = NbdLimits(nbd_connection_cap(cfg.nbd_max_connections, self.nofile), cfg.nbd_max_per_client,
-                           cfg.nbd_handshake_timeout)
+        limits = NbdLimits(self.nbd_cap, cfg.nbd_max_per_client, cfg.nbd_handshake_timeout)
         server, port = await start_nbd(self.system, cfg.nbd, tls=self.tls, allow=cfg.nbd_allow, policy=self.policy,
                                        meter=self.meter, limits=limits)
         self.nbd = server
@@ -193,6 +244,10 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.close()  # type: ignore[attr-defined]
         await self.host_server.stop(grace=5)
+        if self.interconnect is not None:
+            # Peers hear it from us (an INFO line there) instead of finding the link lost.
+            self.interconnect.stopping = True
+            await asyncio.gather(*(link.goodbye() for link in self.links.values()))
         await self.manager.stop()
         await self.peer_server.stop(grace=2)
         for link in self.links.values():
@@ -202,13 +257,28 @@ class Daemon:
         log.info("%sd system %d stopped cleanly", self.config.role, self.config.system_id)
 
 
+class StartFailed(Exception):
+    """The daemon could not start; its one-line reason."""
+
+
 async def serve(config: DaemonConfig) -> None:
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except SplitmirrorError as exc:
+        raise StartFailed(exc.message) from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)
     started = time.monotonic()
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException as exc:
+        await daemon.abort()
+        if isinstance(exc, SplitmirrorError):
+            raise StartFailed(exc.message) from None
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise StartFailed(f"cannot start: {exc}") from None
+        raise
     log.debug("started in %.2fs", time.monotonic() - started)
     await daemon.stopping.wait()
     await daemon.stop()
@@ -224,9 +294,17 @@ def run_loop(coro_factory: object) -> None:
 
 
 def main(role: str, argv: list[str] | None = None) -> int:
+    """Exit status 2 with one line on stderr for any start-up failure, 1 for a failure while serving."""
+    lock: DataDirLock | None = None
     try:
         config = load_config(role, argv)
+        lock = DataDirLock(config.data_dir)
+        lock.acquire()
+        check_addresses(config)
+        check_tls(config)
     except SplitmirrorError as exc:
+        if lock is not None:
+            lock.release()
         print(f"{role}d: error: {exc.message}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
@@ -234,10 +312,15 @@ def main(role: str, argv: list[str] | None = None) -> int:
     fix_malloc_thresholds()
     try:
         run_loop(lambda: serve(config))
+    except StartFailed as exc:
+        print(f"{role}d: error: {exc}", file=sys.stderr)
+        return 2
     except SplitmirrorError as exc:
         log.error("%s", exc.message)
         return 1
     except OSError as exc:
-        log.error("cannot start: %s", exc)
+        log.error("stopped: %s", exc)
         return 1
+    finally:
+        lock.release()
     return 0

@@ -4,8 +4,15 @@ Forward copies read runs of tracks from the primary end while holding
 their byte range (so a host write to the same tracks is ordered after the
 copy on the stream) and push them on the pair's ordered channel.  A track's
 pending bit is cleared only once the mirror end acknowledged it, so a copy
-interrupted by a fault resumes where it stopped.  Runs of zeroes cross the
-interconnect as a length, not as data.
+interrupted by a fault resumes where it stopped.
+
+A resync sends only what differs (the idea of DRBD's ``csums-alg``): the
+mirror end's digests of a chunk's tracks are fetched before the chunk is
+read, and a track whose data equals the mirror's is not sent at all (a
+crash marks whole write-intent extents pending, most of whose tracks are
+unchanged).  Of the tracks that differ, zero tracks cross the interconnect
+as a length, not as data, and the mirror end punches a hole there: a hole
+at the source stays a hole at the target.
 
 A differential set is mostly scattered single tracks, so the engine works
 in *chunks*: the runs that fit in :data:`RUN_BYTES` of tracks within
@@ -23,8 +30,11 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+
+import xxhash
 
 from ..pairstate.pair import CopyProgress, Pair
 from ..status import PairStatus
@@ -43,7 +53,7 @@ _ZEROES = memoryview(bytes(RUN_BYTES))
 Run = tuple[int, int]  # (first track, count)
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | memoryview) -> bool:
     view = memoryview(data)
     while view:
         n = min(len(view), len(_ZEROES))
@@ -116,14 +126,68 @@ def chunks(runs: Iterable[Run], track_size: int, limit: int = 0) -> Iterator[lis
         yield chunk
 
 
-def read_runs(vol: Volume, runs: list[Run]) -> list[bytes]:
-    """The data of each run (on the I/O pool: one hop for the chunk)."""
+#: The mirror end's digests (xxh3-64, 8 bytes each) of the tracks of some runs, in order.
+MirrorDigests = Callable[[list[Run]], Awaitable[bytes]]
+
+_SAME, _ZERO, _DATA = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Piece:
+    """Consecutive tracks to send: their data, or ``b""`` for zeroes."""
+
+    first: int
+    count: int
+    data: bytes
+
+
+def plan_chunk(vol: Volume, chunk: list[Run], theirs: bytes | None = None) -> tuple[list[Piece], int]:
+    """Read a chunk's runs: the pieces to send, and how many tracks need none.
+
+    With ``theirs`` (the mirror's digests of the chunk's tracks) a track
+    equal to the mirror's is left out; zero tracks are pieces without data.
+    On the I/O pool: one hop for the chunk.
+    """
     ts = vol.track_size
-    return [vol.pread(first * ts, count * ts) for first, count in runs]
+    pieces: list[Piece] = []
+    same = 0
+    index = 0
+    for first, count in chunk:
+        data = vol.pread(first * ts, count * ts)
+        if theirs is None and is_zero(data):
+            pieces.append(Piece(first, count, b""))
+            continue
+        view = memoryview(data)
+        kinds = []
+        for i in range(count):
+            track = view[i * ts:(i + 1) * ts]
+            at = 8 * (index + i)
+            if theirs is not None and xxhash.xxh3_64_digest(track) == theirs[at:at + 8]:
+                kinds.append(_SAME)
+            else:
+                kinds.append(_ZERO if is_zero(track) else _DATA)
+        index += count
+        if kinds.count(_DATA) == count:
+            pieces.append(Piece(first, count, data))
+            continue
+        pos = 0
+        for kind, group in itertools.groupby(kinds):
+            n = len(list(group))
+            if kind == _SAME:
+                same += n
+            else:
+                pieces.append(Piece(first + pos, n, bytes(view[pos * ts:(pos + n) * ts]) if kind == _DATA else b""))
+            pos += n
+    return pieces, same
 
 
-async def copy_forward(system: StorageSystem, pair: Pair) -> None:
-    """Copy the primary end's pending tracks to the mirror end."""
+async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests | None = None) -> None:
+    """Copy the primary end's pending tracks to the mirror end.
+
+    With ``digests`` (the mirror end's, see :data:`MirrorDigests`), tracks
+    the mirror already holds are not sent; those of the next chunk are
+    asked while the current one is read and pushed.
+    """
     assert pair.primary is not None and pair.channel is not None
     end = pair.primary
     vol = end.volume
@@ -158,38 +222,80 @@ async def copy_forward(system: StorageSystem, pair: Pair) -> None:
         pair.counters.resync_bytes_sent += sent
         system.bytes_sent += sent
 
-    for chunk in chunks(runs, ts, chunk_bytes):
-        size = sum(c for _, c in chunk) * ts
-        await window.acquire(size)
-        if failed or pair.channel is None:
-            window.release(size)
-            break
-        start, stop = chunk[0][0] * ts, (chunk[-1][0] + chunk[-1][1]) * ts
-        # One range (gaps included) taken at once: holding the runs one by
-        # one could deadlock against a host write spanning two of them.
-        async with system.order(vol).hold(start, stop - start):
-            datas = await vol.run(functools.partial(read_runs, vol, chunk))
-            channel = pair.channel
-            if channel is None:  # the pair was torn down meanwhile
+    todo = list(chunks(runs, ts, chunk_bytes))
+    ahead: asyncio.Future[bytes] | None = None
+    try:
+        for index, chunk in enumerate(todo):
+            size = sum(c for _, c in chunk) * ts
+            await window.acquire(size)
+            if failed or pair.channel is None:
                 window.release(size)
                 break
-            # No await from here to the last push: the chunk's entries are
-            # consecutive on the stream, which sends them in one batch.
-            for (first, count), data in zip(chunk, datas, strict=True):
-                if is_zero(data):
-                    fut = channel.push(first * ts, zero_length=count * ts, resync=True)
-                    sent = 0
-                else:
-                    fut = channel.push(first * ts, data, resync=True)
-                    sent = len(data)
-                inflight.add(fut)
-                fut.add_done_callback(functools.partial(settle, first=first, count=count, sent=sent))
+            theirs: bytes | None = None
+            if digests is not None:
+                # Asked before the chunk is held: a host write meanwhile is on
+                # the stream after the mirror's state digested, and the read
+                # below sees it, so "equal" still means equal once applied.
+                asked = ahead if ahead is not None else asyncio.ensure_future(digests(chunk))
+                ahead = asyncio.ensure_future(digests(todo[index + 1])) if index + 1 < len(todo) else None
+                theirs = await asked
+                if len(theirs) != 8 * (size // ts):
+                    log.warning("pair %s: the mirror sent %d bytes of digests for %d tracks; sending them all",
+                                pair.name, len(theirs), size // ts)
+                    theirs = None
+            start, stop = chunk[0][0] * ts, (chunk[-1][0] + chunk[-1][1]) * ts
+            # One range (gaps included) taken at once: holding the runs one by
+            # one could deadlock against a host write spanning two of them.
+            async with system.order(vol).hold(start, stop - start):
+                pieces, same = await vol.run(functools.partial(plan_chunk, vol, chunk, theirs))
+                channel = pair.channel
+                if channel is None or pair.status is not PairStatus.COPY:  # torn down or suspended meanwhile
+                    window.release(size)
+                    failed = True
+                    break
+                # No await from here to the last push: the chunk's entries are
+                # consecutive on the stream, which sends them in one batch.
+                if same:
+                    # Equal at the mirror: done without sending (the bits of
+                    # tracks a host writes from now on are set after this).
+                    for first, count in _gaps(chunk, pieces):
+                        end.bitmap.remove_range(first, first + count)
+                    progress.done_tracks += same
+                    window.release(same * ts)
+                for piece in pieces:
+                    if piece.data:
+                        fut = channel.push(piece.first * ts, piece.data, resync=True)
+                    else:
+                        fut = channel.push(piece.first * ts, zero_length=piece.count * ts, resync=True)
+                    inflight.add(fut)
+                    fut.add_done_callback(functools.partial(settle, first=piece.first, count=piece.count,
+                                                            sent=len(piece.data)))
+    finally:
+        if ahead is not None and not ahead.done():
+            ahead.cancel()
+        if ahead is not None:
+            with contextlib.suppress(BaseException):
+                await ahead
     if inflight:
         await asyncio.wait(list(inflight))
     if failed or pair.channel is None:
         raise CopyFailed(f"copy of pair {pair.name!r} interrupted")
     if not await pair.channel.push(0, flush=True):
         raise CopyFailed(f"copy of pair {pair.name!r} interrupted at the final flush")
+
+
+def _gaps(chunk: list[Run], pieces: list[Piece]) -> Iterator[Run]:
+    """The tracks of ``chunk`` that no piece covers (pieces in track order)."""
+    at = 0
+    for first, count in chunk:
+        pos, stop = first, first + count
+        while at < len(pieces) and pieces[at].first < stop:
+            if pieces[at].first > pos:
+                yield pos, pieces[at].first - pos
+            pos = pieces[at].first + pieces[at].count
+            at += 1
+        if pos < stop:
+            yield pos, stop - pos
 
 
 async def copy_reverse(system: StorageSystem, pair: Pair, source: TrackSource) -> None:
@@ -269,8 +375,8 @@ async def read_tracks(system: StorageSystem, pair: Pair, tracks: bytes) -> Async
     pair.progress = progress  # shown at the mirror end while it is the source
     runs = (run for run in bitmap.runs(max(1, RUN_BYTES // ts)) if run[0] + run[1] <= vol.tracks)
     for chunk in chunks(runs, ts):
-        datas = await vol.run(functools.partial(read_runs, vol, chunk))
-        for (first, count), data in zip(chunk, datas, strict=True):
-            yield first, count, b"" if is_zero(data) else data
-            progress.done_tracks += count
-            progress.bytes_moved += len(data)
+        pieces, _ = await vol.run(functools.partial(plan_chunk, vol, chunk))
+        for piece in pieces:  # zero tracks without data: they stay holes at the target
+            yield piece.first, piece.count, piece.data
+            progress.done_tracks += piece.count
+            progress.bytes_moved += len(piece.data)

@@ -10,16 +10,17 @@ management lives in :mod:`splitmirror.pairs`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from pathlib import Path
 
 from ..clock import utc_now
-from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..eventsink import FENCE, UNFENCE, DiscardEvents, Event, EventSink
 from ..names import check_name
 from ..pairstate.index import PairIndex
-from ..pairstate.pair import Pair, PairEnd
-from ..status import MIRRORING, PairStatus
+from ..pairstate.pair import Pair, PairEnd, spvol_refusal
+from ..status import PairStatus
 from ..storage.copytable import CopyTable, VolumeRow
 from ..storage.intent import IntentLog
 from ..storage.ordering import RangeOrder
@@ -61,7 +62,22 @@ class StorageSystem(WritePath):
         self.volume_dir.mkdir(parents=True, exist_ok=True)
         await self.table.open()
         self.clean_start = await self.table.get_meta("clean_shutdown") in (None, "1")
+        try:
+            await self._load()
+        except BaseException:
+            # Nothing was written: the data stays as it was found (a clean
+            # stop stays clean, and the next start does not resync everything).
+            for vol in self.volumes.values():
+                vol.close()
+            self.volumes.clear()
+            await self.table.close()
+            raise
+        # From here on writes may happen before a clean stop records them.
         await self.table.set_meta("clean_shutdown", "0")
+        log.info("system %d (%s): %d volumes, %d pairs loaded from %s (%s start)", self.system_id, self.role,
+                 len(self.volumes), len(self.pairs), self.data_dir, "clean" if self.clean_start else "unclean")
+
+    async def _load(self) -> None:
         for vrow in await self.table.load_volumes():
             path = self._volume_path(vrow.name)
             vol = await asyncio.to_thread(Volume.open, vrow.name, path, vrow.size, vrow.track_size)
@@ -82,8 +98,6 @@ class StorageSystem(WritePath):
                 pair.mirror = end
         for key, reason in (await self.table.meta_items("fence:")).items():
             self.fences[key.removeprefix("fence:")] = reason
-        log.info("system %d (%s): %d volumes, %d pairs loaded from %s (%s start)", self.system_id, self.role,
-                 len(self.volumes), len(self.pairs), self.data_dir, "clean" if self.clean_start else "unclean")
 
     async def close(self) -> None:
         for pair in self.pairs.values():
@@ -117,7 +131,15 @@ class StorageSystem(WritePath):
         path = self._volume_path(name)
         if path.exists():
             path.unlink()  # left over from a crash between file creation and table insert
-        vol = await asyncio.to_thread(Volume.create, name, path, size, track_size)
+        try:
+            vol = await asyncio.to_thread(Volume.create, name, path, size, track_size)
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                raise InvalidArgument(f"volume {name!r}: size {size} is larger than the file system of "
+                                      f"{self.volume_dir} can hold") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"volume {name!r}: no space left in {self.volume_dir}") from None
+            raise
         self.volumes[name] = vol
         self._order[name] = RangeOrder()
         await self.table.add_volume(VolumeRow(name, size, track_size, utc_now()))
@@ -171,10 +193,12 @@ class StorageSystem(WritePath):
         if into is not None:
             if not into.remote:
                 return f"volume {vol.name!r} is the SVOL of pair {into.name!r} and read-only to hosts"
-            if into.status in MIRRORING:
-                return (f"volume {vol.name!r} is the SPVOL of pair {into.name!r} ({into.status.value}); "
-                        "hosts may write it only while the pair is SPLIT or SUSPENDED")
+            refusal = spvol_refusal(vol, into)
+            if refusal:
+                return refusal
         for p in self.pairs_from(vol):
+            if p.hold_writes:
+                return f"volume {vol.name!r}: {p.hold_writes}"
             if p.status is PairStatus.COPY and p.row.direction == "reverse":
                 return f"volume {vol.name!r} is the target of a reverse resync of pair {p.name!r}"
         return None

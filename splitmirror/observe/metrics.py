@@ -60,6 +60,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "splitmirror_generation_split_timestamp_seconds": ("gauge", ("generation", "pair"),
                                                        "When a backup generation was split (its backup time); "
                                                        "pair is the remote pair it backs up."),
+    "splitmirror_backup_check_passed": ("gauge", ("generation", "pair"),
+                                        "1 when the newest check of the backup a generation holds passed, 0 when "
+                                        "it failed (backup check); absent when not checked."),
+    "splitmirror_backup_check_failures": ("counter", (), "Backup checks that failed since the daemon started."),
     "splitmirror_host_io_seconds": ("histogram", ("volume", "op"), "Latency of host I/O (gRPC and NBD)."),
     "splitmirror_host_io_bytes": ("counter", ("volume", "op"), "Bytes of host I/O (gRPC and NBD)."),
     "splitmirror_host_io_errors": ("counter", ("volume", "op"), "Host I/O requests refused or failed."),
@@ -111,6 +115,7 @@ class SystemCollector(Collector):
             if stamp is not None:
                 f["splitmirror_group_backup_last_success_timestamp_seconds"].add_metric([group], stamp)
         self._volumes(f)
+        f["splitmirror_backup_check_failures"].add_metric([], self.backups.check_failures)
         f["splitmirror_events"].add_metric([], self.events.emitted)
         f["splitmirror_event_sequence"].add_metric([], self.events.committed)
         yield from f.values()
@@ -146,6 +151,9 @@ class SystemCollector(Collector):
             stamp = timestamp_of(row.backup_time)
             if into is not None and into.remote and stamp is not None:
                 f["splitmirror_generation_split_timestamp_seconds"].add_metric([name, into.name], stamp)
+            verdict = self.backups.check_fields(pair).get("check_verdict")
+            if into is not None and verdict:
+                f["splitmirror_backup_check_passed"].add_metric([name, into.name], 1 if verdict == "passed" else 0)
 
     def _volumes(self, f: dict[str, Any]) -> None:
         system = self.system

@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ..datapath.copyengine import CopyFailed, copy_forward, copy_reverse, read_tracks
-from ..errors import SplitmirrorError
+from ..datapath.copyengine import CopyFailed, MirrorDigests, Run, copy_forward, copy_reverse, read_tracks
+from ..errors import InvalidArgument, SplitmirrorError
 from ..eventsink import RESYNC_FINISH, RESYNC_PROGRESS, RESYNC_START, Event
 from ..pairstate.pair import Pair
 from ..status import PairOp, PairStatus
+from ..storage.bitmap import TrackBitmap
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
 from .peer import command
@@ -54,7 +55,7 @@ class Copier:
             if reverse:
                 await copy_reverse(self.system, pair, lambda tracks: self._track_source(pair, tracks))
             else:
-                await copy_forward(self.system, pair)
+                await copy_forward(self.system, pair, self._mirror_digests(pair))
             outcome = "interrupted"
             if pair.status is not PairStatus.COPY:
                 return
@@ -124,14 +125,63 @@ class Copier:
                     self._report(pair, RESYNC_PROGRESS, pair.row.direction, tracks=progress.done_tracks,
                                  bytes=progress.bytes_moved, progress=progress.percent)
 
+    @staticmethod
+    def _mirror_digests(pair: Pair) -> MirrorDigests:
+        """The mirror end's digests of some tracks: what a resync compares before it sends."""
+        if not pair.remote:
+            assert pair.mirror is not None
+            svol = pair.mirror.volume
+
+            async def local(runs: list[Run]) -> bytes:
+                return await svol.run(lambda: b"".join(svol.track_digests(f, c) for f, c in runs))
+
+            return local
+        assert pair.link is not None and pair.primary is not None
+        link = pair.link
+        tracks = pair.primary.volume.tracks
+
+        async def remote(runs: list[Run]) -> bytes:
+            wanted = TrackBitmap(tracks)
+            for first, count in runs:
+                wanted.add_range(first, first + count)
+            reply = await link.stub.TrackDigests(ic.TrackDigestsRequest(pair=pair.name, tracks=wanted.to_bytes()),
+                                                 metadata=link.metadata, timeout=link.timeout)
+            return bytes(reply.digests)
+
+        return remote
+
     def _track_source(self, pair: Pair, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         if not pair.remote:
             return read_tracks(self.system, pair, tracks)
         assert pair.link is not None
         link = pair.link
 
+        assert pair.primary is not None
+        vol = pair.primary.volume
+
         async def remote() -> AsyncIterator[tuple[int, int, bytes]]:
+            # Every run the peer returns must be tracks we asked for and
+            # have not received yet, of the right length, inside the volume.
+            asked = TrackBitmap.from_bytes(vol.tracks, tracks)
             async for td in link.read_tracks(pair.name, tracks):
+                why = returned_run_error(asked, td.track, td.count, len(td.data), vol.track_size)
+                if why:
+                    raise InvalidArgument(f"pair {pair.name!r}: system {pair.peer_id} returned {why} "
+                                          f"to the reverse copy; the copy stops")
+                asked.remove_range(td.track, td.track + td.count)
                 yield td.track, td.count, td.data
 
         return remote()
+
+
+def returned_run_error(asked: TrackBitmap, first: int, count: int, data_bytes: int, track_size: int) -> str:
+    """Why a run of tracks returned to a reverse copy is not acceptable ('' if it is)."""
+    if count <= 0:
+        return f"an empty run at track {first}"
+    if first + count > asked.tracks:
+        return f"tracks {first}-{first + count - 1}, beyond the volume's {asked.tracks} tracks"
+    if asked.count_range(first, first + count) != count:
+        return f"tracks {first}-{first + count - 1}, not all asked for (or sent twice)"
+    if data_bytes not in (0, count * track_size):
+        return f"{data_bytes} bytes for {count} tracks of {track_size} bytes"
+    return ""

@@ -27,13 +27,15 @@ from ..v1 import interconnect_pb2 as ic
 from .context import PairContext, ResyncCommand
 from .copying import Copier
 from .peer import command
+from .roles import Roles
 
 log = logging.getLogger("splitmirror.pairs")
 
 
 class LinkRecovery:
-    def __init__(self, context: PairContext, copier: Copier, resync: ResyncCommand) -> None:
+    def __init__(self, context: PairContext, copier: Copier, resync: ResyncCommand, roles: Roles) -> None:
         self.context = context
+        self.roles = roles
         self.system = context.system
         self.settings = context.settings
         self.copier = copier
@@ -95,6 +97,9 @@ class LinkRecovery:
     # -- recovery ---------------------------------------------------------------------------
     async def on_peer_up(self, link: PeerLink) -> None:
         self.system.events.emit(Event(LINK_UP, peer=link.peer_id))
+        # Who is primary first: an end that lost the role fences itself
+        # before anything else happens to its pairs.
+        await self.roles.first_contact(link, max(1.0, self.settings.link_timeout))
         for pair in self.context.pairs_with(link.peer_id):
             if pair.primary is not None and not pair.reconciling:
                 pair.reconciling = True
@@ -104,6 +109,7 @@ class LinkRecovery:
         """Every keepalive answer: catch a mirror end that suspended itself
         while we saw no fault (it lost us briefly), and retry automatic
         resyncs that failed while the link stayed up."""
+        self.roles.check(link, list(reply.roles))
         peer_status = {state.pair: state.status for state in reply.mirrors}
         now = time.monotonic()
         for pair in self.context.pairs_with(link.peer_id):

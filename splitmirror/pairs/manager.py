@@ -11,14 +11,16 @@ to their channels and stops them cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NotFound
 from ..pairstate.pair import MODES, EndRole, Pair
+from ..replication.framing import SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -28,7 +30,9 @@ from .crash_recovery import recover_write_intent
 from .link_recovery import LinkRecovery
 from .mirror_end import MirrorEnd
 from .primary_end import PrimaryEnd
+from .roles import Roles
 from .settings import Settings
+from .swap import Swap
 from .verify import Verifier
 
 log = logging.getLogger("splitmirror.pairs")
@@ -55,10 +59,12 @@ class PairManager:
         self.settings = settings
         self.context = PairContext(system, links, settings)
         self.copying = Copier(self.context)
-        self.recovery = LinkRecovery(self.context, self.copying, self.resync)
+        self.roles = Roles(self.context, lambda pair, link: self.primary_end.attach_remote(pair, link))
+        self.recovery = LinkRecovery(self.context, self.copying, self.resync, self.roles)
         self.primary_end = PrimaryEnd(self.context, self.copying, Verifier(self.context, self.resync),
                                       self.recovery.on_stream_failure)
         self.mirror_end = MirrorEnd(self.context)
+        self.swapping = Swap(self.context, self.roles, lambda pair, link: self.primary_end.attach_remote(pair, link))
         self._ends: dict[EndRole, EndCommands] = {EndRole.PRIMARY: self.primary_end,
                                                   EndRole.MIRROR: self.mirror_end}
         system.async_queue_bytes = settings.async_queue_bytes
@@ -86,6 +92,11 @@ class PairManager:
                 elif pair.status is PairStatus.SUSPENDED and self.settings.auto_resync:
                     # No peer will come back to trigger it: resync right away.
                     self.context.spawn(self.recovery.auto_resync_local(pair), f"resync-{pair.name}")
+        # Before the host API serves a write: ask each peer who is primary
+        # now (an old primary that lost the role fences itself here).
+        peers = sorted({p.peer_id for p in self.system.pairs.values() if p.remote} & set(self.links))
+        await asyncio.gather(*(self.roles.first_contact(self.links[peer], max(1.0, self.settings.link_timeout))
+                               for peer in peers))
         self.system.intent.start()
 
     async def stop(self) -> None:
@@ -146,15 +157,41 @@ class PairManager:
         pair = self.pair(name)
         return await self._end(pair).verify(pair, repair)
 
+    # -- disaster recovery ------------------------------------------------------------
+    async def takeover(self, name: str, group: str, force: bool = False) -> list[Pair]:
+        return await self.roles.takeover(name, group, force)
+
+    async def swap(self, name: str, group: str) -> list[Pair]:
+        return await self.swapping.swap(name, group)
+
     # -- the interconnect: the mirror end's side ----------------------------------------
     async def mirror_attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
         return await self.mirror_end.attach(peer, req)
 
     async def mirror_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
+        if req.op == ic.PAIR_OP_ROLE:
+            for state in self.roles.roles_for(peer):
+                if state.pair == req.pair:
+                    return state
+            raise NotFound(f"pair {req.pair!r} has no end on system {self.system.system_id} for system {peer}")
+        if req.op == ic.PAIR_OP_SWAP:
+            return await self._swap_command(peer, req)
         return await self.mirror_end.command(peer, req)
 
-    async def mirror_apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
-        await self.mirror_end.apply(pair, entries)
+    async def _swap_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
+        """A swap asked by the mirror end (epoch 0: drive it here), or the primary
+        handing its role over (promote here)."""
+        pair = self.pair(req.pair)
+        if not pair.remote or pair.peer_id != peer:
+            raise NotFound(f"pair {req.pair!r} has no end on system {self.system.system_id} for system {peer}")
+        if req.epoch:
+            await self.swapping.promote(pair, req.epoch)
+        else:
+            await self.swapping.swap("" if req.group else req.pair, req.group)
+        return next(s for s in self.roles.roles_for(peer) if s.pair == pair.name)
+
+    async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply(pair, batch, sequence)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)

@@ -18,14 +18,19 @@ from ..datapath.writes import WriteOp
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..names import check_name
 from ..pairstate.pair import MODES, EndRole, Pair, PairEnd
+from ..replication.framing import Frame, FramingError, SequenceCheck, frames_of
 from ..replication.queue import BackupMarker
 from ..status import MIRRORING, PairOp, PairStatus
 from ..storage.bitmap import TrackBitmap
 from ..storage.copytable import PairRow
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
+from .divergent import save_divergent
 from .membership import check_new_mirror, forget, initial_bitmap
 from .verify import VERIFY_CHUNK
+
+#: Entries one stream message may carry (a 64 MiB message of barriers is ~2M).
+MAX_BATCH_ENTRIES = 1 << 18
 
 #: Splits a backup generation where the stream reaches a backup marker.
 MarkerHandler = Callable[[Pair, BackupMarker], Awaitable[None]]
@@ -57,7 +62,8 @@ class MirrorEnd:
         end = pair.mirror
         state = ic.MirrorState(pair=pair.name, status=pair.status.value, volume=end.volume.name,
                                pending_tracks=len(end.bitmap), size=end.volume.size,
-                               track_size=end.volume.track_size)
+                               track_size=end.volume.track_size, epoch=end.row.epoch, primary=False,
+                               applied_seq=pair.applied_seq)
         if with_bitmap:
             state.pending_bitmap = end.bitmap.to_bytes()
         if allocated:
@@ -68,6 +74,9 @@ class MirrorEnd:
     async def attach(self, peer: int, req: ic.AttachMirrorRequest) -> ic.MirrorState:
         check_name("pair", req.pair)
         check_name("volume", req.svol)
+        check_name("volume", req.pvol)
+        if req.group:
+            check_name("consistency group", req.group)
         existing = self.system.pairs.get(req.pair)
         if existing is not None:
             owner = existing.peer_id if existing.mirror is not None else self.system.system_id
@@ -100,6 +109,10 @@ class MirrorEnd:
         elif op == ic.PAIR_OP_SUSPEND:
             self.context.set_status(pair, PairOp.FAULT, req.reason or "suspended by primary")
         elif op == ic.PAIR_OP_RESYNC_BEGIN:
+            role = pair.mirror.row.role
+            if role.fenced_by == peer and pair.mirror.bitmap and not req.reverse and not role.divergent:
+                # An old primary's own writes since the takeover: kept aside first.
+                await save_divergent(self.system, pair)
             if pair.status is PairStatus.DUPLEX:
                 self.context.set_status(pair, PairOp.FAULT, "resync requested by primary")
             if pair.status is not PairStatus.COPY:
@@ -115,6 +128,7 @@ class MirrorEnd:
             if pair.status is not PairStatus.DUPLEX:
                 self.context.set_status(pair, PairOp.COPY_DONE)
             pair.mirror.row.direction = "forward"
+            pair.mirror.row.role.fenced_by = 0  # mirrored again: an SPVOL like any other
             await self.system.volumes[pair.mirror.volume.name].flush()
         elif op == ic.PAIR_OP_DELETE:
             state = self.state(pair)
@@ -130,8 +144,14 @@ class MirrorEnd:
         await self.system.save_rows(pair)
         return self.state(pair)
 
-    async def apply(self, pair: Pair, entries: list[ic.WriteEntry]) -> None:
-        """Apply a batch of the ordered stream to the mirror end, in order."""
+    async def apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
+        """Apply one message of the ordered stream to the mirror end, in order.
+
+        Returns the sequence number of its last entry (0: none).  A message
+        that does not parse, or whose entries break the stream's sequence
+        or reach outside the volume, suspends the pair here: what came
+        before the break is applied, nothing after it.
+        """
         assert pair.mirror is not None
         if pair.status not in MIRRORING:
             # E.g. a batch delayed by a healed partition, arriving after this
@@ -139,13 +159,44 @@ class MirrorEnd:
             raise FailedPrecondition(f"pair {pair.name!r} is {pair.status.value} on system "
                                      f"{self.system.system_id}; replicated writes are not accepted")
         vol = pair.mirror.volume
+        try:
+            frames = frames_of(batch, MAX_BATCH_ENTRIES)
+        except FramingError as exc:
+            await self._refuse_stream(pair, f"malformed batch ({exc})")
+        good, why = len(frames), ""
+        for i, f in enumerate(frames):
+            why = sequence.accept(f.seq)
+            if not why and f.length and f.marker is None and not f.flush \
+                    and f.offset + f.length > vol.size:
+                why = f"entry {f.seq} writes {f.length} bytes at {f.offset}, outside volume {vol.name!r} " \
+                      f"({vol.size} bytes)"
+            if why:
+                good = i
+                break
+        await self._apply_frames(pair, frames[:good])
+        if good:
+            pair.applied_seq = frames[good - 1].seq
+        if why:
+            await self._refuse_stream(pair, why)
+        return frames[-1].seq if frames else 0
+
+    async def _refuse_stream(self, pair: Pair, why: str) -> NoReturn:
+        """Suspend the pair here and end the stream: nothing more is applied."""
+        self.context.set_status(pair, PairOp.FAULT, "stream-refused")
+        await self.system.save_rows(pair)
+        raise InvalidArgument(f"pair {pair.name!r}: replication stream refused on system "
+                              f"{self.system.system_id}: {why}; the pair is suspended")
+
+    async def _apply_frames(self, pair: Pair, frames: list[Frame]) -> None:
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
         ops: list[WriteOp] = []
-        for e in entries:
-            if e.backup_marker:
+        for e in frames:
+            if e.marker is not None:
                 if ops:
                     await self.system.write_ops(vol, ops, replicated=True)
                     ops = []
-                await self._backup_point(pair, e)
+                await self._backup_point(pair, e.marker)
                 continue
             if e.flush:
                 if ops:
@@ -153,11 +204,10 @@ class MirrorEnd:
                     ops = []
                 await self.system.flush_volume(vol)
                 continue
-            data = e.data  # each access to a bytes field copies it: once only
-            length = e.zero_length or len(data)
+            data = e.data
+            length = e.length
             if not length:
                 continue  # a barrier: acknowledged with the batch
-            vol.check_range(e.offset, length)
             ops.append(WriteOp(e.offset, data, e.zero_length))
             self.system.bytes_received += len(data)
             if e.resync:
@@ -169,13 +219,12 @@ class MirrorEnd:
         if ops:
             await self.system.write_ops(vol, ops, replicated=True)
 
-    async def _backup_point(self, pair: Pair, entry: ic.WriteEntry) -> None:
+    async def _backup_point(self, pair: Pair, marker: BackupMarker) -> None:
         """Every write before the marker is applied: hand it to the backup procedure."""
         if self.marker_handler is None:
             raise FailedPrecondition(f"pair {pair.name!r}: system {self.system.system_id} cannot take the backup "
-                                     f"{entry.backup_marker!r} (no backup procedure)")
-        await self.marker_handler(pair, BackupMarker(entry.backup_marker, entry.backup_generation,
-                                                     entry.backup_time))
+                                     f"{marker.marker!r} (no backup procedure)")
+        await self.marker_handler(pair, marker)
 
     def read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         pair = self.pair_for(peer, name)
@@ -191,10 +240,37 @@ class MirrorEnd:
         pair = self.pair_for(peer, req.pair)
         assert pair.mirror is not None
         vol = pair.mirror.volume
-        if req.count == 0 or req.first_track + req.count > vol.tracks or req.count > (VERIFY_CHUNK // 4096):
+        if req.tracks:
+            runs = self._digest_runs(pair, peer, req.tracks)
+            return ic.TrackDigestsReply(algorithm="xxh3-64", digests=await vol.run(
+                lambda: b"".join(vol.track_digests(first, count) for first, count in runs)))
+        if req.count == 0 or req.first_track + req.count > vol.tracks:
             raise InvalidArgument(f"pair {pair.name!r}: bad track range {req.first_track}+{req.count}")
-        digests = await vol.run(lambda: vol.track_digests(req.first_track, req.count))
+        if req.count * vol.track_size > VERIFY_CHUNK:
+            raise InvalidArgument(f"pair {pair.name!r}: {req.count} tracks of {vol.track_size} bytes exceed the "
+                                  f"{VERIFY_CHUNK}-byte limit of one digest request")
+        digests = await vol.verify_digests(req.first_track, req.count)
         return ic.TrackDigestsReply(algorithm="xxh3-64", digests=digests)
+
+    @staticmethod
+    def _digest_runs(pair: Pair, peer: int, tracks: bytes) -> list[tuple[int, int]]:
+        """The runs of a track bitmap a peer asks digests of, within the limits."""
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        most = VERIFY_CHUNK // vol.track_size
+        try:
+            bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
+        except ValueError as exc:
+            raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} does not parse "
+                                  f"({exc})") from None
+        if len(bitmap) > most:
+            raise InvalidArgument(f"pair {pair.name!r}: digests of {len(bitmap)} tracks of {vol.track_size} bytes "
+                                  f"asked at once; the limit is {most} ({VERIFY_CHUNK} bytes)")
+        runs = list(bitmap.runs())
+        if sum(count for _, count in runs) != len(bitmap):  # runs() stops at the last track
+            raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} goes beyond "
+                                  f"volume {vol.name!r} ({vol.tracks} tracks)")
+        return runs
 
     # -- commands a host issues here: the primary drives the pair ----------------------------
     @staticmethod

@@ -65,6 +65,8 @@ class PrimaryEnd:
     # -- create -------------------------------------------------------------------
     async def create(self, name: str, pvol: str, svol: str, peer: int, mode: str, group: str) -> Pair:
         check_name("pair", name)
+        if group:
+            check_name("consistency group", group)
         if mode not in MODES:
             raise InvalidArgument(f"pair {name!r}: mode must be sync or async, not {mode!r}")
         if name in self.system.pairs:

@@ -20,7 +20,8 @@ log = logging.getLogger("splitmirror.pairs")
 #: Why a status changed when the caller names no reason: commands come from
 #: an operator unless :func:`~splitmirror.eventsink.caused_by` says otherwise.
 DEFAULT_REASONS = {PairOp.CREATE: "operator", PairOp.SPLIT: "operator", PairOp.RESYNC: "operator",
-                   PairOp.DELETE: "operator", PairOp.COPY_DONE: "copy complete", PairOp.FAULT: "fault"}
+                   PairOp.DELETE: "operator", PairOp.COPY_DONE: "copy complete", PairOp.FAULT: "fault",
+                   PairOp.TAKEOVER: "operator", PairOp.FENCE: "the other end took over"}
 
 
 def apply_transition(pair: Pair, op: PairOp, reason: str = "", events: EventSink | None = None) -> bool:

@@ -8,7 +8,6 @@ pending and resynced.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import grpc
@@ -50,7 +49,7 @@ class Verifier:
             async with self.system.order(vol).hold(first * ts, count * ts):
                 if not await pair.channel.push(0):  # barrier: earlier writes applied
                     raise Unavailable(f"pair {name!r}: the mirror became unreachable during verify")
-                here = await vol.run(functools.partial(vol.track_digests, first, count))
+                here = await vol.verify_digests(first, count)
                 there = await self._mirror_digests(pair, first, count)
             mismatches.extend(first + i for i in range(count) if here[8 * i:8 * i + 8] != there[8 * i:8 * i + 8])
         log.info("pair %s: verify checked %d tracks, %d mismatching", name, vol.tracks, len(mismatches))
@@ -77,7 +76,7 @@ class Verifier:
         if not pair.remote:
             assert pair.mirror is not None
             mvol = pair.mirror.volume
-            return await mvol.run(lambda: mvol.track_digests(first, count))
+            return await mvol.verify_digests(first, count)
         assert pair.link is not None
         try:
             reply = await pair.link.stub.TrackDigests(

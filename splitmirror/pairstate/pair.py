@@ -106,6 +106,11 @@ class Pair:
         self.backup_running = False
         self.reconciling = False
         self.retry = RetryBackoff()           # primary end: automatic resync attempts
+        #: Primary end: why host writes wait for a role decision (its first
+        #: contact after a start, a swap draining), empty when they need not.
+        self.hold_writes = ""
+        #: Mirror end: the last sequence of the write stream applied here.
+        self.applied_seq = 0
 
     @property
     def primary(self) -> PairEnd | None:
@@ -181,3 +186,32 @@ class Pair:
 
     def lag_seconds(self) -> float:
         return self.channel.lag_seconds() if self.channel is not None else 0.0
+
+
+def spvol_refusal(vol: Volume, pair: Pair) -> str | None:
+    """Why hosts may not write ``vol``, the mirror end of remote ``pair``, or None.
+
+    An SPVOL is host-writable only while an operator's split holds its pair
+    SPLIT (or after a takeover, which makes it a primary end): never merely
+    because the link dropped.  An old primary that learnt it lost the role
+    is fenced: the message names the new primary.
+    """
+    end = pair.mirror
+    if end is None:
+        return None
+    role = end.row.role
+    if pair.status in (PairStatus.SPLIT, PairStatus.SIMPLEX) and not role.fenced_by:
+        return None
+    if role.fenced_by:
+        return (f"volume {vol.name!r} is fenced: system {role.fenced_by} took over pair {pair.name!r} and is its "
+                f"primary (epoch {end.row.epoch}); reads are allowed; 'splitmirror pair resync {pair.name}' at "
+                f"system {role.fenced_by} mirrors it back (divergent tracks are saved first)")
+    if role.swap:
+        return (f"volume {vol.name!r}: pair {pair.name!r} is being swapped to system {pair.peer_id}, which becomes "
+                "its primary when it answers; write there")
+    if pair.status is PairStatus.SUSPENDED:
+        return (f"volume {vol.name!r} is the SPVOL of pair {pair.name!r} (SUSPENDED: {end.row.reason or 'fault'}); "
+                f"hosts may write it only after 'splitmirror pair takeover {pair.name}' here (the primary, system "
+                f"{pair.peer_id}, is lost) or a split issued at the primary")
+    return (f"volume {vol.name!r} is the SPVOL of pair {pair.name!r} ({pair.status.value}); hosts may write it "
+            "only after a split issued at the primary or a takeover here")

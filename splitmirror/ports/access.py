@@ -55,12 +55,23 @@ ANONYMOUS_ADMIN = Identity("anonymous", "admin", "none")
 
 
 def load_tokens(path: Path) -> dict[str, Identity]:
-    """A token file: one ``NAME ROLE TOKEN`` per line; '#' starts a comment."""
+    """A token file: one ``NAME ROLE TOKEN`` per line; '#' starts a comment.
+
+    Refused, as ssh refuses a private key, when its group or others may read
+    or write it; refused when one token is on two lines (which line's role
+    would it carry?)."""
     try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise InvalidArgument(f"token file {path}: its mode {mode & 0o777:04o} lets group or others access "
+                                  f"it; run chmod 600 {path}")
         text = path.read_text()
     except OSError as exc:
         raise InvalidArgument(f"token file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"token file {path}: not UTF-8 text") from None
     tokens: dict[str, Identity] = {}
+    lines: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -74,6 +85,10 @@ def load_tokens(path: Path) -> dict[str, Identity]:
             raise InvalidArgument(f"token file {path} line {number}: role must be one of {', '.join(ROLES)}")
         if len(token) < 16:
             raise InvalidArgument(f"token file {path} line {number}: token shorter than 16 characters")
+        if token in lines:
+            raise InvalidArgument(f"token file {path} line {number}: the same token as line {lines[token]}; "
+                                  "give every identity its own token")
+        lines[token] = number
         tokens[token] = Identity(name, role, "token")
     return tokens
 
@@ -186,13 +201,28 @@ class AccessPolicy:
         flight until the block ends."""
         identity = self.check(method, context, volume)
         key = self._client_key(identity, context)
+        with self._counted(key, self.max_inflight, f"too many requests from {key} in flight "
+                                                   f"(at most {self.max_inflight}): wait for some to finish"):
+            yield identity
+
+    @contextlib.contextmanager
+    def bounded(self, what: str, limit: int, context: Any) -> Iterator[None]:
+        """At most ``limit`` calls of kind ``what`` (e.g. whole-volume
+        checksums) from one client at once; more are RESOURCE_EXHAUSTED."""
+        identity = self.identify(context) if self.enforcing else ANONYMOUS_ADMIN
+        key = self._client_key(identity, context)
+        with self._counted(f"{what}\0{key}", limit, f"too many {what} calls from {key} running (at most "
+                                                     f"{limit} per client): wait for one to finish"):
+            yield
+
+    @contextlib.contextmanager
+    def _counted(self, key: str, limit: int, refusal: str) -> Iterator[None]:
         running = self._inflight.get(key, 0)
-        if self.max_inflight and running >= self.max_inflight:
-            raise ResourceExhausted(f"too many requests from {key} in flight (at most {self.max_inflight}): "
-                                    "wait for some to finish")
+        if limit and running >= limit:
+            raise ResourceExhausted(refusal)
         self._inflight[key] = running + 1
         try:
-            yield identity
+            yield
         finally:
             left = self._inflight[key] - 1
             if left:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from ..clock import iso_time, seconds_since
-from ..errors import InvalidArgument, SplitmirrorError
+from ..errors import DeadlineExceeded, InvalidArgument, SplitmirrorError
 from ..eventsink import Event
 from ..observe.events import EventLog
 from ..observe.iometer import IoMeter, measured
 from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
+from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
@@ -32,6 +36,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Rep]]
 
 MAX_IO = 32 << 20
+#: Checksum and VerifyPair calls one client may have running at once.
+MAX_VERIFY_PER_CLIENT = 2
 
 
 def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
@@ -59,8 +65,11 @@ def refusals(method: Handler[Req, Rep]) -> Handler[Req, Rep]:
 class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
-                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None) -> None:
+                 meter: IoMeter | None = None, schedules: BackupScheduler | None = None,
+                 checker: GenerationChecker | None = None, receipts: Receipts | None = None) -> None:
         self.manager = manager
+        self.receipts = receipts or Receipts(backups)
+        self.checker = checker or GenerationChecker(backups)
         self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
         self.restores = restores
@@ -121,7 +130,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         vol = self.system.volume(request.volume)
         length = request.length or vol.size - request.offset
         vol.check_range(request.offset, length)
-        digest = await vol.run(lambda: vol.digest(request.offset, length))
+        with self.policy.bounded("Checksum/VerifyPair", MAX_VERIFY_PER_CLIENT, context):
+            digest = await within_deadline(context, f"checksum of volume {vol.name!r}",
+                                           vol.digest(request.offset, length))
         return pb.ChecksumReply(algorithm="xxh3-128", digest=digest)
 
     # -- pairs ------------------------------------------------------------------
@@ -132,6 +143,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                          status=row.status.value, mode=row.mode, group=row.group,
                          pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
                          direction=row.direction)
+        since = self.events.status_since.get(row.name) if self.events is not None else None
+        if since is not None:  # the event log's last status change of the pair
+            msg.status_since, msg.status_age_seconds = iso_time(since), max(0.0, time.time() - since)
         fence = self.system.fences.get(row.volume)
         if fence:
             msg.reason = f"fenced: {fence}"
@@ -140,6 +154,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         if row.primary and row.mode == "async":
             msg.queue_bytes = pair.queued_bytes()
             msg.lag_seconds = pair.lag_seconds()
+        if row.copy_type == "REMOTE":
+            role = row.role
+            msg.epoch, msg.role_change, msg.role_since, msg.role_seq = row.epoch, role.how, role.since, role.seq
+            msg.fenced_by, msg.divergent_volume = role.fenced_by, role.divergent
         if row.copy_type == "REMOTE" and row.backup_time:
             msg.backup_time = row.backup_time
             msg.backup_age_seconds = seconds_since(row.backup_time)
@@ -191,9 +209,19 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def VerifyPair(self, request: pb.VerifyPairRequest, context: Context) -> pb.VerifyReply:
-        checked, mismatches, repaired = await self.manager.verify(request.name, request.repair)
+        with self.policy.bounded("Checksum/VerifyPair", MAX_VERIFY_PER_CLIENT, context):
+            checked, mismatches, repaired = await within_deadline(
+                context, f"verify of pair {request.name!r}", self.manager.verify(request.name, request.repair))
         return pb.VerifyReply(pair=request.name, tracks_checked=checked, mismatches=mismatches, repaired=repaired,
                               algorithm="xxh3-64")
+
+    @refusals
+    async def TakeoverPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.takeover(request.name, request.group, request.force))
+
+    @refusals
+    async def SwapPair(self, request: pb.RoleChangeRequest, context: Context) -> pb.PairList:
+        return self._rows(await self.manager.swap(request.name, request.group))
 
     @refusals
     async def Backup(self, request: pb.BackupRequest, context: Context) -> pb.BackupReply:
@@ -205,6 +233,14 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         listing = await self.backups.list_backups(request.name)
         listing.schedules.extend(s.message() for s in self.schedules.matching(request.name, ""))
         return listing
+
+    @refusals
+    async def CheckBackup(self, request: pb.CheckBackupRequest, context: Context) -> pb.BackupCheck:
+        return await self.checker.check(request.generation, request.probe, request.probe_timeout_seconds)
+
+    @refusals
+    async def VerifyBackup(self, request: pb.VerifyBackupRequest, context: Context) -> pb.VerifyBackupReply:
+        return await self.receipts.verify(request.generation)
 
     @refusals
     async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:
@@ -221,7 +257,7 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:
-        return await self.restores.begin(request.pair, request.generation)
+        return await self.restores.begin(request.pair, request.generation, force=request.force)
 
     @refusals
     async def FinishRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
@@ -233,7 +269,7 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def RestoreVolume(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreReport:
-        return await self.restores.restore_volume(request.pair, request.generation)
+        return await self.restores.restore_volume(request.pair, request.generation, request.force)
 
     @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:
@@ -270,6 +306,17 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         except Exception:
             log.exception("Events failed for %s", context.peer())
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in Events; see the daemon log")
+
+
+async def within_deadline(context: Context, what: str, work: Awaitable[Rep]) -> Rep:
+    """``work``, stopped when the caller's deadline passes (a cancelled call
+    is stopped by gRPC cancelling the handler)."""
+    remaining = context.time_remaining()
+    try:
+        async with asyncio.timeout(remaining):
+            return await work
+    except TimeoutError:
+        raise DeadlineExceeded(f"{what} stopped at the caller's deadline") from None
 
 
 def event_message(event: Event) -> pb.Event:

@@ -11,15 +11,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from ..errors import PermissionDenied, SplitmirrorError
+from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError, Unavailable
 from ..pairs.manager import PairManager
 from ..procedures.backup import BackupManager
+from ..procedures.check import GenerationChecker
 from ..procedures.restore import RestoreManager
+from ..replication.framing import SequenceCheck
 from ..replication.link import SYSTEM_ID_KEY
 from ..tls import SYSTEM_OU, cert_subject
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
+from .malformed import MalformedInStream
 
 log = logging.getLogger("splitmirror.interconnect")
 
@@ -54,6 +58,25 @@ def peer_id(context: Context, allowed: set[int], own: int,
     return caller
 
 
+ACK_EVERY = 4  # batches applied before an ack goes out even if more wait
+#: Integers a peer sends end up in the copy table (SQLite: signed 64 bits) and
+#: in arithmetic on volumes of at most 16 TiB: larger ones are refused whole.
+INT64_MAX = (1 << 63) - 1
+
+
+def check_integers(message: Message) -> None:
+    """INVALID_ARGUMENT naming the field and the limit for a uint64 above
+    INT64_MAX anywhere in ``message`` (nested messages included)."""
+    for field, value in message.ListFields():
+        values = value if getattr(field, "is_repeated", False) or getattr(field, "label", 1) == 3 else [value]
+        for item in values:
+            if field.type == field.TYPE_MESSAGE:
+                check_integers(item)
+            elif field.type == field.TYPE_UINT64 and item > INT64_MAX:
+                raise InvalidArgument(f"{message.DESCRIPTOR.name}.{field.name} = {item} exceeds the limit "
+                                      f"{INT64_MAX} (2^63-1)")
+
+
 TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batch
 
 
@@ -71,12 +94,21 @@ Rep = TypeVar("Rep")
 
 
 @contextlib.asynccontextmanager
-async def refusals(context: Context) -> AsyncIterator[None]:
-    """A user error raised inside ends the call with its status."""
+async def refusals(context: Context, method: str = "") -> AsyncIterator[None]:
+    """A user error raised inside ends the call with its status; anything else
+    is logged with its traceback and answered INTERNAL without its text (no
+    exception text reaches a peer)."""
     try:
         yield
     except SplitmirrorError as exc:
         await context.abort(exc.code, exc.message)
+        raise
+    except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit, MalformedInStream):
+        raise
+    except Exception:
+        log.exception("interconnect %s failed for %s", method or "call", context.peer())
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method or 'the call'}; "
+                                                      "see the daemon log")
         raise
 
 
@@ -86,32 +118,45 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
 
     @functools.wraps(method)
     async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
-        async with refusals(context):
-            return await method(self, request, context, self._peer(context))
+        async with refusals(context, method.__name__):
+            peer = self._peer(context)
+            check_integers(request)  # type: ignore[arg-type]
+            return await method(self, request, context, peer)
 
     return wrapper
 
 
 class InterconnectServicer(ic_grpc.InterconnectServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager, role: str,
-                 tls: bool = False) -> None:
+                 tls: bool = False, checker: GenerationChecker | None = None) -> None:
         self.manager = manager
+        self.checker = checker or GenerationChecker(backups)
         self.backups = backups
         self.restores = restores
         self.tls = tls
         self.system = manager.system
         self.role = role
         self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
+        #: Set once this system said goodbye to its peers: keepalives are refused from then on.
+        self.stopping = False
 
     def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
 
     @peer_call
     async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
+        if self.stopping:
+            raise Unavailable(f"system {self.system.system_id} is stopping")
+        if request.goodbye:
+            link = self.manager.links.get(peer)
+            if link is not None:
+                link.peer_left()
+            return ic.HelloReply(system_id=self.system.system_id, role=self.role)
         reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
         for pair in self.manager.pairs_with(peer):
             if pair.mirror is not None:
                 reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
+        reply.roles.extend(self.manager.roles.roles_for(peer))
         return reply
 
     @peer_call
@@ -124,6 +169,12 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
 
     async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
                         context: Context) -> AsyncIterator[ic.ReplicateAck]:
+        async with refusals(context, "Replicate"):
+            async for ack in self._replicate(request_iterator, context):
+                yield ack
+
+    async def _replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
+                         context: Context) -> AsyncIterator[ic.ReplicateAck]:
         async with refusals(context):
             peer = self._peer(context)
         batches: asyncio.Queue[ic.ReplicateBatch | None] = asyncio.Queue(maxsize=8)
@@ -131,11 +182,13 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         async def reader() -> None:
             try:
                 async for batch in request_iterator:
+                    check_integers(batch)
                     await batches.put(batch)
             finally:
                 await batches.put(None)
 
         stream = _Stream(asyncio.create_task(reader()), asyncio.current_task())
+        ending = False  # by an exception (an abort, say): a bad message read meanwhile must not replace it
         try:
             first = await batches.get()
             if first is None:
@@ -145,24 +198,39 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             await self._take_over(pair.name, stream, pair.apply_lock)
             try:
                 batch: ic.ReplicateBatch | None = first
+                sequence = SequenceCheck()
+                applied = acked = held = 0
                 while batch is not None and not stream.superseded:
-                    if batch.entries:
-                        try:
-                            await self.manager.mirror_apply(pair, list(batch.entries))
-                        except SplitmirrorError as exc:
-                            log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
-                            await context.abort(exc.code, exc.message)
-                            raise
-                        yield ic.ReplicateAck(seq=batch.entries[-1].seq)
+                    try:
+                        applied = await self.manager.mirror_apply(pair, batch, sequence) or applied
+                    except SplitmirrorError as exc:
+                        log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
+                        await context.abort(exc.code, exc.message)
+                        raise
+                    # Cumulative: one ack covers the batches already waiting
+                    # (a few at most, so that sync writers are not held).
+                    held += 1
+                    if applied != acked and (batches.empty() or held >= ACK_EVERY):
+                        acked, held = applied, 0
+                        yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
+                if applied != acked and not stream.superseded:
+                    yield ic.ReplicateAck(seq=applied)  # the primary ended its side: ack what is applied
             finally:
                 pair.apply_lock.release()
                 if self._streams.get(pair.name) is stream:
                     del self._streams[pair.name]
+        except BaseException:
+            ending = True
+            raise
         finally:
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await stream.reader
+                try:
+                    await stream.reader
+                except (MalformedInStream, SplitmirrorError):
+                    if not ending:
+                        raise
 
     async def _take_over(self, pair: str, stream: _Stream, lock: asyncio.Lock) -> None:
         """Make ``stream`` the pair's only Replicate stream.
@@ -205,14 +273,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         return await self.backups.list_generations(peer, request)
 
     @peer_call
+    async def CheckGeneration(self, request: ic.CheckGenerationRequest, context: Context,
+                              peer: int) -> ic.CheckGenerationReply:
+        return await self.checker.check_for_peer(peer, request)
+
+    @peer_call
     async def RestoreControl(self, request: ic.RestoreControlRequest, context: Context,
                              peer: int) -> ic.RestoreControlReply:
         return await self.restores.control(peer, request)
 
     async def ReadTracks(self, request: ic.ReadTracksRequest,
                          context: Context) -> AsyncIterator[ic.TrackData]:
-        async with refusals(context):
-            tracks = self.manager.mirror_read_tracks(self._peer(context), request.pair, request.tracks)
-        async for first, count, data in tracks:
-            self.system.bytes_sent += len(data)
-            yield ic.TrackData(track=first, count=count, data=data)
+        async with refusals(context, "ReadTracks"):
+            peer = self._peer(context)
+            check_integers(request)
+            tracks = self.manager.mirror_read_tracks(peer, request.pair, request.tracks)
+            async for first, count, data in tracks:
+                self.system.bytes_sent += len(data)
+                yield ic.TrackData(track=first, count=count, data=data)

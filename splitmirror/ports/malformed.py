@@ -20,7 +20,7 @@ MESSAGE = "malformed request message"
 _MALFORMED = object()
 
 
-class _MalformedInStream(Exception):
+class MalformedInStream(Exception):
     """A message of a request stream did not parse."""
 
 
@@ -37,7 +37,7 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
         if request is _MALFORMED:
-            raise _MalformedInStream
+            raise MalformedInStream
         yield request
 
 
@@ -75,7 +75,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     async for reply in duplex(_checked(requests), context):
                         yield reply
-                except _MalformedInStream:
+                except MalformedInStream:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MESSAGE)
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)

@@ -1,16 +1,27 @@
-"""The restore hooks: shell commands run at the primary around a restore.
+"""Hooks: shell commands run at the primary around a restore or a backup.
 
 ``pre_restore_hook`` runs before the PVOL is fenced (e.g. stop the
 application) and ``post_restore_hook`` after it is unfenced (e.g. restart
 it, recover the database).  Each gets the pair, the volume, the phase and
 the system id in its environment, and at most :data:`HOOK_TIMEOUT` seconds.
+
+``pre_backup_hook`` runs once the generations are in sync, just before the
+backup point is fixed (e.g. ``fsfreeze -f``, a database checkpoint), and
+``post_backup_hook`` right after it (``fsfreeze -u``) - also when the backup
+failed or the pre-hook did.  They get the pair(s), the group, the
+generation(s), the phase and the outcome in their environment.  A hook runs
+in its own process group: a timeout kills the command and its children.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
+import shutil
+import signal
 
 from ..errors import FailedPrecondition
 from ..pairstate.pair import Pair
@@ -18,6 +29,52 @@ from ..pairstate.pair import Pair
 log = logging.getLogger("splitmirror.restore")
 
 HOOK_TIMEOUT = 300.0
+BACKUP_HOOK_TIMEOUT = 30.0
+#: Output of a hook kept for its error message (its last line) and the log.
+OUTPUT_TAIL = 4096
+_SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupHooks:
+    pre: str = ""
+    post: str = ""
+    timeout: float = BACKUP_HOOK_TIMEOUT
+
+    def over(self, pre: str, post: str, timeout: float) -> BackupHooks:
+        """These hooks with a schedule's own (where it gives them)."""
+        return BackupHooks(pre or self.pre, post or self.post, timeout or self.timeout)
+
+
+async def run_command(command: str, env: dict[str, str], timeout: float, what: str) -> str:
+    """Run ``command`` with ``env`` added; the problem (exit status or timeout, last output line), or ""."""
+    problem, _ = await command_output(command, env, timeout, what)
+    return problem
+
+
+async def command_output(command: str, env: dict[str, str], timeout: float, what: str) -> tuple[str, str]:
+    """:func:`run_command`, with the tail of the command's output."""
+    # setsid(1) puts the shell in a process group of its own (the timeout
+    # kills the group): a start_new_session would run Python code between
+    # fork and exec in this multi-threaded daemon.
+    proc = await asyncio.create_subprocess_exec(_SETSID, "/bin/sh", "-c", command, env=dict(os.environ, **env),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                stdin=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return f"{what} timed out after {timeout:g}s (killed)", ""
+    text = out[-OUTPUT_TAIL:].decode(errors="replace").strip()
+    if proc.returncode == 0:
+        log.info("%s ran: %s", what, text[-200:])
+        return "", text
+    last = text.splitlines()[-1] if text else "no output"
+    return f"{what} exited with {proc.returncode}: {last}", text
 
 
 async def run_hook(command: str, pair: Pair, phase: str, system_id: int, fatal: bool = True) -> str:
@@ -29,22 +86,11 @@ async def run_hook(command: str, pair: Pair, phase: str, system_id: int, fatal: 
     if not command:
         return ""
     assert pair.primary is not None
-    env = dict(os.environ, SPLITMIRROR_PAIR=pair.name, SPLITMIRROR_VOLUME=pair.primary.volume.name,
+    env = dict(SPLITMIRROR_PAIR=pair.name, SPLITMIRROR_VOLUME=pair.primary.volume.name,
                SPLITMIRROR_PHASE=phase, SPLITMIRROR_SYSTEM_ID=str(system_id))
-    proc = await asyncio.create_subprocess_shell(command, env=env, stdout=asyncio.subprocess.PIPE,
-                                                 stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        problem = f"{phase} hook timed out after {HOOK_TIMEOUT:g}s"
-    else:
-        if proc.returncode == 0:
-            log.info("%s hook for pair %s ran: %s", phase, pair.name, out.decode(errors="replace").strip()[:200])
-            return ""
-        problem = (f"{phase} hook exited with {proc.returncode}: "
-                   f"{out.decode(errors='replace').strip().splitlines()[-1:] or ''}")
+    problem = await run_command(command, env, HOOK_TIMEOUT, f"{phase} hook")
+    if not problem:
+        return ""
     log.error("pair %s: %s", pair.name, problem)
     if fatal:
         raise FailedPrecondition(f"pair {pair.name!r}: {problem}; restore not started")

@@ -32,6 +32,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorE
 from ..eventsink import BACKUP, Event
 from ..names import check_name
 from ..v1 import host_pb2 as pb
+from ..v1 import interconnect_pb2 as ic
 from .backup import BackupManager, check_ring
 
 log = logging.getLogger("splitmirror.schedule")
@@ -44,6 +45,8 @@ MAX_COMMAND = 4096
 MAX_HOOK_TIMEOUT = 3600.0
 #: Longest a due run waits for its pairs to be ready (DUPLEX, link up).
 MAX_READY_WAIT = 60.0
+#: Longest a scheduled check may take at the secondary.
+CHECK_TIMEOUT = 3600.0
 _AT = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
@@ -137,8 +140,8 @@ class BackupScheduler:
         self.schedules: dict[str, Schedule] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Called after each scheduled backup that was taken (the check, at the secondary).
-        self.after_backup: Callable[[Schedule, pb.BackupReply], object] | None = None
+        #: Checks of new backups (schedules with --check) in progress.
+        self._checks: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
         saved = await self.system.table.meta_items(KEY)
@@ -155,6 +158,8 @@ class BackupScheduler:
         self._task = asyncio.create_task(self._loop(), name="backup-scheduler")
 
     async def stop(self) -> None:
+        for task in list(self._checks):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -272,8 +277,12 @@ class BackupScheduler:
         reply: pb.BackupReply | None = None
         try:
             await self._ready(schedule)
-            reply = await self.backups.backup(schedule.pair, schedule.group, "", True, schedule.ring)
-            generations = ", ".join(f"{b.pair}:{b.generation}" for b in reply.backups)
+            hooks = self.backups.hooks.over(schedule.pre_hook, schedule.post_hook, schedule.hook_timeout)
+            reply = await self.backups.backup(schedule.pair, schedule.group, "", True, schedule.ring, hooks,
+                                              schedule.name)
+            generations = ",".join(f"{b.pair}:{b.generation}" for b in reply.backups)
+            if reply.warning:
+                error = reply.warning
         except SplitmirrorError as exc:
             result, error = getattr(exc, "result", "failed"), exc.message
         schedule.runs += 1
@@ -281,7 +290,6 @@ class BackupScheduler:
         schedule.last_result, schedule.last_error = result, error
         if generations:
             schedule.last_generations = generations
-            schedule.last_check = ""
         schedule.next_run = schedule.next_slot(self.clock())
         if self.schedules.get(schedule.name) is schedule:
             await self._save(schedule)
@@ -292,5 +300,26 @@ class BackupScheduler:
         self.system.events.emit(Event(BACKUP, pair=schedule.pair, generation=generations, op="scheduled",
                                       reason=error or result, detail=detail))
         log.info("%s; next at %s", detail, iso_time(schedule.next_run))
-        if reply is not None and self.after_backup is not None:
-            self.after_backup(schedule, reply)
+        if reply is not None and schedule.check:
+            task = asyncio.create_task(self._check(schedule, reply), name=f"check-{schedule.name}")
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _check(self, schedule: Schedule, reply: pb.BackupReply) -> None:
+        """Check each generation the run filled, at the secondary; keep the verdict with the schedule."""
+        verdicts = []
+        for b in reply.backups:
+            pair = self.system.pairs.get(b.pair)
+            try:
+                if pair is None:
+                    raise NotFound(f"pair {b.pair!r} is gone")
+                outcome = await self.backups.peer_rpc(pair, "CheckGeneration", ic.CheckGenerationRequest(
+                    pair=b.pair, generation=b.generation, probe=schedule.probe), CHECK_TIMEOUT)
+                assert isinstance(outcome, ic.CheckGenerationReply)
+                verdicts.append(f"{b.generation} {outcome.verdict}" + (f": {outcome.reason}" if outcome.reason
+                                                                        else f" in {outcome.seconds:.1f}s"))
+            except SplitmirrorError as exc:
+                verdicts.append(f"{b.generation} not checked: {exc.message}")
+        schedule.last_check = "; ".join(verdicts)
+        if self.schedules.get(schedule.name) is schedule:
+            await self._save(schedule)

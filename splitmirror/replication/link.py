@@ -63,15 +63,13 @@ class PeerLink:
         self.address = address
         self.timeout = timeout
         self.metadata = ((SYSTEM_ID_KEY, str(own_id)),)
-        options: list[tuple[str, Any]] = [*message_options(max_message), *RECONNECT_OPTIONS]
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            # The peer must prove it is system ``peer_id``: its certificate
-            # carries that system's name, which we verify instead of the address.
-            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            options.append(("grpc.ssl_target_name_override", system_host_name(peer_id)))
-            self.channel = grpc.aio.secure_channel(address, creds, options=options)
+        self.channel = self._channel(address, tls, max_message)
+        # The keepalive has a connection of its own: a pair whose copy or
+        # write stream fills the data connection (or its peer's receive
+        # window) cannot delay the keepalive answers of every other pair on
+        # the link into a false "peer lost".
+        self.keepalive_channel = self._channel(address, tls, max_message, [("grpc.use_local_subchannel_pool", 1)])
+        self.keepalive_stub = ic_grpc.InterconnectStub(self.keepalive_channel)
         self.stub = ic_grpc.InterconnectStub(self.channel)
         self.up: bool | None = None  # None: not known yet
         self.reason = ""
@@ -85,6 +83,17 @@ class PeerLink:
         #: Seconds the last keepalive answered took (None: none answered yet).
         self.rtt: float | None = None
 
+    def _channel(self, address: str, tls: TlsFiles | None, max_message: int,
+                 extra: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+        options: list[tuple[str, Any]] = [*message_options(max_message), *RECONNECT_OPTIONS, *(extra or [])]
+        if tls is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        # The peer must prove it is system ``peer_id``: its certificate
+        # carries that system's name, which we verify instead of the address.
+        creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        options.append(("grpc.ssl_target_name_override", system_host_name(self.peer_id)))
+        return grpc.aio.secure_channel(address, creds, options=options)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._keepalive(), name=f"keepalive-{self.peer_id}")
 
@@ -96,6 +105,29 @@ class PeerLink:
         for task in list(self._callbacks):
             task.cancel()
         await self.channel.close(grace=None)
+        await self.keepalive_channel.close(grace=None)
+
+    async def goodbye(self) -> None:
+        """Tell the peer this system stops cleanly (bounded, best effort); the keepalive ends first."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not self.up:
+            return
+        request = ic.HelloRequest(system_id=self.own_id, role=self.role, goodbye=True)
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            await self.stub.Hello(request, metadata=self.metadata, timeout=min(1.0, self.timeout))
+
+    def peer_left(self) -> None:
+        """The peer said goodbye: lost now, not a link timeout later."""
+        if self.up is not False:
+            self.up = False
+            self.reason = "peer-stopped"
+            log.info("peer %d at %s stopped cleanly (it said goodbye); its pairs wait for it to return",
+                     self.peer_id, self.address)
+            self._notify(self._on_down)
 
     def suspect(self, reason: str) -> None:
         """A stream to this peer broke: treat it as lost until a keepalive
@@ -116,7 +148,7 @@ class PeerLink:
         while True:
             asked = time.monotonic()
             try:
-                reply = await self.stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
+                reply = await self.keepalive_stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
                                               metadata=self.metadata, timeout=interval * 2)
             except grpc.aio.AioRpcError as exc:
                 if self.up is not False and time.monotonic() - self._last_ok >= self.timeout:

@@ -11,6 +11,7 @@ waits longer than the timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -19,11 +20,15 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from ..v1 import interconnect_pb2 as ic
+from .framing import encode
 from .link import Counters, PeerLink
 from .queue import BackupMarker, Entry, ReplicationQueue
 
 log = logging.getLogger("splitmirror.link")
 
+
+#: Batches sent and not yet acknowledged before the sender waits for an ack.
+SEND_WINDOW = 2
 
 FailureCallback = Callable[[list[Entry], str], Awaitable[None]]
 
@@ -42,6 +47,9 @@ class ReplicationStream:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
+        #: Last sequence number of each batch sent and not yet acknowledged.
+        self._inflight: collections.deque[int] = collections.deque()
+        self._acked = asyncio.Event()
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
@@ -109,27 +117,33 @@ class ReplicationStream:
 
     async def _send(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
         first = True
+        inflight = self._inflight = collections.deque()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.queue.has_unsent:
+                # The send window: while SEND_WINDOW batches await their ack,
+                # new entries gather into the next batch (one message and
+                # one ack for many writes; nothing waits when the link is idle).
+                while len(inflight) >= SEND_WINDOW:
+                    self._acked.clear()
+                    await self._acked.wait()
                 batch = self.queue.take_batch()
-                msg = ic.ReplicateBatch(pair=self.pair if first else "")
-                first = False
-                for e in batch:
-                    wire = msg.entries.add(seq=e.seq, offset=e.offset, data=e.data, zero_length=e.zero_length,
-                                           flush=e.flush, resync=e.resync)
-                    if e.marker is not None:
-                        wire.backup_marker = e.marker.marker
-                        wire.backup_generation = e.marker.generation
-                        wire.backup_time = e.marker.backup_time
-                await call.write(msg)
+                inflight.append(batch[-1].seq)
+                for msg in messages(batch):
+                    if first:
+                        msg.pair = self.pair
+                        first = False
+                    await call.write(msg)
 
     async def _receive(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
         async for ack in call:
             if ack.error:
                 raise RuntimeError(f"peer failed to apply: {ack.error}")
             self._last_progress = time.monotonic()
+            while self._inflight and self._inflight[0] <= ack.seq:
+                self._inflight.popleft()
+                self._acked.set()
             for entry in self.queue.ack(ack.seq):
                 if not entry.resync and not entry.flush:
                     self.counters.replicated_writes += 1
@@ -164,3 +178,23 @@ class ReplicationStream:
             for fut in waiters.values():
                 if not fut.done():
                     fut.set_result(False)
+
+
+def messages(batch: list[Entry]) -> list[ic.ReplicateBatch]:
+    """A batch as stream messages: runs of entries packed into one buffer
+    each, a backup marker in a message of its own."""
+    out: list[ic.ReplicateBatch] = []
+    run: list[Entry] = []
+    for e in batch:
+        if e.marker is None:
+            run.append(e)
+            continue
+        if run:
+            out.append(ic.ReplicateBatch(packed=encode(run)))
+            run = []
+        out.append(ic.ReplicateBatch(entries=[ic.WriteEntry(
+            seq=e.seq, offset=e.offset, backup_marker=e.marker.marker, backup_generation=e.marker.generation,
+            backup_time=e.marker.backup_time)]))
+    if run:
+        out.append(ic.ReplicateBatch(packed=encode(run)))
+    return out

@@ -141,6 +141,6 @@ class TrackBitmap:
         if data:
             try:
                 result._bits = BitMap.deserialize(data)
-            except Exception as exc:
-                raise ValueError(f"corrupt track bitmap: {exc}") from None
+            except Exception:  # the library's own words are no message for a peer
+                raise ValueError("corrupt track bitmap (not a serialized roaring bitmap)") from None
         return result

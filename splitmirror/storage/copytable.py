@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     direction TEXT NOT NULL DEFAULT 'forward',
     backup_time TEXT,
     backup_seq INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 1,
+    role TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, volume)
 );
 CREATE TABLE IF NOT EXISTS bitmaps (
@@ -98,6 +100,29 @@ class VolumeRow:
 
 
 @dataclasses.dataclass
+class RoleRecord:
+    """How this end got its role, kept with the row (a JSON column)."""
+
+    how: str = ""          # "", "takeover" or "swap": the last role change
+    since: str = ""        # ISO 8601: when it happened
+    seq: int = 0           # takeover: the last sequence of the write order applied here
+    fenced_by: int = 0     # an old primary: the system that took the role over
+    divergent: str = ""    # an old primary: the volume its divergent tracks were saved into
+    swap: str = ""         # a swap under way: "demoted" (this end gave the role away)
+
+    def to_json(self) -> str:
+        body = {k: v for k, v in dataclasses.asdict(self).items() if v}
+        return json.dumps(body, separators=(",", ":")) if body else ""
+
+    @classmethod
+    def from_json(cls, text: str) -> RoleRecord:
+        if not text:
+            return cls()
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in names})
+
+
+@dataclasses.dataclass
 class PairRow:
     """One row of the copy management table (one end of one pair)."""
 
@@ -115,6 +140,11 @@ class PairRow:
     direction: str = "forward"
     backup_time: str | None = None  # generations: when their backup was taken; remote pairs: the newest backup
     backup_seq: int = 0             # generations: how many backups they held
+    #: Role epoch of a remote pair's end (DRBD's generation identifiers are the
+    #: model): it grows by one at every takeover or swap, and on contact the
+    #: end with the higher epoch says who is primary.
+    epoch: int = 1
+    role: RoleRecord = dataclasses.field(default_factory=lambda: RoleRecord())
 
     @property
     def key(self) -> tuple[str, str]:
@@ -196,6 +226,14 @@ class EventRows:
         await self._call(lambda db: db.execute("DELETE FROM events WHERE seq <= ?", (keep_after,)))
 
 
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Columns newer than a copy table made by an earlier release."""
+    have = {str(r[1]) for r in db.execute("PRAGMA table_info(pairs)")}
+    for name, decl in (("epoch", "INTEGER NOT NULL DEFAULT 1"), ("role", "TEXT NOT NULL DEFAULT ''")):
+        if name not in have:
+            db.execute(f"ALTER TABLE pairs ADD COLUMN {name} {decl}")
+
+
 class CopyTable(EventRows):
     """Asynchronous front of the SQLite database ``DATA_DIR/copytable.sqlite``."""
 
@@ -206,6 +244,10 @@ class CopyTable(EventRows):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_runs: list[tuple[str, str, int, int]] = []
         self._commit_future: asyncio.Future[None] | None = None  # the commit writers join
+        self._pending_intent: list[tuple[str, int]] = []
+        self._intent_future: asyncio.Future[None] | None = None  # the intent commit writers join
+        self._changes = 0  # rows changed by the commits so far
+        self._synced = -1  # ... when the WAL was last made durable
 
     @property
     def is_open(self) -> bool:
@@ -221,6 +263,7 @@ class CopyTable(EventRows):
             raise RuntimeError(f"copy table {self.path} is closed")
         with self._db:
             result = fn(self._db)
+        self._changes = self._db.total_changes  # committed: sync() has work to do
         if isinstance(result, sqlite3.Cursor):
             # Never let a cursor reach the event loop thread: finalizing its
             # statement there races with this thread (SQLITE_MISUSE).
@@ -234,11 +277,13 @@ class CopyTable(EventRows):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            _add_columns(db)
             return db
 
         loop = asyncio.get_running_loop()
         self._db = await loop.run_in_executor(self._executor, connect)
         self._loop = loop
+        self._changes, self._synced = 0, -1
 
     async def sync(self) -> None:
         """Make every commit so far durable against power loss (fsync the WAL)."""
@@ -254,9 +299,15 @@ class CopyTable(EventRows):
             finally:
                 os.close(fd)
 
+        # Nothing committed since the last sync: the WAL is durable already
+        # (a host FLUSH with no new pair or bitmap change costs no fsync).
+        changes = self._changes
+        if changes == self._synced:
+            return
         # Not on the SQLite thread: commits made meanwhile need not wait for
         # the disk, and everything committed before this call is in the WAL.
         await asyncio.to_thread(fsync_wal)
+        self._synced = max(self._synced, changes)
 
     async def close(self) -> None:
         def shut() -> None:
@@ -317,11 +368,11 @@ class CopyTable(EventRows):
         def q(db: sqlite3.Connection) -> list[PairRow]:
             rows = db.execute(
                 "SELECT name, volume, copy_type, pair_system_id, mirror_volume, is_primary, status,"
-                " mode, grp, split_time, reason, direction, backup_time, backup_seq FROM pairs"
+                " mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role FROM pairs"
                 " ORDER BY name, is_primary DESC")
             return [
                 PairRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), PairStatus(r[6]), r[7], r[8], r[9],
-                        r[10], r[11], r[12], r[13])
+                        r[10], r[11], r[12], r[13], r[14], RoleRecord.from_json(r[15]))
                 for r in rows
             ]
 
@@ -330,11 +381,11 @@ class CopyTable(EventRows):
     async def save_pair(self, row: PairRow) -> None:
         values = (row.name, row.volume, row.copy_type, row.pair_system_id, row.mirror_volume,
                   int(row.primary), row.status.value, row.mode, row.group, row.split_time, row.reason,
-                  row.direction, row.backup_time, row.backup_seq)
+                  row.direction, row.backup_time, row.backup_seq, row.epoch, row.role.to_json())
         await self._call(lambda db: db.execute(
             "INSERT OR REPLACE INTO pairs(name, volume, copy_type, pair_system_id, mirror_volume,"
-            " is_primary, status, mode, grp, split_time, reason, direction, backup_time, backup_seq)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
+            " is_primary, status, mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
 
     async def remove_pair(self, name: str, volume: str) -> None:
         def q(db: sqlite3.Connection) -> None:
@@ -397,9 +448,23 @@ class CopyTable(EventRows):
         return await self._call(q)
 
     async def add_intent(self, volume: str, extents: Iterable[int]) -> None:
-        rows = [(volume, e) for e in extents]
+        """Durably record write-intent extents; returns once they are committed.
+
+        The writes that record extents in the same step of the event loop
+        (a copy chunk's tracks, a burst of host writes) share one commit
+        instead of queueing one each on the SQLite thread.
+        """
+        self._pending_intent.extend((volume, e) for e in extents)
+        if self._intent_future is None:
+            self._intent_future = asyncio.ensure_future(self._commit_intent())
+        await asyncio.shield(self._intent_future)
+
+    async def _commit_intent(self) -> None:
+        await asyncio.sleep(0)  # let concurrent writers join this commit
+        batch, self._pending_intent = self._pending_intent, []
+        self._intent_future = None
         await self._call(lambda db: db.executemany(
-            "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", rows))
+            "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", batch))
 
     async def remove_intent(self, volume: str, extents: Iterable[int]) -> None:
         rows = [(volume, e) for e in extents]

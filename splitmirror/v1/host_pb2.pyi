@@ -421,6 +421,14 @@ class PairRow(_message.Message):
     LAG_SECONDS_FIELD_NUMBER: _builtins.int
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     BACKUP_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ROLE_CHANGE_FIELD_NUMBER: _builtins.int
+    ROLE_SINCE_FIELD_NUMBER: _builtins.int
+    ROLE_SEQ_FIELD_NUMBER: _builtins.int
+    FENCED_BY_FIELD_NUMBER: _builtins.int
+    DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
+    STATUS_SINCE_FIELD_NUMBER: _builtins.int
+    STATUS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -457,6 +465,24 @@ class PairRow(_message.Message):
     empty when none), and its age in seconds.
     """
     backup_age_seconds: _builtins.float
+    epoch: _builtins.int
+    """Remote pairs: the role epoch of this end (grows at every takeover and
+    swap), how it got its role (takeover, swap; empty: created so), since
+    when, and for a takeover the last sequence of the write order applied.
+    """
+    role_change: _builtins.str
+    role_since: _builtins.str
+    role_seq: _builtins.int
+    fenced_by: _builtins.int
+    """An old primary fenced because this system took the role over; the
+    volume its divergent tracks were saved into before a resync.
+    """
+    divergent_volume: _builtins.str
+    status_since: _builtins.str
+    """When this end entered its status (ISO 8601; a status loaded at start
+    counts from the start), and the seconds since then.
+    """
+    status_age_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -483,10 +509,18 @@ class PairRow(_message.Message):
         lag_seconds: _builtins.float = ...,
         backup_time: _builtins.str = ...,
         backup_age_seconds: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        role_change: _builtins.str = ...,
+        role_since: _builtins.str = ...,
+        role_seq: _builtins.int = ...,
+        fenced_by: _builtins.int = ...,
+        divergent_volume: _builtins.str = ...,
+        status_since: _builtins.str = ...,
+        status_age_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "eta_seconds", b"eta_seconds", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "status_age_seconds", b"status_age_seconds", "status_since", b"status_since", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,6 +552,34 @@ class GroupBackup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GroupBackup: _TypeAlias = GroupBackup  # noqa: Y015
+
+@_typing.final
+class RoleChangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a pair, or empty with group"""
+    group: _builtins.str
+    """every remote pair of this consistency group, at one point of the write order"""
+    force: _builtins.bool
+    """takeover: even while the primary answers (both claim it: the higher epoch wins)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        group: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "group", b"group", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleChangeRequest: _TypeAlias = RoleChangeRequest  # noqa: Y015
 
 @_typing.final
 class SetPairModeRequest(_message.Message):
@@ -651,10 +713,13 @@ class BackupReply(_message.Message):
     BACKUPS_FIELD_NUMBER: _builtins.int
     LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
     PREPARE_SECONDS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     latency_seconds: _builtins.float
     """command to split"""
     prepare_seconds: _builtins.float
     """of which bringing generations in sync"""
+    warning: _builtins.str
+    """the post-backup hook failed (the backup itself did not)"""
     @_builtins.property
     def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackupResult]: ...
     def __init__(
@@ -663,10 +728,11 @@ class BackupReply(_message.Message):
         backups: _abc.Iterable[Global___BackupResult] | None = ...,
         latency_seconds: _builtins.float = ...,
         prepare_seconds: _builtins.float = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "latency_seconds", b"latency_seconds", "prepare_seconds", b"prepare_seconds", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -683,6 +749,10 @@ class Generation(_message.Message):
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHECK_VERDICT_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    CHECK_SECONDS_FIELD_NUMBER: _builtins.int
+    CHECK_REASON_FIELD_NUMBER: _builtins.int
     remote_pair: _builtins.str
     local_pair: _builtins.str
     svol: _builtins.str
@@ -692,6 +762,13 @@ class Generation(_message.Message):
     changed_tracks: _builtins.int
     """SPVOL tracks written since the backup"""
     sequence: _builtins.int
+    check_verdict: _builtins.str
+    """The newest check of this backup (empty verdict: not checked).
+    passed or failed
+    """
+    check_time: _builtins.str
+    check_seconds: _builtins.float
+    check_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -702,14 +779,187 @@ class Generation(_message.Message):
         backup_time: _builtins.str = ...,
         changed_tracks: _builtins.int = ...,
         sequence: _builtins.int = ...,
+        check_verdict: _builtins.str = ...,
+        check_time: _builtins.str = ...,
+        check_seconds: _builtins.float = ...,
+        check_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "local_pair", b"local_pair", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "check_reason", b"check_reason", "check_seconds", b"check_seconds", "check_time", b"check_time", "check_verdict", b"check_verdict", "local_pair", b"local_pair", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Generation: _TypeAlias = Generation  # noqa: Y015
+
+@_typing.final
+class CheckBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    PROBE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    """a local pair at the secondary holding a backup"""
+    probe: _builtins.str
+    """shell command run on the mounted copy (cwd and $SPLITMIRROR_MOUNT)"""
+    probe_timeout_seconds: _builtins.float
+    """0: 600"""
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        probe: _builtins.str = ...,
+        probe_timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "probe", b"probe", "probe_timeout_seconds", b"probe_timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBackupRequest: _TypeAlias = CheckBackupRequest  # noqa: Y015
+
+@_typing.final
+class BackupCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    REMOTE_PAIR_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    SVOL_DIGEST_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    remote_pair: _builtins.str
+    backup_time: _builtins.str
+    sequence: _builtins.int
+    verdict: _builtins.str
+    """passed or failed"""
+    checked_at: _builtins.str
+    seconds: _builtins.float
+    reason: _builtins.str
+    """why it failed (fsck, mount or probe), empty when passed"""
+    output: _builtins.str
+    """tail of the fsck and probe output"""
+    svol_digest: _builtins.str
+    """xxh3-128 of the SVOL before and after: unchanged by the check"""
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        remote_pair: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        verdict: _builtins.str = ...,
+        checked_at: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        output: _builtins.str = ...,
+        svol_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "checked_at", b"checked_at", "generation", b"generation", "output", b"output", "reason", b"reason", "remote_pair", b"remote_pair", "seconds", b"seconds", "sequence", b"sequence", "svol_digest", b"svol_digest", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupCheck: _TypeAlias = BackupCheck  # noqa: Y015
+
+@_typing.final
+class VerifyBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBackupRequest: _TypeAlias = VerifyBackupRequest  # noqa: Y015
+
+@_typing.final
+class VerifyBackupReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    ROOT_OK_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
+    TRACK_SIZE_FIELD_NUMBER: _builtins.int
+    TRACKS_CHECKED_FIELD_NUMBER: _builtins.int
+    MISMATCHED_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FIELD_NUMBER: _builtins.int
+    RECEIPT_CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    svol: _builtins.str
+    sequence: _builtins.int
+    backup_time: _builtins.str
+    root: _builtins.str
+    """xxh3-128 over the receipt's track digests"""
+    root_ok: _builtins.bool
+    """the receipt's digests still hash to its root"""
+    signature: _builtins.str
+    """valid, invalid or unsigned (no TLS)"""
+    signer: _builtins.str
+    """subject of the certificate that signed it"""
+    track_size: _builtins.int
+    tracks_checked: _builtins.int
+    mismatched: _builtins.int
+    seconds: _builtins.float
+    receipt_time: _builtins.str
+    receipt_changed_tracks: _builtins.int
+    """tracks digested when the receipt was taken"""
+    ok: _builtins.bool
+    @_builtins.property
+    def tracks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """mismatching tracks (the first 1000)"""
+
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        backup_time: _builtins.str = ...,
+        root: _builtins.str = ...,
+        root_ok: _builtins.bool = ...,
+        signature: _builtins.str = ...,
+        signer: _builtins.str = ...,
+        track_size: _builtins.int = ...,
+        tracks_checked: _builtins.int = ...,
+        mismatched: _builtins.int = ...,
+        tracks: _abc.Iterable[_builtins.int] | None = ...,
+        seconds: _builtins.float = ...,
+        receipt_time: _builtins.str = ...,
+        receipt_changed_tracks: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "generation", b"generation", "mismatched", b"mismatched", "ok", b"ok", "receipt_changed_tracks", b"receipt_changed_tracks", "receipt_time", b"receipt_time", "root", b"root", "root_ok", b"root_ok", "seconds", b"seconds", "sequence", b"sequence", "signature", b"signature", "signer", b"signer", "svol", b"svol", "track_size", b"track_size", "tracks", b"tracks", "tracks_checked", b"tracks_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBackupReply: _TypeAlias = VerifyBackupReply  # noqa: Y015
 
 @_typing.final
 class GenerationList(_message.Message):
@@ -899,10 +1149,13 @@ class RestoreRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     PATHS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     """the remote pair"""
     generation: _builtins.str
     """the local pair holding the backup"""
+    force: _builtins.bool
+    """restore even if the generation fails verification against its receipt"""
     @_builtins.property
     def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -911,10 +1164,11 @@ class RestoreRequest(_message.Message):
         pair: _builtins.str = ...,
         generation: _builtins.str = ...,
         paths: _abc.Iterable[_builtins.str] | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "paths", b"paths"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "generation", b"generation", "pair", b"pair", "paths", b"paths"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

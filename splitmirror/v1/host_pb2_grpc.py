@@ -109,6 +109,16 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.FromString,
                 _registered_method=True)
+        self.TakeoverPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/TakeoverPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
+        self.SwapPair = channel.unary_unary(
+                '/splitmirror.v1.HostApi/SwapPair',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/splitmirror.v1.HostApi/Backup',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.SerializeToString,
@@ -118,6 +128,16 @@ class HostApiStub:
                 '/splitmirror.v1.HostApi/ListBackups',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+                _registered_method=True)
+        self.CheckBackup = channel.unary_unary(
+                '/splitmirror.v1.HostApi/CheckBackup',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupCheck.FromString,
+                _registered_method=True)
+        self.VerifyBackup = channel.unary_unary(
+                '/splitmirror.v1.HostApi/VerifyBackup',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupReply.FromString,
                 _registered_method=True)
         self.SetSchedule = channel.unary_unary(
                 '/splitmirror.v1.HostApi/SetSchedule',
@@ -259,6 +279,21 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeoverPair(self, request, context):
+        """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+        its mirror end becomes the primary end; with both up and the pair DUPLEX,
+        a swap reverses the roles with no data copied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapPair(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Backup(self, request, context):
         """Point-in-time backup of a remote pair (or of every remote pair of a
         consistency group) into a backup generation at the secondary, without
@@ -270,6 +305,22 @@ class HostApiServicer:
 
     def ListBackups(self, request, context):
         """Backup generations of a remote pair (at the primary: asked of the peer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckBackup(self, request, context):
+        """Prove a split generation restorable (at the secondary): fsck and the
+        operator's probe on a copy-on-write overlay that never writes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyBackup(self, request, context):
+        """Re-read a generation and compare every track with its backup receipt
+        (the digests recorded when it was split), at the secondary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -418,6 +469,16 @@ def add_HostApiServicer_to_server(servicer, server):
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyPairRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyReply.SerializeToString,
             ),
+            'TakeoverPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeoverPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
+            ),
+            'SwapPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapPair,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.PairList.SerializeToString,
+            ),
             'Backup': grpc.unary_unary_rpc_method_handler(
                     servicer.Backup,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupRequest.FromString,
@@ -427,6 +488,16 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.ListBackups,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.PairRef.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.GenerationList.SerializeToString,
+            ),
+            'CheckBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckBackup,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.BackupCheck.SerializeToString,
+            ),
+            'VerifyBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBackup,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupReply.SerializeToString,
             ),
             'SetSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSchedule,
@@ -890,6 +961,60 @@ class HostApi:
             _registered_method=True)
 
     @staticmethod
+    def TakeoverPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/TakeoverPair',
+            splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/SwapPair',
+            splitmirror_dot_v1_dot_host__pb2.RoleChangeRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.PairList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Backup(request,
             target,
             options=(),
@@ -933,6 +1058,60 @@ class HostApi:
             '/splitmirror.v1.HostApi/ListBackups',
             splitmirror_dot_v1_dot_host__pb2.PairRef.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.GenerationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/CheckBackup',
+            splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.BackupCheck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/VerifyBackup',
+            splitmirror_dot_v1_dot_host__pb2.VerifyBackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.VerifyBackupReply.FromString,
             options,
             channel_credentials,
             insecure,

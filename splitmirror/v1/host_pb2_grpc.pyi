@@ -46,6 +46,12 @@ class HostApiStub:
     DeletePair: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]
     SetPairMode: _grpc.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]
     VerifyPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]
+    TakeoverPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]
+    """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+    its mirror end becomes the primary end; with both up and the pair DUPLEX,
+    a swap reverses the roles with no data copied.
+    """
+    SwapPair: _grpc.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]
     Backup: _grpc.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -53,6 +59,14 @@ class HostApiStub:
     """
     ListBackups: _grpc.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    CheckBackup: _grpc.UnaryUnaryMultiCallable[_host_pb2.CheckBackupRequest, _host_pb2.BackupCheck]
+    """Prove a split generation restorable (at the secondary): fsck and the
+    operator's probe on a copy-on-write overlay that never writes it.
+    """
+    VerifyBackup: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyBackupRequest, _host_pb2.VerifyBackupReply]
+    """Re-read a generation and compare every track with its backup receipt
+    (the digests recorded when it was split), at the secondary.
+    """
     SetSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]
     """Backup schedules, kept in the primary's copy table and run by it."""
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]
@@ -94,6 +108,12 @@ class HostApiAsyncStub(HostApiStub):
     DeletePair: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.Empty]  # type: ignore[assignment]
     SetPairMode: _aio.UnaryUnaryMultiCallable[_host_pb2.SetPairModeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     VerifyPair: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyPairRequest, _host_pb2.VerifyReply]  # type: ignore[assignment]
+    TakeoverPair: _aio.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]  # type: ignore[assignment]
+    """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+    its mirror end becomes the primary end; with both up and the pair DUPLEX,
+    a swap reverses the roles with no data copied.
+    """
+    SwapPair: _aio.UnaryUnaryMultiCallable[_host_pb2.RoleChangeRequest, _host_pb2.PairList]  # type: ignore[assignment]
     Backup: _aio.UnaryUnaryMultiCallable[_host_pb2.BackupRequest, _host_pb2.BackupReply]  # type: ignore[assignment]
     """Point-in-time backup of a remote pair (or of every remote pair of a
     consistency group) into a backup generation at the secondary, without
@@ -101,6 +121,14 @@ class HostApiAsyncStub(HostApiStub):
     """
     ListBackups: _aio.UnaryUnaryMultiCallable[_host_pb2.PairRef, _host_pb2.GenerationList]  # type: ignore[assignment]
     """Backup generations of a remote pair (at the primary: asked of the peer)."""
+    CheckBackup: _aio.UnaryUnaryMultiCallable[_host_pb2.CheckBackupRequest, _host_pb2.BackupCheck]  # type: ignore[assignment]
+    """Prove a split generation restorable (at the secondary): fsck and the
+    operator's probe on a copy-on-write overlay that never writes it.
+    """
+    VerifyBackup: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyBackupRequest, _host_pb2.VerifyBackupReply]  # type: ignore[assignment]
+    """Re-read a generation and compare every track with its backup receipt
+    (the digests recorded when it was split), at the secondary.
+    """
     SetSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]  # type: ignore[assignment]
     """Backup schedules, kept in the primary's copy table and run by it."""
     ListSchedules: _aio.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]  # type: ignore[assignment]
@@ -231,6 +259,24 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_host_pb2.VerifyReply, _abc.Awaitable[_host_pb2.VerifyReply]]: ...
 
     @_abc_1.abstractmethod
+    def TakeoverPair(
+        self,
+        request: _host_pb2.RoleChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]:
+        """Disaster recovery (issue 18): at the secondary, when the primary is lost,
+        its mirror end becomes the primary end; with both up and the pair DUPLEX,
+        a swap reverses the roles with no data copied.
+        """
+
+    @_abc_1.abstractmethod
+    def SwapPair(
+        self,
+        request: _host_pb2.RoleChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.PairList, _abc.Awaitable[_host_pb2.PairList]]: ...
+
+    @_abc_1.abstractmethod
     def Backup(
         self,
         request: _host_pb2.BackupRequest,
@@ -248,6 +294,26 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.GenerationList, _abc.Awaitable[_host_pb2.GenerationList]]:
         """Backup generations of a remote pair (at the primary: asked of the peer)."""
+
+    @_abc_1.abstractmethod
+    def CheckBackup(
+        self,
+        request: _host_pb2.CheckBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.BackupCheck, _abc.Awaitable[_host_pb2.BackupCheck]]:
+        """Prove a split generation restorable (at the secondary): fsck and the
+        operator's probe on a copy-on-write overlay that never writes it.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyBackup(
+        self,
+        request: _host_pb2.VerifyBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.VerifyBackupReply, _abc.Awaitable[_host_pb2.VerifyBackupReply]]:
+        """Re-read a generation and compare every track with its backup receipt
+        (the digests recorded when it was split), at the secondary.
+        """
 
     @_abc_1.abstractmethod
     def SetSchedule(

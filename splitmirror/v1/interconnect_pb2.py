@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitmirror/v1/interconnect.proto\x12\x0esplitmirror.v1\"\\\n\x15RestoreControlRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12%\n\x02op\x18\x02 \x01(\x0e\x32\x19.splitmirror.v1.RestoreOp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"S\n\x13RestoreControlReply\x12\x0c\n\x04pvol\x18\x01 \x01(\t\x12\x0e\n\x06tracks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07warning\x18\x04 \x01(\t\"F\n\x14PrepareBackupRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\x0c\n\x04ring\x18\x03 \x03(\t\"O\n\x12PrepareBackupReply\x12\x12\n\ngeneration\x18\x01 \x01(\t\x12\x0c\n\x04svol\x18\x02 \x01(\t\x12\x17\n\x0fresynced_tracks\x18\x03 \x01(\x04\"3\n\x13\x46inishBackupRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0e\n\x06marker\x18\x02 \x01(\t\"z\n\x11\x46inishBackupReply\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\r\n\x05known\x18\x06 \x01(\x08\"&\n\x16ListGenerationsRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\"\x81\x01\n\x0eGenerationInfo\x12\x12\n\nlocal_pair\x18\x01 \x01(\t\x12\x0c\n\x04svol\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\x04 \x01(\t\x12\x16\n\x0e\x63hanged_tracks\x18\x05 \x01(\x04\x12\x10\n\x08sequence\x18\x06 \x01(\x04\"K\n\x14ListGenerationsReply\x12\x33\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1e.splitmirror.v1.GenerationInfo\"G\n\x13TrackDigestsRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_track\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"7\n\x11TrackDigestsReply\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\"/\n\x0cHelloRequest\x12\x11\n\tsystem_id\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\"[\n\nHelloReply\x12\x11\n\tsystem_id\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12,\n\x07mirrors\x18\x03 \x03(\x0b\x32\x1b.splitmirror.v1.MirrorState\"~\n\x13\x41ttachMirrorRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0c\n\x04pvol\x18\x02 \x01(\t\x12\x0c\n\x04svol\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x12\n\ntrack_size\x18\x05 \x01(\r\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\r\n\x05group\x18\x07 \x01(\t\"\xa4\x01\n\x12PairCommandRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\"\n\x02op\x18\x02 \x01(\x0e\x32\x16.splitmirror.v1.PairOp\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0f\n\x07reverse\x18\x05 \x01(\x08\x12\x12\n\nsplit_time\x18\x06 \x01(\t\x12\x19\n\x11include_allocated\x18\x07 \x01(\x08\"\xa7\x01\n\x0bMirrorState\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x16\n\x0epending_bitmap\x18\x04 \x01(\x0c\x12\x18\n\x10\x61llocated_bitmap\x18\x05 \x01(\x0c\x12\x16\n\x0epending_tracks\x18\x06 \x01(\x04\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x12\n\ntrack_size\x18\x08 \x01(\r\"\xb2\x01\n\nWriteEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bzero_length\x18\x04 \x01(\x04\x12\r\n\x05\x66lush\x18\x05 \x01(\x08\x12\x0e\n\x06resync\x18\x06 \x01(\x08\x12\x15\n\rbackup_marker\x18\x07 \x01(\t\x12\x19\n\x11\x62\x61\x63kup_generation\x18\x08 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\t \x01(\t\"K\n\x0eReplicateBatch\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.splitmirror.v1.WriteEntry\"*\n\x0cReplicateAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"1\n\x11ReadTracksRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0e\n\x06tracks\x18\x02 \x01(\x0c\"7\n\tTrackData\x12\r\n\x05track\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\x8a\x01\n\tRestoreOp\x12\x1a\n\x16RESTORE_OP_UNSPECIFIED\x10\x00\x12\x14\n\x10RESTORE_OP_FENCE\x10\x01\x12\x1d\n\x19RESTORE_OP_RESYNC_REVERSE\x10\x02\x12\x16\n\x12RESTORE_OP_UNFENCE\x10\x03\x12\x14\n\x10RESTORE_OP_ABORT\x10\x04*\xd4\x01\n\x06PairOp\x12\x17\n\x13PAIR_OP_UNSPECIFIED\x10\x00\x12\x12\n\x0ePAIR_OP_STATUS\x10\x01\x12\x11\n\rPAIR_OP_SPLIT\x10\x02\x12\x13\n\x0fPAIR_OP_SUSPEND\x10\x03\x12\x18\n\x14PAIR_OP_RESYNC_BEGIN\x10\x04\x12\x18\n\x14PAIR_OP_CLEAR_BITMAP\x10\x05\x12\x17\n\x13PAIR_OP_RESYNC_DONE\x10\x06\x12\x12\n\x0ePAIR_OP_DELETE\x10\x07\x12\x14\n\x10PAIR_OP_SET_MODE\x10\x08\x32\xda\x06\n\x0cInterconnect\x12\x41\n\x05Hello\x12\x1c.splitmirror.v1.HelloRequest\x1a\x1a.splitmirror.v1.HelloReply\x12P\n\x0c\x41ttachMirror\x12#.splitmirror.v1.AttachMirrorRequest\x1a\x1b.splitmirror.v1.MirrorState\x12N\n\x0bPairCommand\x12\".splitmirror.v1.PairCommandRequest\x1a\x1b.splitmirror.v1.MirrorState\x12M\n\tReplicate\x12\x1e.splitmirror.v1.ReplicateBatch\x1a\x1c.splitmirror.v1.ReplicateAck(\x01\x30\x01\x12L\n\nReadTracks\x12!.splitmirror.v1.ReadTracksRequest\x1a\x19.splitmirror.v1.TrackData0\x01\x12V\n\x0cTrackDigests\x12#.splitmirror.v1.TrackDigestsRequest\x1a!.splitmirror.v1.TrackDigestsReply\x12Y\n\rPrepareBackup\x12$.splitmirror.v1.PrepareBackupRequest\x1a\".splitmirror.v1.PrepareBackupReply\x12V\n\x0c\x46inishBackup\x12#.splitmirror.v1.FinishBackupRequest\x1a!.splitmirror.v1.FinishBackupReply\x12_\n\x0fListGenerations\x12&.splitmirror.v1.ListGenerationsRequest\x1a$.splitmirror.v1.ListGenerationsReply\x12\\\n\x0eRestoreControl\x12%.splitmirror.v1.RestoreControlRequest\x1a#.splitmirror.v1.RestoreControlReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitmirror/v1/interconnect.proto\x12\x0esplitmirror.v1\"\\\n\x15RestoreControlRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12%\n\x02op\x18\x02 \x01(\x0e\x32\x19.splitmirror.v1.RestoreOp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"S\n\x13RestoreControlReply\x12\x0c\n\x04pvol\x18\x01 \x01(\t\x12\x0e\n\x06tracks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07warning\x18\x04 \x01(\t\"F\n\x14PrepareBackupRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\x0c\n\x04ring\x18\x03 \x03(\t\"O\n\x12PrepareBackupReply\x12\x12\n\ngeneration\x18\x01 \x01(\t\x12\x0c\n\x04svol\x18\x02 \x01(\t\x12\x17\n\x0fresynced_tracks\x18\x03 \x01(\x04\"3\n\x13\x46inishBackupRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0e\n\x06marker\x18\x02 \x01(\t\"z\n\x11\x46inishBackupReply\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\r\n\x05known\x18\x06 \x01(\x08\"&\n\x16ListGenerationsRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\"\xd9\x01\n\x0eGenerationInfo\x12\x12\n\nlocal_pair\x18\x01 \x01(\t\x12\x0c\n\x04svol\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\x04 \x01(\t\x12\x16\n\x0e\x63hanged_tracks\x18\x05 \x01(\x04\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x15\n\rcheck_verdict\x18\x07 \x01(\t\x12\x12\n\ncheck_time\x18\x08 \x01(\t\x12\x15\n\rcheck_seconds\x18\t \x01(\x01\x12\x14\n\x0c\x63heck_reason\x18\n \x01(\t\"I\n\x16\x43heckGenerationRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\r\n\x05probe\x18\x03 \x01(\t\"H\n\x14\x43heckGenerationReply\x12\x0f\n\x07verdict\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"K\n\x14ListGenerationsReply\x12\x33\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1e.splitmirror.v1.GenerationInfo\"W\n\x13TrackDigestsRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_track\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x0e\n\x06tracks\x18\x04 \x01(\x0c\"7\n\x11TrackDigestsReply\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\"@\n\x0cHelloRequest\x12\x11\n\tsystem_id\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07goodbye\x18\x03 \x01(\x08\"\x87\x01\n\nHelloReply\x12\x11\n\tsystem_id\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12,\n\x07mirrors\x18\x03 \x03(\x0b\x32\x1b.splitmirror.v1.MirrorState\x12*\n\x05roles\x18\x04 \x03(\x0b\x32\x1b.splitmirror.v1.MirrorState\"~\n\x13\x41ttachMirrorRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0c\n\x04pvol\x18\x02 \x01(\t\x12\x0c\n\x04svol\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x12\n\ntrack_size\x18\x05 \x01(\r\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\r\n\x05group\x18\x07 \x01(\t\"\xc2\x01\n\x12PairCommandRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\"\n\x02op\x18\x02 \x01(\x0e\x32\x16.splitmirror.v1.PairOp\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0f\n\x07reverse\x18\x05 \x01(\x08\x12\x12\n\nsplit_time\x18\x06 \x01(\t\x12\x19\n\x11include_allocated\x18\x07 \x01(\x08\x12\r\n\x05\x65poch\x18\x14 \x01(\x04\x12\r\n\x05group\x18\x15 \x01(\t\"\xdc\x01\n\x0bMirrorState\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x16\n\x0epending_bitmap\x18\x04 \x01(\x0c\x12\x18\n\x10\x61llocated_bitmap\x18\x05 \x01(\x0c\x12\x16\n\x0epending_tracks\x18\x06 \x01(\x04\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x12\n\ntrack_size\x18\x08 \x01(\r\x12\r\n\x05\x65poch\x18\x14 \x01(\x04\x12\x0f\n\x07primary\x18\x15 \x01(\x08\x12\x13\n\x0b\x61pplied_seq\x18\x16 \x01(\x04\"\xb2\x01\n\nWriteEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bzero_length\x18\x04 \x01(\x04\x12\r\n\x05\x66lush\x18\x05 \x01(\x08\x12\x0e\n\x06resync\x18\x06 \x01(\x08\x12\x15\n\rbackup_marker\x18\x07 \x01(\t\x12\x19\n\x11\x62\x61\x63kup_generation\x18\x08 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\t \x01(\t\"[\n\x0eReplicateBatch\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.splitmirror.v1.WriteEntry\x12\x0e\n\x06packed\x18\x03 \x01(\x0c\"*\n\x0cReplicateAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"1\n\x11ReadTracksRequest\x12\x0c\n\x04pair\x18\x01 \x01(\t\x12\x0e\n\x06tracks\x18\x02 \x01(\x0c\"7\n\tTrackData\x12\r\n\x05track\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\x8a\x01\n\tRestoreOp\x12\x1a\n\x16RESTORE_OP_UNSPECIFIED\x10\x00\x12\x14\n\x10RESTORE_OP_FENCE\x10\x01\x12\x1d\n\x19RESTORE_OP_RESYNC_REVERSE\x10\x02\x12\x16\n\x12RESTORE_OP_UNFENCE\x10\x03\x12\x14\n\x10RESTORE_OP_ABORT\x10\x04*\xf8\x01\n\x06PairOp\x12\x17\n\x13PAIR_OP_UNSPECIFIED\x10\x00\x12\x12\n\x0ePAIR_OP_STATUS\x10\x01\x12\x11\n\rPAIR_OP_SPLIT\x10\x02\x12\x13\n\x0fPAIR_OP_SUSPEND\x10\x03\x12\x18\n\x14PAIR_OP_RESYNC_BEGIN\x10\x04\x12\x18\n\x14PAIR_OP_CLEAR_BITMAP\x10\x05\x12\x17\n\x13PAIR_OP_RESYNC_DONE\x10\x06\x12\x12\n\x0ePAIR_OP_DELETE\x10\x07\x12\x14\n\x10PAIR_OP_SET_MODE\x10\x08\x12\x10\n\x0cPAIR_OP_ROLE\x10\x14\x12\x10\n\x0cPAIR_OP_SWAP\x10\x15\x32\xbb\x07\n\x0cInterconnect\x12\x41\n\x05Hello\x12\x1c.splitmirror.v1.HelloRequest\x1a\x1a.splitmirror.v1.HelloReply\x12P\n\x0c\x41ttachMirror\x12#.splitmirror.v1.AttachMirrorRequest\x1a\x1b.splitmirror.v1.MirrorState\x12N\n\x0bPairCommand\x12\".splitmirror.v1.PairCommandRequest\x1a\x1b.splitmirror.v1.MirrorState\x12M\n\tReplicate\x12\x1e.splitmirror.v1.ReplicateBatch\x1a\x1c.splitmirror.v1.ReplicateAck(\x01\x30\x01\x12L\n\nReadTracks\x12!.splitmirror.v1.ReadTracksRequest\x1a\x19.splitmirror.v1.TrackData0\x01\x12V\n\x0cTrackDigests\x12#.splitmirror.v1.TrackDigestsRequest\x1a!.splitmirror.v1.TrackDigestsReply\x12Y\n\rPrepareBackup\x12$.splitmirror.v1.PrepareBackupRequest\x1a\".splitmirror.v1.PrepareBackupReply\x12V\n\x0c\x46inishBackup\x12#.splitmirror.v1.FinishBackupRequest\x1a!.splitmirror.v1.FinishBackupReply\x12_\n\x0fListGenerations\x12&.splitmirror.v1.ListGenerationsRequest\x1a$.splitmirror.v1.ListGenerationsReply\x12_\n\x0f\x43heckGeneration\x12&.splitmirror.v1.CheckGenerationRequest\x1a$.splitmirror.v1.CheckGenerationReply\x12\\\n\x0eRestoreControl\x12%.splitmirror.v1.RestoreControlRequest\x1a#.splitmirror.v1.RestoreControlReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitmirror.v1.interconnect_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESTOREOP']._serialized_start=1959
-  _globals['_RESTOREOP']._serialized_end=2097
-  _globals['_PAIROP']._serialized_start=2100
-  _globals['_PAIROP']._serialized_end=2312
+  _globals['_RESTOREOP']._serialized_start=2373
+  _globals['_RESTOREOP']._serialized_end=2511
+  _globals['_PAIROP']._serialized_start=2514
+  _globals['_PAIROP']._serialized_end=2762
   _globals['_RESTORECONTROLREQUEST']._serialized_start=53
   _globals['_RESTORECONTROLREQUEST']._serialized_end=145
   _globals['_RESTORECONTROLREPLY']._serialized_start=147
@@ -50,33 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTGENERATIONSREQUEST']._serialized_start=562
   _globals['_LISTGENERATIONSREQUEST']._serialized_end=600
   _globals['_GENERATIONINFO']._serialized_start=603
-  _globals['_GENERATIONINFO']._serialized_end=732
-  _globals['_LISTGENERATIONSREPLY']._serialized_start=734
-  _globals['_LISTGENERATIONSREPLY']._serialized_end=809
-  _globals['_TRACKDIGESTSREQUEST']._serialized_start=811
-  _globals['_TRACKDIGESTSREQUEST']._serialized_end=882
-  _globals['_TRACKDIGESTSREPLY']._serialized_start=884
-  _globals['_TRACKDIGESTSREPLY']._serialized_end=939
-  _globals['_HELLOREQUEST']._serialized_start=941
-  _globals['_HELLOREQUEST']._serialized_end=988
-  _globals['_HELLOREPLY']._serialized_start=990
-  _globals['_HELLOREPLY']._serialized_end=1081
-  _globals['_ATTACHMIRRORREQUEST']._serialized_start=1083
-  _globals['_ATTACHMIRRORREQUEST']._serialized_end=1209
-  _globals['_PAIRCOMMANDREQUEST']._serialized_start=1212
-  _globals['_PAIRCOMMANDREQUEST']._serialized_end=1376
-  _globals['_MIRRORSTATE']._serialized_start=1379
-  _globals['_MIRRORSTATE']._serialized_end=1546
-  _globals['_WRITEENTRY']._serialized_start=1549
-  _globals['_WRITEENTRY']._serialized_end=1727
-  _globals['_REPLICATEBATCH']._serialized_start=1729
-  _globals['_REPLICATEBATCH']._serialized_end=1804
-  _globals['_REPLICATEACK']._serialized_start=1806
-  _globals['_REPLICATEACK']._serialized_end=1848
-  _globals['_READTRACKSREQUEST']._serialized_start=1850
-  _globals['_READTRACKSREQUEST']._serialized_end=1899
-  _globals['_TRACKDATA']._serialized_start=1901
-  _globals['_TRACKDATA']._serialized_end=1956
-  _globals['_INTERCONNECT']._serialized_start=2315
-  _globals['_INTERCONNECT']._serialized_end=3173
+  _globals['_GENERATIONINFO']._serialized_end=820
+  _globals['_CHECKGENERATIONREQUEST']._serialized_start=822
+  _globals['_CHECKGENERATIONREQUEST']._serialized_end=895
+  _globals['_CHECKGENERATIONREPLY']._serialized_start=897
+  _globals['_CHECKGENERATIONREPLY']._serialized_end=969
+  _globals['_LISTGENERATIONSREPLY']._serialized_start=971
+  _globals['_LISTGENERATIONSREPLY']._serialized_end=1046
+  _globals['_TRACKDIGESTSREQUEST']._serialized_start=1048
+  _globals['_TRACKDIGESTSREQUEST']._serialized_end=1135
+  _globals['_TRACKDIGESTSREPLY']._serialized_start=1137
+  _globals['_TRACKDIGESTSREPLY']._serialized_end=1192
+  _globals['_HELLOREQUEST']._serialized_start=1194
+  _globals['_HELLOREQUEST']._serialized_end=1258
+  _globals['_HELLOREPLY']._serialized_start=1261
+  _globals['_HELLOREPLY']._serialized_end=1396
+  _globals['_ATTACHMIRRORREQUEST']._serialized_start=1398
+  _globals['_ATTACHMIRRORREQUEST']._serialized_end=1524
+  _globals['_PAIRCOMMANDREQUEST']._serialized_start=1527
+  _globals['_PAIRCOMMANDREQUEST']._serialized_end=1721
+  _globals['_MIRRORSTATE']._serialized_start=1724
+  _globals['_MIRRORSTATE']._serialized_end=1944
+  _globals['_WRITEENTRY']._serialized_start=1947
+  _globals['_WRITEENTRY']._serialized_end=2125
+  _globals['_REPLICATEBATCH']._serialized_start=2127
+  _globals['_REPLICATEBATCH']._serialized_end=2218
+  _globals['_REPLICATEACK']._serialized_start=2220
+  _globals['_REPLICATEACK']._serialized_end=2262
+  _globals['_READTRACKSREQUEST']._serialized_start=2264
+  _globals['_READTRACKSREQUEST']._serialized_end=2313
+  _globals['_TRACKDATA']._serialized_start=2315
+  _globals['_TRACKDATA']._serialized_end=2370
+  _globals['_INTERCONNECT']._serialized_start=2765
+  _globals['_INTERCONNECT']._serialized_end=3720
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,10 @@ class _PairOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PairOp.ValueTy
     """enter DUPLEX"""
     PAIR_OP_DELETE: _PairOp.ValueType  # 7
     PAIR_OP_SET_MODE: _PairOp.ValueType  # 8
+    PAIR_OP_ROLE: _PairOp.ValueType  # 20
+    """no change; report this end's role and epoch (either role answers)"""
+    PAIR_OP_SWAP: _PairOp.ValueType  # 21
+    """planned switchover: the mirror end becomes the primary end at epoch"""
 
 class PairOp(_PairOp, metaclass=_PairOpEnumTypeWrapper): ...
 
@@ -87,6 +91,10 @@ PAIR_OP_RESYNC_DONE: PairOp.ValueType  # 6
 """enter DUPLEX"""
 PAIR_OP_DELETE: PairOp.ValueType  # 7
 PAIR_OP_SET_MODE: PairOp.ValueType  # 8
+PAIR_OP_ROLE: PairOp.ValueType  # 20
+"""no change; report this end's role and epoch (either role answers)"""
+PAIR_OP_SWAP: PairOp.ValueType  # 21
+"""planned switchover: the mirror end becomes the primary end at epoch"""
 Global___PairOp: _TypeAlias = PairOp  # noqa: Y015
 
 @_typing.final
@@ -284,12 +292,20 @@ class GenerationInfo(_message.Message):
     BACKUP_TIME_FIELD_NUMBER: _builtins.int
     CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHECK_VERDICT_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    CHECK_SECONDS_FIELD_NUMBER: _builtins.int
+    CHECK_REASON_FIELD_NUMBER: _builtins.int
     local_pair: _builtins.str
     svol: _builtins.str
     status: _builtins.str
     backup_time: _builtins.str
     changed_tracks: _builtins.int
     sequence: _builtins.int
+    check_verdict: _builtins.str
+    check_time: _builtins.str
+    check_seconds: _builtins.float
+    check_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -299,14 +315,69 @@ class GenerationInfo(_message.Message):
         backup_time: _builtins.str = ...,
         changed_tracks: _builtins.int = ...,
         sequence: _builtins.int = ...,
+        check_verdict: _builtins.str = ...,
+        check_time: _builtins.str = ...,
+        check_seconds: _builtins.float = ...,
+        check_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "local_pair", b"local_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "check_reason", b"check_reason", "check_seconds", b"check_seconds", "check_time", b"check_time", "check_verdict", b"check_verdict", "local_pair", b"local_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationInfo: _TypeAlias = GenerationInfo  # noqa: Y015
+
+@_typing.final
+class CheckGenerationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAIR_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    pair: _builtins.str
+    """the remote pair"""
+    generation: _builtins.str
+    probe: _builtins.str
+    def __init__(
+        self,
+        *,
+        pair: _builtins.str = ...,
+        generation: _builtins.str = ...,
+        probe: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "probe", b"probe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGenerationRequest: _TypeAlias = CheckGenerationRequest  # noqa: Y015
+
+@_typing.final
+class CheckGenerationReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    verdict: _builtins.str
+    reason: _builtins.str
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        verdict: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "seconds", b"seconds", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGenerationReply: _TypeAlias = CheckGenerationReply  # noqa: Y015
 
 @_typing.final
 class ListGenerationsReply(_message.Message):
@@ -335,19 +406,25 @@ class TrackDigestsRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     FIRST_TRACK_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     first_track: _builtins.int
     count: _builtins.int
+    tracks: _builtins.bytes
+    """Instead of first_track/count: a track bitmap (Roaring); the digests of its
+    tracks in ascending order (a resync compares before it sends).
+    """
     def __init__(
         self,
         *,
         pair: _builtins.str = ...,
         first_track: _builtins.int = ...,
         count: _builtins.int = ...,
+        tracks: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_track", b"first_track", "pair", b"pair", "tracks", b"tracks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,17 +459,23 @@ class HelloRequest(_message.Message):
 
     SYSTEM_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    GOODBYE_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
+    goodbye: _builtins.bool
+    """The caller is stopping cleanly: its pairs with the callee are suspended
+    now (an INFO line, not a lost link found by the keepalive).
+    """
     def __init__(
         self,
         *,
         system_id: _builtins.int = ...,
         role: _builtins.str = ...,
+        goodbye: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,11 +488,16 @@ class HelloReply(_message.Message):
     SYSTEM_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     MIRRORS_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
         """Names of the pairs this system holds with the caller, and their status."""
+
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
+        """Every pair this system holds with the caller: its end's role and epoch."""
 
     def __init__(
         self,
@@ -417,10 +505,11 @@ class HelloReply(_message.Message):
         system_id: _builtins.int = ...,
         role: _builtins.str = ...,
         mirrors: _abc.Iterable[Global___MirrorState] | None = ...,
+        roles: _abc.Iterable[Global___MirrorState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "roles", b"roles", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,6 +563,8 @@ class PairCommandRequest(_message.Message):
     REVERSE_FIELD_NUMBER: _builtins.int
     SPLIT_TIME_FIELD_NUMBER: _builtins.int
     INCLUDE_ALLOCATED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     op: Global___PairOp.ValueType
     reason: _builtins.str
@@ -482,6 +573,10 @@ class PairCommandRequest(_message.Message):
     split_time: _builtins.str
     include_allocated: _builtins.bool
     """RESYNC_BEGIN: also report allocated tracks"""
+    epoch: _builtins.int
+    """SWAP: the epoch of the new roles (0: the mirror end asks the primary to swap)"""
+    group: _builtins.str
+    """SWAP asked by the mirror end: every pair of this consistency group"""
     def __init__(
         self,
         *,
@@ -492,10 +587,12 @@ class PairCommandRequest(_message.Message):
         reverse: _builtins.bool = ...,
         split_time: _builtins.str = ...,
         include_allocated: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "group", b"group", "include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -513,6 +610,9 @@ class MirrorState(_message.Message):
     PENDING_TRACKS_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     TRACK_SIZE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    APPLIED_SEQ_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     status: _builtins.str
     volume: _builtins.str
@@ -523,6 +623,12 @@ class MirrorState(_message.Message):
     pending_tracks: _builtins.int
     size: _builtins.int
     track_size: _builtins.int
+    epoch: _builtins.int
+    """this end's role epoch"""
+    primary: _builtins.bool
+    """this end is the pair's primary end"""
+    applied_seq: _builtins.int
+    """the last sequence of the write stream applied here"""
     def __init__(
         self,
         *,
@@ -534,10 +640,13 @@ class MirrorState(_message.Message):
         pending_tracks: _builtins.int = ...,
         size: _builtins.int = ...,
         track_size: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        primary: _builtins.bool = ...,
+        applied_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bitmap", b"allocated_bitmap", "pair", b"pair", "pending_bitmap", b"pending_bitmap", "pending_tracks", b"pending_tracks", "size", b"size", "status", b"status", "track_size", b"track_size", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bitmap", b"allocated_bitmap", "applied_seq", b"applied_seq", "epoch", b"epoch", "pair", b"pair", "pending_bitmap", b"pending_bitmap", "pending_tracks", b"pending_tracks", "primary", b"primary", "size", b"size", "status", b"status", "track_size", b"track_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,8 +709,17 @@ class ReplicateBatch(_message.Message):
 
     PAIR_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     """set on the first message of a stream"""
+    packed: _builtins.bytes
+    """The same entries packed with raw payloads (splitmirror/replication/
+    framing.py): per entry a little-endian header (u64 seq, u64 offset,
+    u32 payload length, u64 zero length, u8 flags: 1 flush, 2 resync)
+    then the payload.  A batch carries entries or packed, never both;
+    backup markers always travel as entries.  Sequence numbers are
+    consecutive within a stream: a gap or repeat suspends the pair.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteEntry]: ...
     def __init__(
@@ -609,10 +727,11 @@ class ReplicateBatch(_message.Message):
         *,
         pair: _builtins.str = ...,
         entries: _abc.Iterable[Global___WriteEntry] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "pair", b"pair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "packed", b"packed", "pair", b"pair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -625,7 +744,9 @@ class ReplicateAck(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """every entry up to and including seq is applied"""
+    """Every entry up to and including seq is applied (cumulative: one ack
+    may cover several batches).
+    """
     error: _builtins.str
     def __init__(
         self,

@@ -79,6 +79,11 @@ class InterconnectStub:
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.FromString,
                 _registered_method=True)
+        self.CheckGeneration = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/CheckGeneration',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.CheckGenerationRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.CheckGenerationReply.FromString,
+                _registered_method=True)
         self.RestoreControl = channel.unary_unary(
                 '/splitmirror.v1.Interconnect/RestoreControl',
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.RestoreControlRequest.SerializeToString,
@@ -152,6 +157,13 @@ class InterconnectServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckGeneration(self, request, context):
+        """A schedule with --check: check the generation a backup just filled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RestoreControl(self, request, context):
         """Restores: the secondary asks the primary to fence, resync back, unfence.
         """
@@ -206,6 +218,11 @@ def add_InterconnectServicer_to_server(servicer, server):
                     servicer.ListGenerations,
                     request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.SerializeToString,
+            ),
+            'CheckGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckGeneration,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.CheckGenerationRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.CheckGenerationReply.SerializeToString,
             ),
             'RestoreControl': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreControl,
@@ -456,6 +473,33 @@ class Interconnect:
             '/splitmirror.v1.Interconnect/ListGenerations',
             splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsRequest.SerializeToString,
             splitmirror_dot_v1_dot_interconnect__pb2.ListGenerationsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/CheckGeneration',
+            splitmirror_dot_v1_dot_interconnect__pb2.CheckGenerationRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.CheckGenerationReply.FromString,
             options,
             channel_credentials,
             insecure,

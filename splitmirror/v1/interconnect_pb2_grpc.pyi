@@ -55,6 +55,8 @@ class InterconnectStub:
     """Backups: pick and sync a generation; report the outcome of a marker."""
     FinishBackup: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.FinishBackupRequest, _interconnect_pb2.FinishBackupReply]
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.ListGenerationsRequest, _interconnect_pb2.ListGenerationsReply]
+    CheckGeneration: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.CheckGenerationRequest, _interconnect_pb2.CheckGenerationReply]
+    """A schedule with --check: check the generation a backup just filled."""
     RestoreControl: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.RestoreControlRequest, _interconnect_pb2.RestoreControlReply]
     """Restores: the secondary asks the primary to fence, resync back, unfence."""
 
@@ -81,6 +83,8 @@ class InterconnectAsyncStub(InterconnectStub):
     """Backups: pick and sync a generation; report the outcome of a marker."""
     FinishBackup: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.FinishBackupRequest, _interconnect_pb2.FinishBackupReply]  # type: ignore[assignment]
     ListGenerations: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.ListGenerationsRequest, _interconnect_pb2.ListGenerationsReply]  # type: ignore[assignment]
+    CheckGeneration: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.CheckGenerationRequest, _interconnect_pb2.CheckGenerationReply]  # type: ignore[assignment]
+    """A schedule with --check: check the generation a backup just filled."""
     RestoreControl: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.RestoreControlRequest, _interconnect_pb2.RestoreControlReply]  # type: ignore[assignment]
     """Restores: the secondary asks the primary to fence, resync back, unfence."""
 
@@ -158,6 +162,14 @@ class InterconnectServicer(metaclass=_abc_1.ABCMeta):
         request: _interconnect_pb2.ListGenerationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_interconnect_pb2.ListGenerationsReply, _abc.Awaitable[_interconnect_pb2.ListGenerationsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def CheckGeneration(
+        self,
+        request: _interconnect_pb2.CheckGenerationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.CheckGenerationReply, _abc.Awaitable[_interconnect_pb2.CheckGenerationReply]]:
+        """A schedule with --check: check the generation a backup just filled."""
 
     @_abc_1.abstractmethod
     def RestoreControl(
