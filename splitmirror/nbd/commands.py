@@ -7,12 +7,14 @@ export returned it, never copied into one buffer.
 
 from __future__ import annotations
 
+import logging
+
 from .backend import Export, ExportError
 from .codec import CommandRequest, NbdCodec
 from .constants import Command, CommandFlag, Errno
-from .reply_values import ALLOCATION_ID, descriptors
+from .reply_values import ALLOCATION_ID, command_name, descriptors, wire_errno
 
-__all__ = ["cost", "execute"]
+__all__ = ["Reply", "cost", "execute", "log_refused", "reply_to"]
 
 Reply = list[bytes | bytearray | memoryview]
 
@@ -60,3 +62,23 @@ async def execute(export: Export, codec: NbdCodec, request: CommandRequest) -> R
         case _:
             raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
     return [codec.send_ok(handle)]
+
+
+def log_refused(log: logging.Logger, peer: str, export: str, ctype: int, offset: int, length: int, error: int,
+                message: str) -> None:
+    log.warning("nbd %s: refused %s offset=%d length=%d on export %s: %s (%s)", peer, command_name(ctype), offset,
+                length, export, message, wire_errno(error).name)
+
+
+async def reply_to(export: Export, codec: NbdCodec, request: CommandRequest, log: logging.Logger, peer: str) -> Reply:
+    """The reply to ``request``: its result, or the error the export gave (EIO for a failure of ours)."""
+    try:
+        return await execute(export, codec, request)
+    except ExportError as exc:
+        errno = wire_errno(exc.errno)
+        log_refused(log, peer, export.name, request.type, request.offset, request.length, errno, exc.message)
+        return [codec.send_error(request.handle, errno, exc.message)]
+    except Exception:
+        log.exception("nbd %s: %s offset=%d length=%d on export %s failed", peer, request.type.name, request.offset,
+                      request.length, export.name)
+        return [codec.send_error(request.handle, Errno.EIO, "internal server error")]

@@ -23,12 +23,10 @@ import ssl
 from collections.abc import Callable, Coroutine, Generator
 from typing import Final, Protocol, cast
 
-from .backend import Export, ExportError
+from .backend import Export
 from .codec import CommandRejected, CommandRequest, ConnectionClosed, NbdCodec, NeedData, OptionRequest, ProtocolError
-from .commands import Reply, cost, execute
-from .constants import Errno
+from .commands import Reply, cost, log_refused, reply_to
 from .options import HandshakeContext, answer_option
-from .reply_values import command_name, wire_errno
 
 __all__ = ["READ_CHUNK", "Connection", "ServerSettings"]
 
@@ -200,7 +198,8 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, OptionRequest):
                 self._option(event)
             elif isinstance(event, CommandRejected):
-                self._refused(event.type, event.offset, event.length, event.error, event.message)
+                log_refused(self.log, self.peer, self.export_name, event.type, event.offset, event.length,
+                            event.error, event.message)
                 self._reply([codec.send_error(event.handle, event.error, event.message)], 0)
             elif isinstance(event, ProtocolError):
                 self.log.warning("nbd %s: protocol error (export %s): %s", self.peer, self.export_name, event.message)
@@ -308,11 +307,7 @@ class Connection(asyncio.Protocol):
     # -------------------------------------------------------------- commands
 
     def _dispatch(self, request: CommandRequest) -> None:
-        """Run a command at once; only one that has to wait becomes a task.
-
-        A cached read or a small write completes without waiting for anything:
-        stepping its coroutine here saves creating and scheduling a task.
-        """
+        """Run a command at once (a cached read, a small write need no task); one that waits becomes a task."""
         size = cost(request)
         self._running += 1
         self._held += size
@@ -326,34 +321,20 @@ class Connection(asyncio.Protocol):
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, request: CommandRequest, size: int) -> None:
-        codec = self.codec
+        assert self.export is not None  # commands come only after EXPORT_NAME or GO attached one
         try:
-            export = self.export
-            assert export is not None  # commands come only after EXPORT_NAME or GO attached one
-            reply = await execute(export, codec, request)
-        except ExportError as exc:
-            errno = wire_errno(exc.errno)
-            self._refused(request.type, request.offset, request.length, errno, exc.message)
-            reply = [codec.send_error(request.handle, errno, exc.message)]
+            reply = await reply_to(self.export, self.codec, request, self.log, self.peer)
         except asyncio.CancelledError:
             self._running -= 1
             self._held -= size
             self._settle()
             raise
-        except Exception:
-            self.log.exception("nbd %s: %s offset=%d length=%d on export %s failed", self.peer,
-                               request.type.name, request.offset, request.length, self.export_name)
-            reply = [codec.send_error(request.handle, Errno.EIO, "internal server error")]
         self._running -= 1
         self._reply(reply, size)
         if self._ended is not None:
             self._settle()
         elif not self._processing:  # else the loop in _process goes on by itself
             self._process()
-
-    def _refused(self, ctype: int, offset: int, length: int, error: int, message: str) -> None:
-        self.log.warning("nbd %s: refused %s offset=%d length=%d on export %s: %s (%s)", self.peer,
-                         command_name(ctype), offset, length, self.export_name, message, wire_errno(error).name)
 
     # --------------------------------------------------------------- writing
 
