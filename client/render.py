@@ -48,6 +48,8 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
     if row.has_progress:
         obj["rate_bytes_per_s"] = float(row.rate_bytes_per_s)
         obj["eta_seconds"] = float(row.eta_seconds)
+    if row.activity:
+        obj["activity"] = row.activity
     if row.backup_time:  # remote pairs that were backed up
         obj["backup_time"] = row.backup_time
         obj["backup_age_seconds"] = round(float(row.backup_age_seconds), 1)
@@ -80,12 +82,15 @@ def group_backup_json(g: host_pb2.GroupBackup) -> JsonObject:
 
 def progress_json(row: host_pb2.PairRow) -> JsonObject:
     """One ``--wait --json`` progress line."""
-    return {
+    obj: JsonObject = {
         "pair": row.pair,
         "progress": float(row.progress) if row.has_progress else None,
         "rate_bytes_per_s": float(row.rate_bytes_per_s),
         "eta_seconds": float(row.eta_seconds),
     }
+    if row.activity:
+        obj["activity"] = row.activity
+    return obj
 
 
 def volume_json(vol: host_pb2.Volume) -> JsonObject:
@@ -265,6 +270,8 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
         ]
         if r.has_progress:
             cells[11] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
+            if r.activity:
+                cells[11] = f"{r.activity} {cells[11]}"
         if with_queue:
             is_async = r.primary and r.mode == "async"
             cells += [_bytes(r.queue_bytes) if is_async else "-", f"{r.lag_seconds:.2f}s" if is_async else "-"]

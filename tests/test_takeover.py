@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ TRACK = 8192
 
 @pytest.fixture
 def cut_sites(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
-    primary = Site("primary", 1001, tmp_path, link_timeout=1.0)
+    primary = Site("primary", 1001, tmp_path, link_timeout=1.0, metrics=True)
     secondary = Site("secondary", 2001, tmp_path, link_timeout=1.0)
     primary.peer_with(secondary)
     proxies = ProxyPair(primary, secondary)
@@ -33,6 +34,11 @@ def cut_sites(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
     for site in (primary, secondary):
         site.kill()
     proxies.close()
+
+
+def scrape(site: Site) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{site.metrics_port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
 
 
 def events(site: Site, kind: str) -> list[dict[str, object]]:
@@ -89,6 +95,8 @@ async def test_takeover_fences_the_returning_primary(cut_sites: tuple[Site, Site
     async with Client(primary.address) as c:
         assert len(await c.read("db", 8 * MiB, TRACK)) == TRACK
     assert [e["op"] for e in events(primary, "role")] == ["fenced"]
+    scraped = scrape(primary)
+    assert 'splitmirror_pair_fenced{pair="p"} 1.0' in scraped and 'splitmirror_pair_role_epoch{pair="p"} 2.0' in scraped
     assert "fenced" in primary.cli("pair", "display").stdout
 
     # A restart keeps it fenced (the role is in the copy table).  A clean

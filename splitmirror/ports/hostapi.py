@@ -169,6 +169,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
             msg.eta_seconds = progress.eta
             msg.copy_total_tracks = progress.total_tracks
             msg.copy_done_tracks = progress.done_tracks
+        elif row.primary and pair.verify_progress is not None:
+            verify = pair.verify_progress
+            msg.activity, msg.has_progress, msg.progress = "verify", True, verify.percent
+            msg.rate_bytes_per_s, msg.eta_seconds = verify.rate, verify.eta
         return msg
 
     def _rows(self, pairs: list[Pair]) -> pb.PairList:

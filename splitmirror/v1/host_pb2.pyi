@@ -429,6 +429,7 @@ class PairRow(_message.Message):
     DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
     STATUS_SINCE_FIELD_NUMBER: _builtins.int
     STATUS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -483,6 +484,10 @@ class PairRow(_message.Message):
     counts from the start), and the seconds since then.
     """
     status_age_seconds: _builtins.float
+    activity: _builtins.str
+    """"verify" while a verify of the pair runs: has_progress, progress,
+    rate and ETA are then the verify's (the status stays DUPLEX).
+    """
     def __init__(
         self,
         *,
@@ -517,10 +522,11 @@ class PairRow(_message.Message):
         divergent_volume: _builtins.str = ...,
         status_since: _builtins.str = ...,
         status_age_seconds: _builtins.float = ...,
+        activity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "status_age_seconds", b"status_age_seconds", "status_since", b"status_since", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "status_age_seconds", b"status_age_seconds", "status_since", b"status_since", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
