@@ -58,7 +58,6 @@ def peer_id(context: Context, allowed: set[int], own: int,
     return caller
 
 
-ACK_EVERY = 4  # batches applied before an ack goes out even if more wait
 #: Integers a peer sends end up in the copy table (SQLite: signed 64 bits) and
 #: in arithmetic on volumes of at most 16 TiB: larger ones are refused whole.
 INT64_MAX = (1 << 63) - 1
@@ -199,7 +198,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             try:
                 batch: ic.ReplicateBatch | None = first
                 sequence = SequenceCheck()
-                applied = acked = held = 0
+                applied = acked = 0
                 while batch is not None and not stream.superseded:
                     try:
                         applied = await self.manager.mirror_apply(pair, batch, sequence) or applied
@@ -207,15 +206,12 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                         log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
                         await context.abort(exc.code, exc.message)
                         raise
-                    # Cumulative: one ack covers the batches already waiting
-                    # (a few at most, so that sync writers are not held).
-                    held += 1
-                    if applied != acked and (batches.empty() or held >= ACK_EVERY):
-                        acked, held = applied, 0
+                    # Cumulative, at once: the primary's send window gathers
+                    # writes into the next batch meanwhile, and this ack opens it.
+                    if applied != acked:
+                        acked = applied
                         yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
-                if applied != acked and not stream.superseded:
-                    yield ic.ReplicateAck(seq=applied)  # the primary ended its side: ack what is applied
             finally:
                 pair.apply_lock.release()
                 if self._streams.get(pair.name) is stream:

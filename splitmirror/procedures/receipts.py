@@ -35,8 +35,9 @@ from ..clock import utc_now
 from ..errors import FailedPrecondition, NotFound
 from ..eventsink import BACKUP, Event
 from ..names import check_name
-from ..pairstate.pair import Pair
+from ..pairstate.pair import CopyProgress, Pair
 from ..storage.bitmap import TrackBitmap
+from ..storage.volume import Volume
 from ..v1 import host_pb2 as pb
 from .backup import BackupManager
 
@@ -46,6 +47,7 @@ KEY = "receipt:"
 DIGEST = 8  # bytes of one track's xxh3-64
 MAX_LISTED = 1000
 COMPARE_STEP = 1 << 20  # bytes of digests compared at once
+REREAD_STEP = 256 << 20  # bytes re-read between progress updates
 
 
 class Receipts:
@@ -101,18 +103,7 @@ class Receipts:
                 or old.get("track_size") != svol.track_size or not await asyncio.to_thread(path.exists))
         # Writes from here on are marked for the next receipt (re-read then if they race this one).
         svol.written = TrackBitmap(svol.tracks)
-        if full:
-            blob = await svol.verify_digests(0, svol.tracks)
-            await asyncio.to_thread(_write_file, path, blob)
-            changed = svol.tracks
-        else:
-            assert dirty is not None
-            changed = len(dirty)
-            for start, count in dirty.runs():
-                digests = await svol.verify_digests(start, count)
-                await asyncio.to_thread(_write_at, path, start * DIGEST, digests)
-            await asyncio.to_thread(_sync, path)
-        root = await asyncio.to_thread(_root_of, path)
+        changed, root = await update_digests(svol, path, None if full else dirty)
         record: dict[str, Any] = {
             "generation": gen.name, "svol": svol.name, "tracks": svol.tracks, "track_size": svol.track_size,
             "algorithm": "xxh3-64 per track, xxh3-128 root", "root": root, "sequence": gen.row.backup_seq,
@@ -140,9 +131,20 @@ class Receipts:
         gen = self._generation(name)
         await self.settled(name)
         record = self.records.get(name)
-        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time:
+        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time \
+                or record.get("backup_time") != gen.row.backup_time:
             raise FailedPrecondition(f"generation {name!r} has no receipt of the backup it holds (backups split "
                                      "before receipts existed, or none yet)")
+        if name in self.backups.checking:
+            raise FailedPrecondition(f"generation {name!r} is being checked or verified already")
+        self.backups.checking.add(name)  # not reused by a backup while it is read
+        try:
+            return await self._verify(gen, record)
+        finally:
+            self.backups.checking.discard(name)
+
+    async def _verify(self, gen: Pair, record: dict[str, Any]) -> pb.VerifyBackupReply:
+        name = gen.name
         assert gen.mirror is not None
         svol = gen.mirror.volume
         started = time.monotonic()
@@ -158,7 +160,7 @@ class Receipts:
             valid = self._cert is not None and _verify(self._cert, base64.b64decode(record["signature"]),
                                                        _signed_text(record))
             reply.signature = "valid" if valid else "invalid"
-        current = await svol.verify_digests(0, svol.tracks)
+        current = await self._reread(gen)
         reply.tracks_checked = svol.tracks
         bad = _mismatches(receipt or b"", current) if receipt is not None and len(receipt) == len(current) \
             else range(svol.tracks)
@@ -177,11 +179,29 @@ class Receipts:
                                           op="verify-failed", reason=why, tracks=reply.mismatched))
         return reply
 
+    async def _reread(self, gen: Pair) -> bytes:
+        """Every track's digest, shown as the generation's verify progress (pair display, the CLI's bar)."""
+        assert gen.mirror is not None
+        svol = gen.mirror.volume
+        progress = gen.verify_progress = CopyProgress("verify", svol.tracks, svol.track_size)
+        step = max(1, REREAD_STEP // svol.track_size)
+        out = bytearray()
+        try:
+            for first in range(0, svol.tracks, step):
+                count = min(step, svol.tracks - first)
+                out += await svol.verify_digests(first, count)
+                progress.done_tracks += count
+        finally:
+            gen.verify_progress = None
+        return bytes(out)
+
     async def refusal(self, name: str) -> str:
         """Why a restore from ``name`` must not go ahead (verification failed), or ""."""
         try:
             reply = await self.verify(name)
-        except FailedPrecondition:
+        except FailedPrecondition as exc:
+            if "being checked" in exc.message:
+                raise
             return ""  # no receipt to hold it against
         if reply.ok:
             return ""
@@ -189,6 +209,30 @@ class Receipts:
         return (f"generation {name!r} fails verification against its receipt: {reply.mismatched} track(s) differ"
                 f"{f' (first: {first})' if first else ''}{'' if reply.root_ok else ', receipt damaged'}"
                 f"{'; signature invalid' if reply.signature == 'invalid' else ''}")
+
+
+async def update_digests(svol: Volume, path: Path, dirty: TrackBitmap | None) -> tuple[int, str]:
+    """Digest the ``dirty`` tracks of ``svol`` into the digest file ``path`` (all of them when None);
+    returns how many tracks were digested and the new root."""
+    if dirty is None:
+        blob = await svol.verify_digests(0, svol.tracks)
+        await asyncio.to_thread(_write_file, path, blob)
+        changed = svol.tracks
+    else:
+        changed = len(dirty)
+        await asyncio.to_thread(_digest_runs, svol, path, list(dirty.runs()))
+    return changed, await asyncio.to_thread(_root_of, path)
+
+
+def _digest_runs(svol: Volume, path: Path, runs: list[tuple[int, int]]) -> None:
+    """In a worker thread: digest each run of tracks into its slots of the digest file, then fsync it."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for start, count in runs:
+            os.pwrite(fd, svol.track_digests(start, count), start * DIGEST)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _mismatches(receipt: bytes, current: bytes) -> list[int]:
@@ -252,22 +296,6 @@ def _write_file(path: Path, blob: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def _write_at(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _root_of(path: Path) -> str:

@@ -41,6 +41,16 @@ if _fallocate is not None:
 #: batches, reads, hole punching and fdatasync always run on IO_POOL.
 INLINE_WRITE_BYTES = 64 << 10
 
+#: Reads up to this size first try the page cache from the event loop:
+#: ``preadv2(RWF_NOWAIT)`` never waits for the disk (it fails with EAGAIN when
+#: a page is not cached), and a cached 4 KiB read costs a few microseconds
+#: against the ~150 us of a hop to a worker thread and back.  Anything else
+#: (not cached, larger, a closed file, or a filesystem without RWF_NOWAIT) is
+#: read on IO_POOL.
+INLINE_READ_BYTES = 256 << 10
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_nowait_reads = bool(_RWF_NOWAIT)
+
 #: One pool for every volume: pwrite/pread/fdatasync release the GIL.
 IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="volume-io")
 #: Verification (Checksum, verify digests) reads whole volumes: it has a pool
@@ -249,7 +259,29 @@ class Volume:
         return await asyncio.get_running_loop().run_in_executor(IO_POOL, fn)
 
     async def read(self, offset: int, length: int) -> bytes:
+        if _nowait_reads and length <= INLINE_READ_BYTES:
+            cached = self._read_cached(offset, length)
+            if cached is not None:
+                return cached
         return await self.run(lambda: self.pread(offset, length))
+
+    def _read_cached(self, offset: int, length: int) -> bytes | None:
+        """The range if the file is open and the page cache holds all of it, else None; never waits."""
+        global _nowait_reads
+        with self._file.pinned() as fd:
+            if fd < 0:
+                return None
+            buf = bytearray(length)
+            try:
+                n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                _nowait_reads = False  # this kernel or filesystem cannot: the pool reads from now on
+                return None
+        return bytes(buf) if n == length else None
 
     async def write(self, offset: int, data: bytes) -> None:
         await self.run(lambda: self.pwrite(offset, data))
