@@ -55,6 +55,7 @@ bench: install
 	$(PY) bench/nbd.py
 	$(PY) bench/backup.py
 	$(PY) bench/marker_stall.py
+	$(PY) bench/receipts.py
 	$(PY) bench/restore.py
 	$(PY) bench/async.py
 	$(PY) bench/resync.py

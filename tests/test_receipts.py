@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,14 @@ def flip_bit(path: Path, offset: int) -> None:
         old = fh.read(1)
         fh.seek(offset)
         fh.write(bytes([old[0] ^ 0x01]))
+
+
+def tamper_receipt(db: Path, generation: str) -> None:
+    with sqlite3.connect(db) as conn:
+        (raw,) = conn.execute("SELECT value FROM meta WHERE key = ?", (f"receipt:{generation}",)).fetchone()
+        record = json.loads(raw)
+        record["root"] = "0" * 32
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(record), f"receipt:{generation}"))
 
 
 def client(site: Site, tls_dir: Path) -> Client:
@@ -94,3 +104,11 @@ async def test_receipts_are_incremental_signed_and_catch_a_flipped_byte(
         report = await s.restore_volume("p", "g1", force=True)
         assert report.generation == "g1"
         assert (await c.wait_pair("p", timeout=30)).status == "DUPLEX"
+
+    # A receipt tampered with in the copy table (its root changed): the signature no longer holds.
+    secondary.stop()
+    tamper_receipt(secondary.data_dir / "copytable.sqlite", "g2")
+    secondary.start()
+    async with client(secondary, tls_dir) as s:
+        forged = await s.verify_backup("g2")
+        assert not forged.ok and forged.signature == "invalid" and not forged.root_ok

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 
 from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2
 
-from ..library import Client
+from ..library import Client, ClientError
 from ..render import backup_json, check_json, generation_json, generations_table, schedule_json, schedules_table
-from .output import Output
+from .output import Output, WaitReporter
 
 __all__ = ["backup", "backups", "check", "schedule", "verify"]
+
+#: Seconds between looks at a running backup verify's progress.
+VERIFY_POLL = 0.5
 
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -93,7 +98,17 @@ async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup verify GENERATION``: a mismatch exits with status 1."""
-    r = await client.verify_backup(args.generation)
+    task = asyncio.ensure_future(client.verify_backup(args.generation))
+    with WaitReporter(out, f"verify {args.generation}") as reporter:
+        while not task.done():
+            await asyncio.wait({task}, timeout=VERIFY_POLL)
+            if task.done():
+                break
+            with contextlib.suppress(ClientError):  # progress is a courtesy: the verify's answer decides
+                for row in await client.display_pairs(args.generation):
+                    if row.activity == "verify":
+                        reporter(row)
+    r = task.result()
     if out.as_json:
         out.json({"generation": r.generation, "svol": r.svol, "sequence": int(r.sequence),
                   "backup_time": r.backup_time, "root": r.root, "root_ok": r.root_ok, "signature": r.signature,
