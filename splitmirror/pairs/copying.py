@@ -82,8 +82,13 @@ class Copier:
 
     async def _copy_in_turn(self, pair: Pair) -> None:
         async with self.slots.held(pair.peer_id if pair.remote else 0):
-            if pair.status is PairStatus.COPY and pair.primary is not None:
+            while pair.status is PairStatus.COPY and pair.primary is not None:
+                began = pair.status_changes
                 await self._copy(pair)
+                if pair.status is not PairStatus.COPY or pair.status_changes == began:
+                    break
+                # The pair left COPY and a resync brought it back while this
+                # copy ran (which then stopped): copy again, from the bitmap.
 
     async def _copy(self, pair: Pair) -> None:
         assert pair.primary is not None
