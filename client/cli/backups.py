@@ -17,6 +17,9 @@ from .output import Output, WaitReporter, progress_interval
 
 __all__ = ["backup", "backups", "check", "schedule", "verify"]
 
+#: Seconds between looks at a running backup verify's progress.
+VERIFY_POLL = 0.5
+
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     if not args.name and not args.group:
@@ -136,7 +139,17 @@ async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup verify GENERATION``: a mismatch exits with status 1."""
-    r = await client.verify_backup(args.generation)
+    task = asyncio.ensure_future(client.verify_backup(args.generation))
+    with WaitReporter(out, f"verify {args.generation}") as reporter:
+        while not task.done():
+            await asyncio.wait({task}, timeout=VERIFY_POLL)
+            if task.done():
+                break
+            with contextlib.suppress(ClientError):  # progress is a courtesy: the verify's answer decides
+                for row in await client.display_pairs(args.generation):
+                    if row.activity == "verify":
+                        reporter(row)
+    r = task.result()
     if out.as_json:
         out.json({"generation": r.generation, "svol": r.svol, "sequence": int(r.sequence),
                   "backup_time": r.backup_time, "root": r.root, "root_ok": r.root_ok, "signature": r.signature,

@@ -35,7 +35,7 @@ from ..clock import utc_now
 from ..errors import FailedPrecondition, NotFound
 from ..eventsink import BACKUP, Event
 from ..names import check_name
-from ..pairstate.pair import Pair
+from ..pairstate.pair import CopyProgress, Pair
 from ..storage.bitmap import TrackBitmap
 from ..storage.volume import Volume
 from ..v1 import host_pb2 as pb
@@ -47,6 +47,7 @@ KEY = "receipt:"
 DIGEST = 8  # bytes of one track's xxh3-64
 MAX_LISTED = 1000
 COMPARE_STEP = 1 << 20  # bytes of digests compared at once
+REREAD_STEP = 256 << 20  # bytes re-read between progress updates
 
 
 class Receipts:
@@ -130,7 +131,8 @@ class Receipts:
         gen = self._generation(name)
         await self.settled(name)
         record = self.records.get(name)
-        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time:
+        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time \
+                or record.get("backup_time") != gen.row.backup_time:
             raise FailedPrecondition(f"generation {name!r} has no receipt of the backup it holds (backups split "
                                      "before receipts existed, or none yet)")
         if name in self.backups.checking:
@@ -158,7 +160,7 @@ class Receipts:
             valid = self._cert is not None and _verify(self._cert, base64.b64decode(record["signature"]),
                                                        _signed_text(record))
             reply.signature = "valid" if valid else "invalid"
-        current = await svol.verify_digests(0, svol.tracks)
+        current = await self._reread(gen)
         reply.tracks_checked = svol.tracks
         bad = _mismatches(receipt or b"", current) if receipt is not None and len(receipt) == len(current) \
             else range(svol.tracks)
@@ -176,6 +178,22 @@ class Receipts:
             self.system.events.emit(Event(BACKUP, pair=remote.name if remote else "", generation=name,
                                           op="verify-failed", reason=why, tracks=reply.mismatched))
         return reply
+
+    async def _reread(self, gen: Pair) -> bytes:
+        """Every track's digest, shown as the generation's verify progress (pair display, the CLI's bar)."""
+        assert gen.mirror is not None
+        svol = gen.mirror.volume
+        progress = gen.verify_progress = CopyProgress("verify", svol.tracks, svol.track_size)
+        step = max(1, REREAD_STEP // svol.track_size)
+        out = bytearray()
+        try:
+            for first in range(0, svol.tracks, step):
+                count = min(step, svol.tracks - first)
+                out += await svol.verify_digests(first, count)
+                progress.done_tracks += count
+        finally:
+            gen.verify_progress = None
+        return bytes(out)
 
     async def refusal(self, name: str) -> str:
         """Why a restore from ``name`` must not go ahead (verification failed), or ""."""
