@@ -131,7 +131,8 @@ class Receipts:
         gen = self._generation(name)
         await self.settled(name)
         record = self.records.get(name)
-        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time:
+        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time \
+                or record.get("backup_time") != gen.row.backup_time:
             raise FailedPrecondition(f"generation {name!r} has no receipt of the backup it holds (backups split "
                                      "before receipts existed, or none yet)")
         if name in self.backups.checking:
