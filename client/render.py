@@ -16,7 +16,7 @@ JsonObject = dict[str, Any]
 #: The keys of one ``pair display --json`` object, in order.
 PAIR_KEYS = (
     "pair", "volume", "copy_type", "pair_system_id", "mirror_volume", "primary", "status", "mode",
-    "group", "pending_tracks", "progress", "split_time",
+    "group", "pending_tracks", "progress", "split_time", "status_since",
 )
 
 
@@ -40,6 +40,7 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
         "pending_tracks": int(row.pending_tracks),
         "progress": float(row.progress) if row.has_progress else None,
         "split_time": row.split_time or None,
+        "status_since": row.status_since or None,
     }
     if row.primary and row.mode == "async":
         obj["queue_bytes"] = int(row.queue_bytes)
@@ -47,6 +48,8 @@ def pair_row_json(row: host_pb2.PairRow) -> JsonObject:
     if row.has_progress:
         obj["rate_bytes_per_s"] = float(row.rate_bytes_per_s)
         obj["eta_seconds"] = float(row.eta_seconds)
+    if row.activity:
+        obj["activity"] = row.activity
     if row.backup_time:  # remote pairs that were backed up
         obj["backup_time"] = row.backup_time
         obj["backup_age_seconds"] = round(float(row.backup_age_seconds), 1)
@@ -79,12 +82,15 @@ def group_backup_json(g: host_pb2.GroupBackup) -> JsonObject:
 
 def progress_json(row: host_pb2.PairRow) -> JsonObject:
     """One ``--wait --json`` progress line."""
-    return {
+    obj: JsonObject = {
         "pair": row.pair,
         "progress": float(row.progress) if row.has_progress else None,
         "rate_bytes_per_s": float(row.rate_bytes_per_s),
         "eta_seconds": float(row.eta_seconds),
     }
+    if row.activity:
+        obj["activity"] = row.activity
+    return obj
 
 
 def volume_json(vol: host_pb2.Volume) -> JsonObject:
@@ -229,6 +235,14 @@ def volume_detail_table(vol: host_pb2.Volume) -> Table:
     return table
 
 
+def _since(row: host_pb2.PairRow) -> str:
+    """When the pair entered its status: ``10:33:46 (12s ago)`` (UTC)."""
+    if not row.status_since:
+        return "-"
+    clock = row.status_since.partition("T")[2][:8] or row.status_since
+    return f"{clock} ({format_age(row.status_age_seconds)} ago)"
+
+
 def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
     with_reason = any(r.reason for r in rows)
     with_queue = any(r.primary and r.mode == "async" for r in rows)
@@ -238,6 +252,7 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
         "PAIR", "VOLUME", "TYPE", "PEER", "MIRROR", "P/S", "STATUS", "MODE", "GROUP", "PENDING",
         "PROGRESS", "SPLIT TIME",
     ]
+    columns.insert(7, "SINCE")
     if with_queue:
         columns += ["QUEUE", "LAG"]
     if with_backup:
@@ -246,15 +261,17 @@ def pairs_table(rows: Sequence[host_pb2.PairRow]) -> Table:
         columns.append("ROLE")
     if with_reason:
         columns.append("REASON")
-    table = _table(*columns, right=("PEER", "PENDING", "PROGRESS", "QUEUE", "LAG", "NEWEST BACKUP"))
+    table = _table(*columns, right=("PEER", "SINCE", "PENDING", "PROGRESS", "QUEUE", "LAG", "NEWEST BACKUP"))
     for r in rows:
         cells = [
             r.pair, r.volume, r.copy_type, str(r.pair_system_id), r.mirror_volume, "P" if r.primary else "S",
-            r.status, r.mode, r.group or "-", str(r.pending_tracks),
+            r.status, _since(r), r.mode, r.group or "-", str(r.pending_tracks),
             percent_text(r.progress) if r.has_progress else "-", r.split_time or "-",
         ]
         if r.has_progress:
-            cells[10] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
+            cells[11] += f" {format_rate(r.rate_bytes_per_s)} ETA {format_eta(r.eta_seconds)}"
+            if r.activity:
+                cells[11] = f"{r.activity} {cells[11]}"
         if with_queue:
             is_async = r.primary and r.mode == "async"
             cells += [_bytes(r.queue_bytes) if is_async else "-", f"{r.lag_seconds:.2f}s" if is_async else "-"]

@@ -27,5 +27,23 @@ echo "system packages: installing ${pkgs[*]}"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+# Another install may hold the package manager's locks (unattended upgrades,
+# a second checkout running make install): wait for it instead of failing.
+LOCK_WAIT=${SPLITMIRROR_APT_LOCK_WAIT:-600}
+apt_get() {
+  local deadline=$((SECONDS + LOCK_WAIT)) out status
+  while :; do
+    status=0
+    out=$($SUDO apt-get -o DPkg::Lock::Timeout="$LOCK_WAIT" "$@" 2>&1) || status=$?
+    if [ "$status" -eq 0 ]; then return 0; fi
+    if ! grep -qiE 'could not get lock|unable to acquire|is another process using it' <<<"$out" \
+        || [ "$SECONDS" -ge "$deadline" ]; then
+      printf '%s\n' "$out" >&2
+      return "$status"
+    fi
+    echo "system packages: waiting for another package manager to finish..." >&2
+    sleep "${SPLITMIRROR_APT_RETRY_SECONDS:-5}"
+  done
+}
+apt_get update -qq
+apt_get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null

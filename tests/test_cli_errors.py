@@ -10,6 +10,7 @@ from pathlib import Path
 from splitmirror.testing import ROOT, Site
 
 MiB = 1 << 20
+START_TIMEOUT = 60
 
 
 def one_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -31,6 +32,10 @@ def test_values_above_the_host_api_limit(sites: tuple[Site, Site]) -> None:
     primary, _ = sites
     line = one_error(primary.cli("volume", "create", "huge", "--size", str(1 << 70), check=False),
                      "--size", "above the limit", str((1 << 64) - 1))
+    assert "internal error" not in line
+    # Within the protocol but above the server's limit: the server names it (not "internal error").
+    line = one_error(primary.cli("volume", "create", "huge", "--size", "100P", check=False), "volume 'huge'",
+                     "16 TiB")
     assert "internal error" not in line
     one_error(primary.cli("read", "v", "--offset", "99999999999999999999999", "--length", "1", check=False),
               "--offset 99999999999999999999999", "above the limit")
@@ -56,7 +61,7 @@ def test_io_past_the_end_speaks_in_the_users_terms(sites: tuple[Site, Site], tmp
 
 def test_server_pointed_at_the_wrong_port(tmp_path: Path) -> None:
     site = Site("primary", 1001, tmp_path, nbd=True)
-    site.start()
+    site.start(timeout=START_TIMEOUT)
     try:
         one_error(cli_at(site.interconnect, "volume", "list"),
                   f"{site.interconnect}: that is the interconnect port of system 1001 (primaryd)", "--listen")

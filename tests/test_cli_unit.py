@@ -317,7 +317,7 @@ def test_pair_row_json_while_copying() -> None:
     assert obj == {
         "pair": "p1", "volume": "pvol", "copy_type": "REMOTE", "pair_system_id": 2, "mirror_volume": "spvol",
         "primary": True, "status": "COPY", "mode": "sync", "group": "g1", "pending_tracks": 42,
-        "progress": 37.5, "split_time": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
+        "progress": 37.5, "split_time": None, "status_since": None, "rate_bytes_per_s": 1e6, "eta_seconds": 4.0,
     }
     assert json.loads(json.dumps(obj)) == obj
 
@@ -491,7 +491,9 @@ def test_pair_create_wait_json(capsys: pytest.CaptureFixture[str], fake: FakeSer
     code, out, _ = run_cli(capsys, "--server", fake.address, "pair", "split", "p1")
     assert code == 1
     code, out, err = run_cli(capsys, "--server", fake.address, "pair", "resync", "p1", "--wait")
-    assert code == 0 and "DUPLEX" in out and err == ""   # no TTY: no progress bar
+    # No TTY: progress as plain lines on stderr, the result on stdout.
+    assert code == 0 and "DUPLEX" in out
+    assert err.splitlines() == ["pair p1: COPY 40.0% 1.0 MiB/s ETA 0:00:03", "pair p1: DUPLEX 100.0%"]
     code, out, _ = run_cli(capsys, "--server", fake.address, "pair", "display")
     assert code == 0 and "PAIR" in out and "p1" in out
     code, out, _ = run_cli(capsys, "--server", fake.address, "--json", "pair", "delete", "p1")
@@ -506,7 +508,10 @@ def test_pair_wait_suspended_fails(capsys: pytest.CaptureFixture[str], fake: Fak
     code, _, err = run_cli(capsys, "--server", fake.address, "pair", "create", "p1", "--pvol", "a",
                            "--svol", "b", "--peer", "2", "--wait")
     assert code == 1
-    assert _one_error_line(err) == "splitmirror: error: pair 'p1' is SUSPENDED: peer 2 unreachable"
+    progress, _, error = err.rpartition("splitmirror: error:")
+    assert progress.splitlines() == ["pair p1: COPY 40.0% 1.0 MiB/s ETA 0:00:03", "pair p1: SUSPENDED -"]
+    assert _one_error_line("splitmirror: error:" + error) == \
+        "splitmirror: error: pair 'p1' is SUSPENDED: peer 2 unreachable"
 
 
 def test_stats(capsys: pytest.CaptureFixture[str], fake: FakeServer) -> None:

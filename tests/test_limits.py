@@ -152,11 +152,11 @@ def test_private_token_file_starts(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- one pair's trouble, another pair's link
 
 def test_a_bulk_copy_at_the_largest_track_size_does_not_starve_another_pair(tmp_path: Path) -> None:
-    """A pair copying 192 MiB of 1 MiB tracks and a DUPLEX pair share one
-    link with a 1 s timeout: the DUPLEX pair's sync writes go on, it never
+    """A pair copying 128 MiB of 1 MiB tracks and a DUPLEX pair share one
+    link with a 3 s timeout: the DUPLEX pair's sync writes go on, it never
     leaves DUPLEX and the link is never thought lost."""
-    primary = Site("primary", 1001, tmp_path, link_timeout=1.0)
-    secondary = Site("secondary", 2001, tmp_path, link_timeout=1.0)
+    primary = Site("primary", 1001, tmp_path, link_timeout=3.0)
+    secondary = Site("secondary", 2001, tmp_path, link_timeout=3.0)
     primary.peer_with(secondary)
     secondary.start(timeout=60)
     primary.start(timeout=60)
@@ -164,10 +164,10 @@ def test_a_bulk_copy_at_the_largest_track_size_does_not_starve_another_pair(tmp_
         with primary.channel() as ch:
             stub = host_pb2_grpc.HostApiStub(ch)
             stub.CreateVolume(host_pb2.CreateVolumeRequest(name="small", size=4 << 20), timeout=10)
-            stub.CreateVolume(host_pb2.CreateVolumeRequest(name="bulk", size=192 << 20, track_size=1 << 20),
+            stub.CreateVolume(host_pb2.CreateVolumeRequest(name="bulk", size=128 << 20, track_size=1 << 20),
                               timeout=10)
             chunk = bytes(range(1, 256)) * ((16 << 20) // 255 + 1)
-            for offset in range(0, 192 << 20, 16 << 20):
+            for offset in range(0, 128 << 20, 16 << 20):
                 stub.Write(host_pb2.WriteRequest(volume="bulk", offset=offset, data=chunk[:16 << 20]), timeout=60)
             stub.CreatePair(host_pb2.CreatePairRequest(name="guard", pvol="small", svol="small-r", peer=2001),
                             timeout=10)

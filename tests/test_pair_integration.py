@@ -21,7 +21,7 @@ from tests.faultproxy import ProxyPair
 MiB = 1 << 20
 TRACK = 8192
 PAIR_KEYS = {"pair", "volume", "copy_type", "pair_system_id", "mirror_volume", "primary", "status", "mode",
-             "group", "pending_tracks", "progress", "split_time"}
+             "group", "pending_tracks", "progress", "split_time", "status_since"}
 
 
 async def volume_bytes(site: Site, name: str, size: int) -> bytes:

@@ -134,3 +134,34 @@ def test_durations_and_slots() -> None:
     assert s.anchor == day + 1800
     assert s.next_slot(day + 10 * 3600) == day + 12 * 3600 + 1800
     assert s.next_slot(day + 12 * 3600 + 1800) == day + 18 * 3600 + 1800  # strictly after
+
+
+async def test_group_schedule_backs_up_every_pair_at_one_point(sched_sites: tuple[Site, Site]) -> None:
+    primary, secondary = sched_sites
+    async with Client(primary.address) as c:
+        for v in ("v1", "v2"):
+            await c.create_volume(v, MiB)
+            await c.create_pair(f"{v}-pair", v, f"{v}-r", peer=2001, group="db")
+        for v in ("v1", "v2"):
+            await c.wait_pair(f"{v}-pair", timeout=30)
+            for i in (1, 2):
+                secondary.cli("pair", "create", f"{v}-g{i}", "--pvol", f"{v}-r", "--svol", f"{v}-s{i}", "--wait")
+        primary.cli("backup", "schedule", "set", "--group", "db", "--every", "2s", "--generations",
+                    "v1-g1,v1-g2,v2-g1,v2-g2")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(await scheduled_runs(c)) < 3:
+            await asyncio.sleep(0.3)
+        runs = await scheduled_runs(c)
+        assert len(runs) >= 3 and all(r[1] == "done" for r in runs), runs
+        # Each run backs up both pairs (one point), each into the oldest of its own generations.
+        assert [r[2] for r in runs[:3]] == ["v1-pair:v1-g1,v2-pair:v2-g1", "v1-pair:v1-g2,v2-pair:v2-g2",
+                                            "v1-pair:v1-g1,v2-pair:v2-g1"]
+        listing = await c.backup_listing("v2-pair")
+        assert [s.group for s in listing.schedules] == ["db"] and listing.schedules[0].last_result == "done"
+        await c.delete_schedule(group="db")
+        for _ in range(20):  # a run in flight when the schedule was deleted may still finish
+            times = [sorted(g.backup_time for g in await c.list_backups(p)) for p in ("v1-pair", "v2-pair")]
+            if times[0] == times[1]:
+                break
+            await asyncio.sleep(0.5)
+        assert times[0] == times[1] and all(times[0])  # the same points for both pairs

@@ -41,7 +41,7 @@ def listener() -> Iterator[socket.socket]:
 
 def test_second_daemon_on_one_data_dir_exits(tmp_path: Path) -> None:
     first = Site("primary", 1001, tmp_path)
-    first.start()
+    first.start(timeout=START_TIMEOUT)
     try:
         assert first.proc is not None
         second = Site("primary", 1001, tmp_path)  # same data directory, its own ports
@@ -55,7 +55,7 @@ def test_second_daemon_on_one_data_dir_exits(tmp_path: Path) -> None:
         first.stop()
     # Its lock went with it: the directory starts again.
     again = Site("primary", 1001, tmp_path)
-    again.start()
+    again.start(timeout=START_TIMEOUT)
     again.stop()
     assert "clean start" in again.log()
 
@@ -72,7 +72,7 @@ def test_port_in_use(tmp_path: Path, listener: socket.socket, flag: str) -> None
     # Nothing half-started: no copy table, no volume directory; the lock is free.
     assert sorted(p.name for p in site.data_dir.iterdir()) == ["daemon.lock"]
     setattr(site, attribute, free_port())
-    site.start()
+    site.start(timeout=START_TIMEOUT)
     site.stop()
 
 

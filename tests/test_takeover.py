@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ TRACK = 8192
 
 @pytest.fixture
 def cut_sites(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
-    primary = Site("primary", 1001, tmp_path, link_timeout=1.0)
+    primary = Site("primary", 1001, tmp_path, link_timeout=1.0, metrics=True)
     secondary = Site("secondary", 2001, tmp_path, link_timeout=1.0)
     primary.peer_with(secondary)
     proxies = ProxyPair(primary, secondary)
@@ -33,6 +34,11 @@ def cut_sites(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
     for site in (primary, secondary):
         site.kill()
     proxies.close()
+
+
+def scrape(site: Site) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{site.metrics_port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
 
 
 def events(site: Site, kind: str) -> list[dict[str, object]]:
@@ -89,6 +95,8 @@ async def test_takeover_fences_the_returning_primary(cut_sites: tuple[Site, Site
     async with Client(primary.address) as c:
         assert len(await c.read("db", 8 * MiB, TRACK)) == TRACK
     assert [e["op"] for e in events(primary, "role")] == ["fenced"]
+    scraped = scrape(primary)
+    assert 'splitmirror_pair_fenced{pair="p"} 1.0' in scraped and 'splitmirror_pair_role_epoch{pair="p"} 2.0' in scraped
     assert "fenced" in primary.cli("pair", "display").stdout
 
     # A restart keeps it fenced (the role is in the copy table).  A clean
@@ -118,3 +126,41 @@ async def test_takeover_fences_the_returning_primary(cut_sites: tuple[Site, Site
         await sc.write("db-r", 12 * MiB, b"b" * TRACK)
         assert await pc.read("db", 12 * MiB, TRACK) == b"b" * TRACK
     assert "SPVOL" in await refused(primary, "db", 0)
+
+
+async def test_fan_in_takeover_for_one_primary_while_the_other_mirrors(tmp_path: Path) -> None:
+    """Site B mirrors sites A and C; A is lost: B takes over A's pair only.
+    C's pair keeps mirroring into B, and a takeover of it is refused (C answers)."""
+    a = Site("primary", 1001, tmp_path, link_timeout=1.0)
+    c = Site("primary", 1003, tmp_path, link_timeout=1.0)
+    b = Site("secondary", 2001, tmp_path, link_timeout=1.0)
+    a.peer_with(b)
+    c.peer_with(b)
+    try:
+        for site in (b, a, c):
+            site.start(timeout=60)  # three daemons on a shared machine
+        for site, vol in ((a, "va"), (c, "vc")):
+            site.cli("volume", "create", vol, "--size", "16M")
+            site.cli("pair", "create", f"p-{vol}", "--pvol", vol, "--svol", f"{vol}-r", "--peer", "2001", "--wait")
+        a.kill()
+        wait_status(b, "p-va", ["SUSPENDED"])
+        cli = b.cli("pair", "takeover", "p-vc", check=False)
+        assert cli.returncode == 1 and "system 1003, is reachable" in cli.stderr, cli.stderr
+        b.cli("pair", "takeover", "p-va")
+        data = os.urandom(MiB)
+        async with Client(b.address) as bc, Client(c.address) as cc:
+            await bc.write("va-r", 0, data)
+            await cc.write("vc", 0, data)  # C's pair mirrors on, sync, into the same secondary
+            assert await bc.read("vc-r", 0, MiB) == data
+        assert b.pair_row("p-vc")["primary"] is False and b.pair_row("p-vc")["status"] == "DUPLEX"
+        assert c.pair_row("p-vc")["status"] == "DUPLEX" and c.pair_row("p-vc").get("epoch", 1) == 1
+        a.start()
+        wait_for(lambda: a.pair_row("p-va").get("fenced_by") == 2001, 20, 0.2, "A to fence itself")
+        b.cli("pair", "resync", "p-va", "--wait")
+        a.cli("pair", "swap", "p-va")  # failback, issued at the old primary
+        assert a.pair_row("p-va")["primary"] is True
+        async with Client(a.address) as ac:
+            assert await ac.read("va", 0, MiB) == data
+    finally:
+        for site in (a, b, c):
+            site.kill()

@@ -15,7 +15,7 @@ from splitmirror.errors import SplitmirrorError
 
 from ..agent import AgentError
 from ..library import Client, ClientError
-from . import backups, certs, events, host_io, pairs, restore, stats, volumes
+from . import backups, certs, completion, events, host_io, pairs, restore, stats, volumes
 from .output import Output
 from .parser import ENV_TOKEN, PROG, parse_args, resolve_sizes
 
@@ -36,6 +36,7 @@ COMMANDS: dict[str, _Handler] = {
     "backups": backups.backups,
     "backup-schedule": backups.schedule,
     "backup-check": backups.check,
+    "backup-verify": backups.verify,
     "restore": restore.restore,
     "events": events.events,
 }
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SplitmirrorError("--length: must be greater than 0")
         if args.command == "certs":
             certs.certs(args, out)
+        elif args.command == "completion":
+            completion.completion(args, out)
         else:
             asyncio.run(run(args, out))
     except (ClientError, SplitmirrorError, AgentError, OSError) as err:

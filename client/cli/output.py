@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, Any
@@ -13,9 +15,18 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 
 from splitmirror.v1 import host_pb2
 
-from ..render import format_age, format_eta, format_rate, group_backup_json, pair_row_json, pairs_table, progress_json
+from ..render import (
+    format_age,
+    format_eta,
+    format_rate,
+    group_backup_json,
+    pair_row_json,
+    pairs_table,
+    percent_text,
+    progress_json,
+)
 
-__all__ = ["Output", "WaitReporter"]
+__all__ = ["ENV_PROGRESS_INTERVAL", "LineTicker", "Output", "WaitReporter", "progress_text"]
 
 
 class Output:
@@ -71,9 +82,51 @@ def _isatty(stream: IO[str]) -> bool:
         return False
 
 
+#: Seconds between progress lines when stderr is not a terminal (tests set it lower).
+ENV_PROGRESS_INTERVAL = "SPLITMIRROR_PROGRESS_INTERVAL"
+
+
+def progress_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get(ENV_PROGRESS_INTERVAL, "5")))
+    except ValueError:
+        return 5.0
+
+
+class LineTicker:
+    """Progress as plain lines on a stream that is not a terminal (a log, a pipe):
+    the first at once, then one every :func:`progress_interval` seconds, and one
+    whenever the state (``key``) changes."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.interval = progress_interval()
+        self._key: object = None
+        self._next = 0.0
+
+    def __call__(self, key: object, text: str) -> None:
+        now = time.monotonic()
+        if key == self._key and now < self._next:
+            return
+        self._key, self._next = key, now + self.interval
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def progress_text(row: host_pb2.PairRow) -> str:
+    """``pair p: COPY 37.5% 12.0 MiB/s ETA 0:00:05`` (a verify: ``pair p: verify 37.5% ...``,
+    a backup's generation brought up to date: ``pair GEN: backup 37.5% ...``)."""
+    what = row.activity or row.status
+    if not row.has_progress:
+        done = "100.0%" if row.status == "DUPLEX" else "-"
+        return f"pair {row.pair}: {what} {done}"
+    return (f"pair {row.pair}: {what} {percent_text(row.progress)} {format_rate(row.rate_bytes_per_s)} "
+            f"ETA {format_eta(row.eta_seconds)}")
+
+
 class WaitReporter:
-    """Progress of ``--wait``: a rich bar on a terminal, JSON lines on stderr
-    with ``--json``, nothing otherwise."""
+    """Progress of a pair's copy, resync or verify: a rich bar on a terminal,
+    JSON lines on stderr with ``--json``, a line every few seconds otherwise."""
 
     def __init__(self, out: Output, name: str) -> None:
         self.out = out
@@ -81,6 +134,7 @@ class WaitReporter:
         self._last: tuple[str, float | None] | None = None
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._lines: LineTicker | None = None
         if not out.as_json and _isatty(out.stderr):
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -91,6 +145,8 @@ class WaitReporter:
                 TextColumn("{task.fields[status]}"),
                 console=Console(file=out.stderr),
             )
+        elif not out.as_json:
+            self._lines = LineTicker(out.stderr)
 
     def __enter__(self) -> WaitReporter:
         if self._progress is not None:
@@ -108,15 +164,17 @@ class WaitReporter:
             self._progress.stop()
 
     def __call__(self, row: host_pb2.PairRow) -> None:
+        done = row.progress if row.has_progress else (100.0 if row.status == "DUPLEX" else None)
         if self._progress is not None and self._task is not None:
-            done = 100.0 if row.status == "DUPLEX" else (row.progress if row.has_progress else None)
             self._progress.update(
                 self._task,
                 completed=done if done is not None else 0.0,
                 rate=format_rate(row.rate_bytes_per_s),
                 eta=format_eta(row.eta_seconds),
-                status=row.status,
+                status=row.activity or row.status,
             )
+        elif self._lines is not None:
+            self._lines((row.status, row.activity), progress_text(row))
         elif self.out.as_json:
             key = (row.status, round(row.progress, 1) if row.has_progress else None)
             if key != self._last:

@@ -13,7 +13,7 @@ from splitmirror.errors import OutOfRange, SplitmirrorError
 from splitmirror.sizes import parse_size
 
 __all__ = [
-    "ENV_IDENTITY", "ENV_SERVER", "ENV_TLS_DIR", "ENV_TOKEN", "PROG", "SIZE_OPTIONS",
+    "ENV_IDENTITY", "ENV_SERVER", "ENV_TLS_DIR", "ENV_TOKEN", "LOCAL_COMMANDS", "PROG", "SIZE_OPTIONS",
     "build_parser", "parse_args", "resolve_sizes",
 ]
 
@@ -22,6 +22,19 @@ ENV_SERVER = "SPLITMIRROR_SERVER"
 ENV_TLS_DIR = "SPLITMIRROR_TLS_DIR"
 ENV_IDENTITY = "SPLITMIRROR_IDENTITY"
 ENV_TOKEN = "SPLITMIRROR_TOKEN"
+
+
+#: Commands that need no server.
+LOCAL_COMMANDS = ("certs", "completion")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("splitmirror")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"send the bearer token read from FILE (default: ${ENV_TOKEN}, if set)",
     )
     parser.add_argument("--json", action="store_true", default=False, help="machine-readable output")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     # Also accept --json after the command ("splitmirror pair display --json").
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -151,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
     p.add_argument("paths", nargs="+", metavar="PATH", help="absolute paths inside the filesystem ('/' = all)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true", help="restore even if the generation fails verification")
     p = restore_cmds.add_parser("volume", parents=[common], help="bring the whole PVOL back to a generation")
     p.add_argument("name", metavar="REMOTE_PAIR")
     p.add_argument("--generation", required=True, metavar="LOCAL_PAIR")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true", help="restore even if the generation fails verification")
     p = restore_cmds.add_parser("abort", parents=[common],
                                 help="undo an interrupted restore: resync the mirror back and unfence")
     p.add_argument("name", metavar="REMOTE_PAIR")
@@ -172,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_sequence, default=0, metavar="SEQ",
                    help="only events after sequence number SEQ (resume where a previous run stopped)")
 
+    p = commands.add_parser("completion", parents=[common],
+                            help="print a shell completion script (no server needed): "
+                                 "eval \"$(splitmirror completion bash)\"")
+    p.add_argument("shell", choices=("bash", "zsh"))
+
     certs = commands.add_parser("certs", help="make the certificates for mutual TLS (no server needed)")
     certs_cmds = certs.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = certs_cmds.add_parser("init", parents=[common], help="create a CA and certificates in DIR")
@@ -185,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``backup ACTION ...`` words that are commands, not a pair name (see :func:`parse_args`).
-BACKUP_ACTIONS = ("schedule", "check")
+BACKUP_ACTIONS = ("schedule", "check", "verify")
 _GLOBAL_VALUED = ("--server", "--tls-dir", "--identity", "--token-file")
 
 
@@ -225,6 +246,10 @@ def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
                    help="shell command run in the mounted copy ($SPLITMIRROR_MOUNT), e.g. start a database on it")
     p.add_argument("--probe-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="seconds the probe may run (default 600)")
+    p = commands.add_parser("backup-verify", parents=[common],
+                            help="backup verify GENERATION: re-read it and name every track that no longer "
+                                 "matches its receipt (at the secondary)")
+    p.add_argument("generation", metavar="GENERATION")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -282,7 +307,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; usage errors exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(_backup_action(list(sys.argv[1:] if argv is None else argv)))
-    if not args.server and args.command != "certs":
+    if not args.server and args.command not in LOCAL_COMMANDS:
         parser.error(f"no server: pass --server HOST:PORT or set {ENV_SERVER}")
     return args
 

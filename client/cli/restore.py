@@ -30,8 +30,8 @@ from splitmirror.v1 import host_pb2
 
 from ..agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
 from ..library import Client
-from ..render import percent_text, size_text
-from .output import Output
+from ..render import format_eta, format_rate, percent_text, size_text
+from .output import LineTicker, Output
 
 __all__ = ["render_report", "restore", "restore_files", "restore_volume"]
 
@@ -62,6 +62,8 @@ class Reporter:
         self.tty = tty and not as_json
         self._progress: Progress | None = None
         self._last = -1.0
+        #: Neither a terminal nor --json: a line every few seconds.
+        self._lines = LineTicker(sys.stderr) if not self.tty and not as_json else None
 
     @contextlib.contextmanager
     def step(self, title: str, total: float) -> Iterator[Reporter]:
@@ -79,15 +81,24 @@ class Reporter:
                 self._progress.stop()
                 self._progress = None
 
-    def update(self, done: float, total: float | None = None) -> None:
+    def update(self, done: float, total: float | None = None, rate: float | None = None,
+               eta: float | None = None) -> None:
+        """``done`` of ``total`` (bytes, or percent with ``rate`` and ``eta`` given by the server)."""
         total = self._total if total is None else total
-        if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=max(total, 1))
-        elif self.as_json and (done - self._last >= total / 20 or done >= total):
-            self._last = done
-            elapsed = time.monotonic() - self._started
+        elapsed = time.monotonic() - self._started
+        percent = rate is not None  # the server's view: done and total are percentages
+        if rate is None:
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = (total - done) / rate if rate > 0 else None
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=max(total, 1))
+        elif self._lines is not None:
+            whole = done >= total
+            amount = (percent_text(done, total) if percent
+                      else f"{size_text(done)} of {size_text(total)} ({percent_text(done, total)})")
+            self._lines(whole, f"{self._title}: {amount} {format_rate(rate)} ETA {format_eta(eta or 0.0)}")
+        elif self.as_json and (done - self._last >= total / 20 or done >= total):
+            self._last = done
             print(json.dumps({"step": self._title, "done": done, "total": total,
                               "progress": round(100.0 * done / total, 1) if total else 100.0,
                               "rate": round(rate, 1), "eta_seconds": None if eta is None else round(eta, 1)}),
@@ -102,7 +113,7 @@ async def _watch_resync(client: Client, pair: str, work: Awaitable[T], reporter:
             rows = await client.display_pairs(pair)
             row = rows[0] if rows else None
             if row is not None and row.has_progress:
-                reporter.update(row.progress, 100.0)
+                reporter.update(row.progress, 100.0, row.rate_bytes_per_s, row.eta_seconds)
             await asyncio.wait({task}, timeout=0.25)
         reporter.update(100.0, 100.0)
     return task.result()
@@ -174,7 +185,7 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
                     f"{', '.join(plan.missing)}; nothing was changed")
             _confirm(args, f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
                            f"({gen.backup_time}): the PVOL is fenced meanwhile")
-            session = await client.begin_restore(args.name, args.generation)
+            session = await client.begin_restore(args.name, args.generation, force=args.force)
             lap("fence_and_split")
             try:
                 spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
@@ -208,7 +219,8 @@ async def _abort(client: Client, pair: str, cause: BaseException) -> None:
 async def restore_volume(client: Client, args: argparse.Namespace, as_json: bool) -> dict[str, object]:
     _confirm(args, f"replace the whole PVOL of pair {args.name} with generation {args.generation}")
     reporter = Reporter(as_json, sys.stderr.isatty())
-    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation), reporter)
+    report = await _watch_resync(client, args.name, client.restore_volume(args.name, args.generation, force=args.force),
+                                  reporter)
     return _report_json(report, restored=["/"], kind="volume")
 
 

@@ -34,6 +34,12 @@ class BackupRestoreCalls(Connection):
         reply: host_pb2.BackupCheck = await self._call(lambda s: s.CheckBackup, req)
         return reply
 
+    async def verify_backup(self, generation: str) -> host_pb2.VerifyBackupReply:
+        """Re-read a generation and compare each track with its receipt (at the secondary)."""
+        reply: host_pb2.VerifyBackupReply = await self._call(
+            lambda s: s.VerifyBackup, host_pb2.VerifyBackupRequest(generation=generation))
+        return reply
+
     async def set_schedule(self, schedule: host_pb2.Schedule) -> host_pb2.Schedule:
         reply: host_pb2.Schedule = await self._call(lambda s: s.SetSchedule, schedule)
         return reply
@@ -46,9 +52,9 @@ class BackupRestoreCalls(Connection):
         reply = await self._call(lambda s: s.DeleteSchedule, host_pb2.DeleteScheduleRequest(name=name, group=group))
         return list(reply.schedules)
 
-    async def begin_restore(self, pair: str, generation: str) -> host_pb2.RestoreSession:
+    async def begin_restore(self, pair: str, generation: str, force: bool = False) -> host_pb2.RestoreSession:
         reply: host_pb2.RestoreSession = await self._call(
-            lambda s: s.BeginRestore, host_pb2.RestoreRequest(pair=pair, generation=generation))
+            lambda s: s.BeginRestore, host_pb2.RestoreRequest(pair=pair, generation=generation, force=force))
         return reply
 
     async def finish_restore(self, pair: str) -> host_pb2.RestoreReport:
@@ -59,7 +65,7 @@ class BackupRestoreCalls(Connection):
         reply: host_pb2.RestoreReport = await self._call(lambda s: s.AbortRestore, host_pb2.PairRef(name=pair))
         return reply
 
-    async def restore_volume(self, pair: str, generation: str) -> host_pb2.RestoreReport:
+    async def restore_volume(self, pair: str, generation: str, force: bool = False) -> host_pb2.RestoreReport:
         reply: host_pb2.RestoreReport = await self._call(
-            lambda s: s.RestoreVolume, host_pb2.RestoreRequest(pair=pair, generation=generation))
+            lambda s: s.RestoreVolume, host_pb2.RestoreRequest(pair=pair, generation=generation, force=force))
         return reply

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ..datapath.system import StorageSystem
 from ..errors import SplitmirrorError
@@ -30,6 +28,7 @@ from ..ports.malformed import MalformedRequests
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
 from ..procedures.hooks import BackupHooks
+from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
@@ -37,6 +36,7 @@ from ..storage.files import OPEN_FILES
 from ..tls import TlsFiles
 from ..v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from .config import DaemonConfig, load_config
+from .discovery import PortServices
 from .heap import fix_malloc_thresholds
 from .limits import nbd_connection_cap, raise_nofile, volume_file_cap
 from .startup import DataDirLock, check_addresses, check_tls
@@ -81,9 +81,15 @@ class Daemon:
         #: Host I/O is measured only when metrics are served.
         self.meter = IoMeter() if config.metrics else None
         self.metrics: object | None = None
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        #: Health and reflection of the host API port and of the interconnect port.
+        self.ports: list[PortServices] = []
         options = server_options(config.max_message_bytes)
         self.tls = TlsFiles.load(Path(config.tls_dir), str(config.system_id)) if config.tls_dir else None
+        self.receipts = Receipts(self.backups, self.tls.key if self.tls else None,
+                                 self.tls.cert if self.tls else None)
+        self.backups.on_split = self.receipts.split
+        self.backups.before_reuse = self.receipts.settled
+        self.restores.receipts = self.receipts
         tokens = load_tokens(Path(config.token_file)) if config.token_file else {}
         if tokens and self.tls is None:
             log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")
@@ -94,6 +100,7 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        self.interconnect: InterconnectServicer | None = None
         #: The soft open-file limit, raised to the hard one at start.
         self.nofile = raise_nofile()
         self.nbd_cap = nbd_connection_cap(config.nbd_max_connections, self.nofile) if config.nbd else 0
@@ -113,6 +120,7 @@ class Daemon:
         await self.backups.load()
         await self.schedules.load()
         await self.checker.load()
+        await self.receipts.load()
         for peer, address in cfg.peers.items():
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
@@ -123,20 +131,17 @@ class Daemon:
 
         host_pb2_grpc.add_HostApiServicer_to_server(
             HostApiServicer(self.manager, self.backups, self.restores, self.policy, self.events, self.meter,
-                            self.schedules, self.checker),
+                            self.schedules, self.checker, self.receipts),
             self.host_server)
-        interconnect_pb2_grpc.add_InterconnectServicer_to_server(
-            InterconnectServicer(self.manager, self.backups, self.restores, cfg.role, tls=self.tls is not None,
-                                 checker=self.checker),
-            self.peer_server)
+        self.interconnect = InterconnectServicer(self.manager, self.backups, self.restores, cfg.role,
+                                                 tls=self.tls is not None, checker=self.checker)
+        interconnect_pb2_grpc.add_InterconnectServicer_to_server(self.interconnect, self.peer_server)
         on_interconnect, on_host_api = wrong_port_handlers(cfg.system_id, cfg.role)
         self.peer_server.add_generic_rpc_handlers((on_interconnect,))
         self.host_server.add_generic_rpc_handlers((on_host_api,))
-        for server, service in ((self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"]),
-                                (self.peer_server, interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"])):
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-            reflection.enable_server_reflection(
-                (service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.ports = [PortServices(self.host_server, host_pb2.DESCRIPTOR.services_by_name["HostApi"].full_name),
+                      PortServices(self.peer_server,
+                                   interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"].full_name)]
         if self.tls is None:
             listen_port = self.host_server.add_insecure_port(cfg.listen)
             peer_port = self.peer_server.add_insecure_port(cfg.interconnect)
@@ -150,8 +155,8 @@ class Daemon:
             peer_port = self.peer_server.add_secure_port(cfg.interconnect, peer_creds)
         await self.peer_server.start()
         await self.host_server.start()
-        for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
-            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        for port in self.ports:
+            await port.set(serving=True)
         nbd_text = ""
         if cfg.nbd:
             nbd_text = await self._start_nbd()
@@ -221,15 +226,10 @@ class Daemon:
         self.system.metrics_port = port
         return f", metrics port {port}{' (HTTPS)' if tls else ''}"
 
-    async def _set_health(self, service: str, status: int) -> None:
-        result = self.health.set(service, status)
-        if asyncio.iscoroutine(result):
-            await result
-
     async def stop(self) -> None:
         log.info("%sd system %d stopping", self.config.role, self.config.system_id)
-        for name in ("", "splitmirror.v1.HostApi", "splitmirror.v1.Interconnect"):
-            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for port in self.ports:
+            await port.set(serving=False)
         self.events.close_followers()
         await self.schedules.stop()
         if self.metrics is not None:
@@ -237,6 +237,10 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.close()  # type: ignore[attr-defined]
         await self.host_server.stop(grace=5)
+        if self.interconnect is not None:
+            # Peers hear it from us (an INFO line there) instead of finding the link lost.
+            self.interconnect.stopping = True
+            await asyncio.gather(*(link.goodbye() for link in self.links.values()))
         await self.manager.stop()
         await self.peer_server.stop(grace=2)
         for link in self.links.values():

@@ -70,6 +70,7 @@ _OPTION_REPLY: Final = struct.Struct(">QIII")
 _REQUEST: Final = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY: Final = struct.Struct(">IIQ")
 _CHUNK: Final = struct.Struct(">IHHQI")
+_DATA_CHUNK: Final = struct.Struct(">IHHQIQ")  # an OFFSET_DATA chunk header with its offset
 _EXPORT_REPLY: Final = struct.Struct(">QH")
 _INFO_EXPORT: Final = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE: Final = struct.Struct(">HIII")
@@ -224,6 +225,12 @@ _TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
 }
 
 
+def _take(buf: bytearray, start: int, end: int) -> bytes:
+    """``bytes(buf[start:end])`` with one copy instead of two."""
+    with memoryview(buf) as view:
+        return bytes(view[start:end])
+
+
 class _Invalid(Exception):
     """A syntactically invalid option payload (-> NBD_REP_ERR_INVALID)."""
 
@@ -346,9 +353,9 @@ class NbdCodec:
         self._meta_export: str | None = None
 
     @property
-    def buffered(self) -> int:
-        """Bytes received and not parsed yet."""
-        return len(self._buf)
+    def mid_message(self) -> bool:
+        """Part of a message was received (the rest would be needed to parse it)."""
+        return bool(self._buf or self._skip)
 
     @property
     def state(self) -> State:
@@ -463,7 +470,7 @@ class NbdCodec:
             end = _REQUEST.size + payload
             if len(buf) < end:
                 return None
-            data = bytes(buf[_REQUEST.size : end])
+            data = _take(buf, _REQUEST.size, end) if payload else b""
             del buf[:end]
             if ctype == Command.DISC:
                 self._transition(Trigger.RECV_DISC)
@@ -692,11 +699,15 @@ class NbdCodec:
 
     def send_read_reply(self, handle: int, offset: int, data: bytes) -> bytes:
         """The complete, successful reply to a READ in the negotiated style."""
-        if not self.structured_replies:
-            return self.send_simple_reply(handle, 0, data)
-        if not data:
-            return self.send_structured_done(handle)
-        return self.send_structured_read(handle, offset, data)
+        return self.send_read_header(handle, offset, len(data)) + data
+
+    def send_read_header(self, handle: int, offset: int, length: int) -> bytes:
+        """The reply to a successful READ up to its ``length`` data bytes, which follow as they are."""
+        if not self.structured_replies or not length:
+            return self.send_structured_done(handle) if self.structured_replies else self.send_simple_reply(handle)
+        self._transition(Trigger.SEND_REPLY)
+        return _DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.OFFSET_DATA, handle, 8 + length,
+                                offset)
 
     def send_error(self, handle: int, error: int, message: str = "") -> bytes:
         """A failed reply: an error chunk if structured, else a simple reply."""

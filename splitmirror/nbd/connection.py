@@ -1,64 +1,40 @@
-"""One NBD client connection: the asyncio I/O driver around :class:`~splitmirror.nbd.codec.NbdCodec`.
+"""One NBD client connection: an :class:`asyncio.Protocol` around :class:`~splitmirror.nbd.codec.NbdCodec`.
 
-One task per connection reads and decodes; every command runs as its own
-task, so many requests are in flight per connection and replies go out in
-completion order.  Writes to the socket are serialised by a lock and the
-number of commands in flight per connection is bounded.  What the replies
-carry is decided in :mod:`~splitmirror.nbd.reply_values`; the codec encodes
-it; this module only moves bytes and calls the export.
+No stream objects and no reader task: every chunk the transport delivers is
+fed to the codec and every request already buffered is parsed and dispatched
+at once.  Each command runs as its own task, so many are in flight and
+replies go out in completion order; the replies completed in one event-loop
+turn are handed to the transport together (one ``writelines``, a READ's data
+after its header without being copied).
+
+Flow control: at most ``max_in_flight`` commands and ``max_in_flight_bytes``
+of their payloads per connection; beyond that, and while the transport's
+write buffer is full (a client that does not read its replies), the
+connection stops reading.  What the handshake answers is decided in
+:mod:`~splitmirror.nbd.options`, what a command does in
+:mod:`~splitmirror.nbd.commands`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
-from typing import Final, Protocol
+from collections.abc import Callable, Coroutine, Generator
+from typing import Final, Protocol, cast
 
-from .backend import Admission, Export, ExportCatalog, ExportError
-from .codec import (
-    CommandRejected,
-    CommandRequest,
-    ConnectionClosed,
-    NbdCodec,
-    NeedData,
-    OptionRequest,
-    ProtocolError,
-)
-from .constants import (
-    BASE_ALLOCATION,
-    Command,
-    CommandFlag,
-    Errno,
-    Info,
-    Option,
-    OptionReply,
-)
-from .reply_values import (
-    ALLOCATION_ID,
-    command_name,
-    descriptors,
-    meta_context_id,
-    option_refusal,
-    preferred_block_size,
-    transmission_flags,
-    wire_errno,
-)
+from .backend import Export
+from .codec import CommandRejected, CommandRequest, ConnectionClosed, NbdCodec, NeedData, OptionRequest, ProtocolError
+from .commands import Reply, cost, log_refused, reply_to
+from .options import HandshakeContext, answer_option
 
 __all__ = ["READ_CHUNK", "Connection", "ServerSettings"]
 
-READ_CHUNK: Final = 1024 * 1024  # bytes asked of the socket per read
+READ_CHUNK: Final = 1024 * 1024  # kept for callers sizing their own reads
 
 
-class ServerSettings(Protocol):
+class ServerSettings(HandshakeContext, Protocol):
     """What a connection reads from the server that accepted it, each time it needs it."""
-
-    @property
-    def catalog(self) -> ExportCatalog: ...
-
-    @property
-    def max_request(self) -> int: ...
 
     @property
     def max_in_flight(self) -> int: ...
@@ -69,380 +45,339 @@ class ServerSettings(Protocol):
     @property
     def handshake_timeout(self) -> float: ...
 
-    @property
-    def tls(self) -> ssl.SSLContext | None: ...
 
-    @property
-    def admit(self) -> Admission | None: ...
-
-    @property
-    def log(self) -> logging.Logger: ...
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """(``host:port`` for the log, the address alone)."""
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
 
 
-def _buffered(reader: asyncio.StreamReader) -> int:
-    """Bytes the stream holds that no one has read yet."""
-    buffer = getattr(reader, "_buffer", b"")
-    return len(buffer) if isinstance(buffer, bytes | bytearray) else 0
+class _Pass:
+    """Hands what a coroutine stepped by hand is waiting on to the task that drives it on."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: object) -> None:
+        self.pending = pending
+
+    def __await__(self) -> Generator[object, None, None]:
+        yield self.pending
 
 
-class Connection:
-    """One client: handshake, then a read loop spawning command tasks."""
+async def _resume(coro: Coroutine[object, None, None], pending: object) -> None:
+    """Drive on, as a task, a coroutine whose first step ran outside any task."""
+    while True:
+        try:
+            await _Pass(pending)
+        except BaseException as exc:  # cancelled: the coroutine decides what that means
+            try:
+                pending = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return
 
-    def __init__(
-        self,
-        server: ServerSettings,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        shutdown_grace: float,
-    ) -> None:
+
+class Connection(asyncio.Protocol):
+    """One client: handshake, then commands dispatched as they are parsed."""
+
+    def __init__(self, server: ServerSettings, admit: Callable[[Connection], str | None],
+                 on_closed: Callable[[Connection], None]) -> None:
         self.server = server
-        #: Seconds in-flight commands get to complete when the server shuts down.
-        self.shutdown_grace = shutdown_grace
         self.log = server.log
-        self.reader = reader
-        self.writer = writer
-        self.peer = _peer_name(writer)
+        self._admit = admit  # the server's connection caps: why this one is refused, or None
+        self._on_closed = on_closed
         self.codec = NbdCodec(max_request=server.max_request)
         self.export: Export | None = None
         self.export_name = "-"
-        self._write_lock = asyncio.Lock()
-        self._slots = asyncio.Semaphore(server.max_in_flight)
-        #: Payload bytes of requests and replies this connection holds now.
-        self._held = 0
-        self._released = asyncio.Event()
-        self._deadline: asyncio.TimerHandle | None = None
-        self._expired = False
+        self.peer = self.address = "?"
+        self.transport: asyncio.Transport | None = None
+        self.refused = False
+        #: Set once the connection is gone and its commands are done.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._broken = False
-        self._tls_done = False
-        self._peer_cert: bytes | None = None
-        peer = writer.get_extra_info("peername")
-        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        self._running = 0  # commands dispatched, reply not yet handed to the transport
+        self._held = 0  # their payload bytes
+        self._waiting: CommandRequest | None = None  # parsed, dispatched when there is room
+        self._out: Reply = []
+        self._out_held = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        self._tls_switch = False
+        self._tls_on = False
+        self._cert: bytes | None = None
+        self._ended: str | None = None  # no more input will be processed, and why
+        self._lost = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._processing = False
 
-    async def serve(self) -> None:
+    # ------------------------------------------------------- transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass Transport
+        self.peer, self.address = _peer(transport)
+        refusal = self._admit(self)
+        if refusal is not None:
+            self.refused = True
+            transport.abort()
+            return
         self.log.info("nbd %s: connection opened", self.peer)
-        reason = "connection lost"
-        grace: float | None = None  # a departed client's commands still complete
-        self._deadline = asyncio.get_running_loop().call_later(self.server.handshake_timeout, self._expire)
-        try:
-            await self._send(self.codec.send_greeting())
-            reason = await self._read_loop()
-            if self._expired:
-                reason = f"handshake not finished within {self.server.handshake_timeout:g} s"
-        except asyncio.CancelledError:
-            reason = "server shutting down"
-            grace = self.shutdown_grace
-            raise
-        except Exception:
-            self.log.exception("nbd %s: internal error (export %s)", self.peer, self.export_name)
-            reason = "internal error"
-        finally:
-            self._deadline.cancel()
-            try:
-                await self._finish_commands(grace)
-            finally:
-                self.writer.close()
-                with contextlib.suppress(ConnectionError, OSError):
-                    await self.writer.wait_closed()
-                self.log.info("nbd %s: connection closed (export %s): %s", self.peer, self.export_name, reason)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.server.handshake_timeout, self._expire)
+        transport.write(self.codec.send_greeting())
 
-    async def _read_loop(self) -> str:
-        """Decode and dispatch until the connection ends; returns why."""
+    def data_received(self, data: bytes) -> None:
+        if self._ended is not None:
+            return
+        if self._tls_switch:  # plaintext after STARTTLS would run with the TLS client's identity
+            self._injected()
+            return
+        self.codec.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self._ended is None and not self._tls_switch:
+            self.codec.receive_data(b"")
+            self._process()
+        return True  # replies to commands in flight may still go out; closed when they are done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._ended is None:
+            self._ended = "client closed the connection" + (" mid-message" if self.codec.mid_message else "")
+        self._out.clear()
+        self._held -= self._out_held
+        self._out_held = 0
+        self._settle()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._flush()
+        self._process()
+
+    # --------------------------------------------------------------- parsing
+
+    def _process(self) -> None:
+        """Dispatch every event the buffered bytes hold, as far as the limits let."""
         codec = self.codec
-        while True:
+        self._processing = True
+        try:
+            self._process_events(codec)
+        finally:
+            self._processing = False
+        self._update_reading()
+
+    def _process_events(self, codec: NbdCodec) -> None:
+        while self._ended is None and not self._tls_switch and not self._write_paused:
+            if self._waiting is not None:
+                if not self._room(cost(self._waiting)):
+                    break
+                request, self._waiting = self._waiting, None
+                self._dispatch(request)
+                continue
             event = codec.next_event()
             if isinstance(event, NeedData):
-                codec.receive_data(await self._receive())
+                break
+            if isinstance(event, CommandRequest):
+                if self._room(cost(event)):
+                    self._dispatch(event)
+                else:
+                    self._waiting = event
             elif isinstance(event, OptionRequest):
-                end = await self._handle_option(event)
-                if end is not None:
-                    return end
-            elif isinstance(event, CommandRequest):
-                await self._slots.acquire()
-                cost = _cost(event)
-                while self._held and self._held + cost > self.server.max_in_flight_bytes:
-                    # Replies wait (a client that does not read them): read no more requests.
-                    self._released.clear()
-                    await self._released.wait()
-                self._held += cost
-                task = asyncio.create_task(self._run_command(event, cost))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._option(event)
             elif isinstance(event, CommandRejected):
-                self._refused(event.type, event.offset, event.length, event.error, event.message)
-                await self._send(codec.send_error(event.handle, event.error, event.message))
+                log_refused(self.log, self.peer, self.export_name, event.type, event.offset, event.length,
+                            event.error, event.message)
+                self._reply([codec.send_error(event.handle, event.error, event.message)], 0)
             elif isinstance(event, ProtocolError):
-                self.log.warning(
-                    "nbd %s: protocol error (export %s): %s",
-                    self.peer,
-                    self.export_name,
-                    event.message,
-                )
-                return "protocol error"
+                self.log.warning("nbd %s: protocol error (export %s): %s", self.peer, self.export_name, event.message)
+                self._end("protocol error")
             else:
                 assert isinstance(event, ConnectionClosed)
-                return event.reason
+                self._end(event.reason)
 
-    async def _receive(self) -> bytes:
-        if self._broken:
-            return b""
+    def _room(self, size: int) -> bool:
+        if self._running >= self.server.max_in_flight:
+            return False
+        return not self._held or self._held + size <= self.server.max_in_flight_bytes
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost or transport.is_closing() or self._tls_switch:
+            return
+        stop = self._waiting is not None or self._write_paused or self._ended is not None
+        if stop and not self._reading_paused:
+            transport.pause_reading()
+        elif not stop and self._reading_paused:
+            transport.resume_reading()
+        self._reading_paused = stop
+
+    def _end(self, reason: str) -> None:
+        """Process no more input; close once the commands in flight have replied."""
+        if self._ended is None:
+            self._ended = reason
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._running:
+            return
+        transport = self.transport
+        if not self._lost and transport is not None:
+            self._flush()
+            transport.close()  # the buffered replies go out first
+            return
+        if not self.finished.done():
+            if not self.refused:
+                self.log.info("nbd %s: connection closed (export %s): %s", self.peer, self.export_name, self._ended)
+            self.finished.set_result(None)
+            self._on_closed(self)
+
+    def _expire(self) -> None:
+        if self.export is None and self._ended is None and self.transport is not None:
+            timeout = self.server.handshake_timeout
+            self.log.warning("nbd %s: handshake not finished within %g s; hanging up", self.peer, timeout)
+            self._ended = f"handshake not finished within {timeout:g} s"
+            self.transport.abort()
+
+    # --------------------------------------------------------------- options
+
+    def _option(self, request: OptionRequest) -> None:
+        outcome = answer_option(self.server, self.codec, request, peer=self.peer, address=self.address,
+                                cert=self._cert, tls_on=self._tls_on)
+        if outcome.send:
+            self._write(outcome.send)
+        if outcome.attach is not None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self.export = outcome.attach
+            self.export_name = outcome.attach.name
+            self.log.debug("nbd %s: attached export %s", self.peer, self.export_name)
+        if outcome.end is not None:
+            self._end(outcome.end)
+        elif outcome.starttls:
+            self._tls_switch = True
+            task = asyncio.get_running_loop().create_task(self._start_tls())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _injected(self) -> None:
+        self.log.warning("nbd %s: plaintext bytes after NBD_OPT_STARTTLS; hanging up", self.peer)
+        self._ended = "data injected before the TLS handshake"
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _start_tls(self) -> None:
+        tls, transport = self.server.tls, self.transport
+        assert tls is not None and transport is not None
         try:
-            return await self.reader.read(READ_CHUNK)
-        except (ConnectionError, OSError):
-            return b""
+            new = await asyncio.get_running_loop().start_tls(
+                transport, self, tls, server_side=True, ssl_handshake_timeout=self.server.handshake_timeout)
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            self.log.warning("nbd %s: TLS handshake failed: %s", self.peer, exc)
+            if self._ended is None:
+                self._ended = "TLS handshake failed"
+            transport.abort()
+            return
+        if new is None or self._ended is not None:
+            return
+        self.transport = new
+        self._tls_switch = False
+        self._tls_on = True
+        self._reading_paused = False
+        ssl_object = new.get_extra_info("ssl_object")
+        self._cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.log.debug("nbd %s: TLS on", self.peer)
+        if self.codec.mid_message:
+            self._injected()
+            return
+        self._process()
 
-    async def _send(self, data: bytes) -> None:
-        async with self._write_lock:
-            if self._broken or self.writer.is_closing():
-                return
-            try:
-                self.writer.write(data)
-                await self.writer.drain()
-            except (ConnectionError, OSError):
-                self._broken = True
+    # -------------------------------------------------------------- commands
 
-    async def _finish_commands(self, grace: float | None) -> None:
-        """Let in-flight commands complete; cancel those still running after ``grace`` s."""
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+    def _dispatch(self, request: CommandRequest) -> None:
+        """Run a command at once (a cached read, a small write need no task); one that waits becomes a task."""
+        size = cost(request)
+        self._running += 1
+        self._held += size
+        coro = self._run(request, size)
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(_resume(coro, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, request: CommandRequest, size: int) -> None:
+        assert self.export is not None  # commands come only after EXPORT_NAME or GO attached one
+        try:
+            reply = await reply_to(self.export, self.codec, request, self.log, self.peer)
+        except asyncio.CancelledError:
+            self._running -= 1
+            self._held -= size
+            self._settle()
+            raise
+        self._running -= 1
+        self._reply(reply, size)
+        if self._ended is not None:
+            self._settle()
+        elif not self._processing:  # else the loop in _process goes on by itself
+            self._process()
+
+    # --------------------------------------------------------------- writing
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.write(data)
+
+    def _reply(self, reply: Reply, size: int) -> None:
+        """Queue a reply; the replies of one loop turn are written together."""
+        if self._lost:
+            self._held -= size
+            return
+        self._out.extend(reply)
+        self._out_held += size
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._write_paused or not self._out or self.transport is None or self._lost:
+            return
+        out, self._out = self._out, []
+        self.transport.writelines(out)
+        self._held -= self._out_held
+        self._out_held = 0
+
+    # -------------------------------------------------------------- shutdown
+
+    async def shutdown(self, grace: float) -> None:
+        """End the connection: commands in flight get ``grace`` seconds, then are cancelled."""
+        if self._ended is None:
+            self._ended = "server shutting down"
+        self._update_reading()
+        tasks = set(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-
-    # ---------------------------------------------------------------- options
-
-    def _refusal(self, name: str, listing: bool = False) -> str | None:
-        admit = self.server.admit
-        return None if admit is None else admit(name, self.address, self._peer_cert, listing)
-
-    def _open(self, name: str) -> Export | ExportError:
-        refusal = self._refusal(name)
-        if refusal is not None:
-            return ExportError(Errno.EPERM, refusal)
-        try:
-            return self.server.catalog.open_export(name)
-        except ExportError as exc:
-            return exc
-        except Exception:
-            self.log.exception("nbd %s: opening export %r failed", self.peer, name)
-            return ExportError(Errno.EIO, "internal error opening the export")
-
-    def _attach(self, export: Export) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self.export = export
-        self.export_name = export.name
-        self.log.debug("nbd %s: attached export %s", self.peer, export.name)
-
-    async def _handle_option(self, request: OptionRequest) -> str | None:
-        """Answer one option; returns why the connection must end, if it must."""
-        codec = self.codec
-        option = request.option
-        if request.invalid is not None:
-            self.log.warning("nbd %s: invalid option %d: %s", self.peer, option, request.invalid)
-            if option == Option.EXPORT_NAME:
-                return "invalid NBD_OPT_EXPORT_NAME"
-            await self._send(codec.send_option_error(option, OptionReply.ERR_INVALID, request.invalid))
-            return None
-        if option == Option.STARTTLS:
-            return await self._starttls()
-        if self.server.tls is not None and not self._tls_done:
-            if option == Option.EXPORT_NAME:
-                self.log.warning("nbd %s: NBD_OPT_EXPORT_NAME without TLS refused", self.peer)
-                return "TLS required"
-            if option != Option.ABORT:
-                await self._send(codec.send_option_error(option, OptionReply.ERR_TLS_REQD, "TLS is required"))
-                return None
-        match option:
-            case Option.EXPORT_NAME:
-                export = self._open(request.name)
-                if isinstance(export, ExportError):
-                    self._refused_export(request.name, export)
-                    return "NBD_OPT_EXPORT_NAME refused"
-                self._attach(export)
-                flags = transmission_flags(export, codec.structured_replies)
-                await self._send(codec.send_export_name_reply(export.size, flags))
-            case Option.INFO | Option.GO:
-                await self._info_or_go(request)
-            case Option.LIST:
-                names = [n for n in self.server.catalog.export_names() if self._refusal(n, listing=True) is None]
-                out = [codec.send_server_entry(name) for name in names]
-                out.append(codec.send_option_ack(option))
-                await self._send(b"".join(out))
-            case Option.ABORT:
-                await self._send(codec.send_option_ack(option))
-                return "client sent NBD_OPT_ABORT"
-            case Option.STRUCTURED_REPLY:
-                await self._send(codec.send_option_ack(option))
-            case Option.LIST_META_CONTEXT | Option.SET_META_CONTEXT:
-                await self._meta_context(request)
-            case _:
-                self.log.debug("nbd %s: unsupported option %d", self.peer, option)
-                await self._send(
-                    codec.send_option_error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
-                )
-        return None
-
-    async def _starttls(self) -> str | None:
-        codec = self.codec
-        tls = self.server.tls
-        if tls is None:
-            await self._send(codec.send_option_error(Option.STARTTLS, OptionReply.ERR_UNSUP, "TLS is not configured"))
-            return None
-        if self._tls_done:
-            await self._send(codec.send_option_error(Option.STARTTLS, OptionReply.ERR_INVALID, "TLS already on"))
-            return None
-        await self._send(codec.send_option_ack(Option.STARTTLS))
-        try:
-            async with self._write_lock:
-                await self.writer.start_tls(tls)
-        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
-            self.log.warning("nbd %s: TLS handshake failed: %s", self.peer, exc)
-            self._broken = True
-            return "TLS handshake failed"
-        if _buffered(self.reader) or self.codec.buffered:
-            # Plaintext that arrived before the switch would run with the TLS
-            # client's identity (nbdkit CVE-2021-3716): hang up.
-            self.log.warning("nbd %s: plaintext bytes after NBD_OPT_STARTTLS; hanging up", self.peer)
-            self._broken = True
-            return "data injected before the TLS handshake"
-        self._tls_done = True
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        self._peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        self.log.debug("nbd %s: TLS on", self.peer)
-        return None
-
-    async def _info_or_go(self, request: OptionRequest) -> None:
-        codec = self.codec
-        option = request.option
-        export = self._open(request.name)
-        if isinstance(export, ExportError):
-            self._refused_export(request.name, export)
-            reply = option_refusal(export)
-            await self._send(codec.send_option_error(option, reply, export.message))
-            return
-        out = [
-            codec.send_export_info(option, export.size, transmission_flags(export, codec.structured_replies)),
-            codec.send_block_size_info(
-                option, 1, preferred_block_size(export, self.server.max_request), self.server.max_request
-            ),
-        ]
-        if Info.NAME in request.info_requests:
-            out.append(codec.send_text_info(option, Info.NAME, export.name))
-        out.append(codec.send_option_ack(option))
-        if option == Option.GO:
-            self._attach(export)
-        await self._send(b"".join(out))
-
-    async def _meta_context(self, request: OptionRequest) -> None:
-        codec = self.codec
-        option = request.option
-        context_id = meta_context_id(option, request.queries)
-        out = [] if context_id is None else [codec.send_meta_context(option, context_id, BASE_ALLOCATION)]
-        out.append(codec.send_option_ack(option))
-        await self._send(b"".join(out))
-
-    def _refused_export(self, name: str, exc: ExportError) -> None:
-        self.log.warning("nbd %s: refused export %r: %s (errno %d)", self.peer, name, exc.message, exc.errno)
-
-    # --------------------------------------------------------------- commands
-
-    def _refused(self, ctype: int, offset: int, length: int, error: int, message: str) -> None:
-        self.log.warning(
-            "nbd %s: refused %s offset=%d length=%d on export %s: %s (%s)",
-            self.peer,
-            command_name(ctype),
-            offset,
-            length,
-            self.export_name,
-            message,
-            wire_errno(error).name,
-        )
-
-    def _expire(self) -> None:
-        if self.export is None and not self._broken:
-            self._expired = True
-            self.log.warning("nbd %s: handshake not finished within %g s; hanging up", self.peer,
-                             self.server.handshake_timeout)
-            self._broken = True
-            self.writer.transport.abort()
-
-    async def _run_command(self, request: CommandRequest, cost: int) -> None:
-        codec = self.codec
-        try:
-            try:
-                export = self.export
-                assert export is not None  # commands come only after EXPORT_NAME or GO attached one
-                reply = await _execute(export, codec, request)
-            except ExportError as exc:
-                errno = wire_errno(exc.errno)
-                self._refused(request.type, request.offset, request.length, errno, exc.message)
-                reply = codec.send_error(request.handle, errno, exc.message)
-            except Exception:
-                self.log.exception(
-                    "nbd %s: %s offset=%d length=%d on export %s failed",
-                    self.peer,
-                    request.type.name,
-                    request.offset,
-                    request.length,
-                    self.export_name,
-                )
-                reply = codec.send_error(request.handle, Errno.EIO, "internal server error")
-            await self._send(reply)
-        finally:
-            self._held -= cost
-            self._released.set()
-            self._slots.release()
-
-
-def _cost(request: CommandRequest) -> int:
-    """Payload bytes a command holds until its reply is sent."""
-    return request.length if request.type in (Command.READ, Command.WRITE) else 0
-
-
-def _check_writable(export: Export) -> None:
-    if export.read_only():
-        raise ExportError(Errno.EPERM, "export is read-only")
-
-
-async def _execute(export: Export, codec: NbdCodec, request: CommandRequest) -> bytes:
-    """Run one transmission command on ``export``; returns the encoded reply.
-
-    Raises :class:`ExportError` for what the export refuses.
-    """
-    handle, offset, length = request.handle, request.offset, request.length
-    fua = CommandFlag.FUA in request.flags
-    match request.type:
-        case Command.READ:
-            data = await export.read(offset, length)
-            if len(data) != length:
-                raise ExportError(Errno.EIO, f"backend returned {len(data)} of {length} bytes")
-            return codec.send_read_reply(handle, offset, data)
-        case Command.WRITE:
-            _check_writable(export)
-            await export.write(offset, request.data, fua)
-        case Command.FLUSH:
-            await export.flush()
-        case Command.TRIM:
-            _check_writable(export)
-            await export.trim(offset, length)
-            if fua:
-                await export.flush()
-        case Command.WRITE_ZEROES:
-            _check_writable(export)
-            await export.write_zeroes(offset, length, fua)
-        case Command.BLOCK_STATUS:
-            extents = await export.allocation(offset, length)
-            req_one = CommandFlag.REQ_ONE in request.flags
-            return codec.send_block_status(handle, ALLOCATION_ID, descriptors(extents, length, req_one))
-        case _:
-            raise ExportError(Errno.EINVAL, f"unsupported command {request.type.name}")
-    return codec.send_ok(handle)
+        self._settle()
+        if self.transport is not None and not self._lost:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.finished), 1.0)
+            if not self.finished.done():
+                self.transport.abort()
+        await self.finished

@@ -17,7 +17,7 @@ from typing import Final
 
 from .backend import Admission, ExportCatalog
 from .codec import NbdCodec
-from .connection import READ_CHUNK, Connection
+from .connection import Connection
 from .constants import DEFAULT_MAX_REQUEST
 
 __all__ = [
@@ -38,11 +38,6 @@ DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 #: Request and reply payload bytes one connection may hold; reading stops beyond.
 DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 2 * DEFAULT_MAX_REQUEST
 _SHUTDOWN_GRACE: Final = 5.0  # seconds in-flight commands get on shutdown; handed to each Connection
-
-
-def _address(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 class NbdServer:
@@ -90,15 +85,15 @@ class NbdServer:
         self.admit = admit
         self.log = logger or logging.getLogger("splitmirror.nbd")
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._clients: dict[asyncio.Task[None], Connection] = {}
+        self._clients: set[Connection] = set()
         self._closing = False
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
         if self._server is not None:
             raise RuntimeError("NbdServer already started")
-        self._server = await asyncio.start_server(self._on_client, self.host, self.port, limit=READ_CHUNK)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_connection, self.host, self.port, backlog=128)
 
     @property
     def bound_port(self) -> int:
@@ -112,10 +107,7 @@ class NbdServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.shutdown(_SHUTDOWN_GRACE) for c in list(self._clients)), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -126,39 +118,32 @@ class NbdServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if self._closing or task is None:
-            writer.close()
-            return
-        address = _address(writer)
-        refusal = self._over_limit(address)
+    def _new_connection(self) -> Connection:
+        return Connection(self, self._admit_connection, self._closed)
+
+    def _admit_connection(self, connection: Connection) -> str | None:
+        address = connection.address
+        refusal = "server shutting down" if self._closing else self._over_limit(address)
         if refusal is not None:
             self.refused_connections += 1
             if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, ...: no log flood
                 self.log.warning("nbd %s: connection refused: %s (%d refused so far)", address, refusal,
                                  self.refused_connections)
-            writer.transport.abort()
-            return
-        self._connections.add(task)
+            return refusal
+        self._clients.add(connection)
         self._per_client[address] += 1
-        connection = self._clients[task] = Connection(self, reader, writer, shutdown_grace=_SHUTDOWN_GRACE)
-        try:
-            await connection.serve()
-        except asyncio.CancelledError:
-            # Cancelled by close(): end normally, else asyncio's stream protocol
-            # (3.11) logs the cancellation as an error in its done-callback.
-            if not self._closing:
-                raise
-        finally:
-            self._connections.discard(task)
-            self._clients.pop(task, None)
+        return None
+
+    def _closed(self, connection: Connection) -> None:
+        if connection in self._clients:
+            self._clients.discard(connection)
+            address = connection.address
             self._per_client[address] -= 1
             if self._per_client[address] <= 0:
                 del self._per_client[address]
 
     def _over_limit(self, address: str) -> str | None:
-        if len(self._connections) >= self.max_connections:
+        if len(self._clients) >= self.max_connections:
             return f"{self.max_connections} NBD connections open (the server's limit)"
         if self._per_client[address] >= self.max_per_client:
             return f"{self.max_per_client} NBD connections open from this address (the limit per client)"
@@ -166,4 +151,4 @@ class NbdServer:
 
     def export_connections(self) -> dict[str, int]:
         """Connections attached to each export now."""
-        return dict(collections.Counter(c.export_name for c in self._clients.values() if c.export is not None))
+        return dict(collections.Counter(c.export_name for c in self._clients if c.export is not None))

@@ -44,6 +44,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "splitmirror_pair_split_brain": ("gauge", ("pair",),
                                      "1 when both ends were written while suspended (a resync was refused) and no "
                                      "status change has happened since."),
+    "splitmirror_pair_role_epoch": ("gauge", ("pair",), "Role epoch of the end held here: grows at every takeover "
+                                                        "and swap. Remote pairs only."),
+    "splitmirror_pair_fenced": ("gauge", ("pair",), "1 while the end held here is an old primary fenced because the "
+                                                    "other end took the role over (until resynced). Remote pairs."),
     "splitmirror_resync_remaining_bytes": ("gauge", ("pair",), "Bytes a running copy still has to move."),
     "splitmirror_resync_bytes": ("counter", ("pair",), "Bytes moved by initial copies and resyncs (sent or "
                                                        "received here) since the daemon started."),
@@ -134,6 +138,9 @@ class SystemCollector(Collector):
         f["splitmirror_pair_pending_tracks"].add_metric([name], tracks)
         f["splitmirror_pair_pending_bytes"].add_metric([name], pending)
         f["splitmirror_pair_split_brain"].add_metric([name], 1 if name in self.events.split_brain else 0)
+        if pair.remote:
+            f["splitmirror_pair_role_epoch"].add_metric([name], row.epoch)
+            f["splitmirror_pair_fenced"].add_metric([name], 1 if row.role.fenced_by else 0)
         if pair.role is EndRole.PRIMARY:
             f["splitmirror_pair_lag_seconds"].add_metric([name], lag_seconds(pair, pending, since, now))
             f["splitmirror_pair_queue_bytes"].add_metric([name], pair.queued_bytes())

@@ -11,6 +11,7 @@ to their channels and stops them cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -93,10 +94,9 @@ class PairManager:
                     self.context.spawn(self.recovery.auto_resync_local(pair), f"resync-{pair.name}")
         # Before the host API serves a write: ask each peer who is primary
         # now (an old primary that lost the role fences itself here).
-        for peer in sorted({p.peer_id for p in self.system.pairs.values() if p.remote}):
-            link = self.links.get(peer)
-            if link is not None:
-                await self.roles.first_contact(link, max(1.0, self.settings.link_timeout))
+        peers = sorted({p.peer_id for p in self.system.pairs.values() if p.remote} & set(self.links))
+        await asyncio.gather(*(self.roles.first_contact(self.links[peer], max(1.0, self.settings.link_timeout))
+                               for peer in peers))
         self.system.intent.start()
 
     async def stop(self) -> None:

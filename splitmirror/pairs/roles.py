@@ -116,7 +116,7 @@ class Roles:
                 raise FailedPrecondition(
                     f"pair {pair.name!r}: its primary, system {pair.peer_id}, is not configured as a peer of system "
                     f"{sid} (--peer); the new primary needs that link to resync the old one later")
-            if link.up and not force:
+            if not force and (link.up or await self._answers(link)):
                 raise FailedPrecondition(
                     f"pair {pair.name!r}: its primary, system {pair.peer_id}, is reachable; use "
                     f"'splitmirror pair swap {pair.name}' for a planned switchover (takeover is for a lost primary)")
@@ -148,6 +148,15 @@ class Roles:
             self.report(pair, "takeover", f"taken over from system {pair.peer_id}",
                         f"epoch {pair.row.epoch}, last sequence applied {pair.applied_seq}")
         return pairs
+
+    async def _answers(self, link: PeerLink) -> bool:
+        """Ask the primary now (the keepalive may not have run yet, e.g. just after a start)."""
+        try:
+            await link.stub.Hello(ic.HelloRequest(system_id=link.own_id, role=link.role), metadata=link.metadata,
+                                  timeout=max(1.0, self.context.settings.link_timeout))
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     # -- what a peer says about its ends ---------------------------------------------------------
     def roles_for(self, peer: int) -> list[ic.MirrorState]:
@@ -200,7 +209,7 @@ class Roles:
                 await self.system.save_rows(pair)
             elif decision is Decision.CONFLICT:
                 self._conflict(pair, r.epoch)
-            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap:
+            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap and not pair.reconciling:
                 log.warning("pair %s: neither system %d nor system %d is primary at epoch %d; run "
                             "'splitmirror pair takeover %s --force' at the site that should be", pair.name,
                             self.system.system_id, pair.peer_id, r.epoch, pair.name)
@@ -211,6 +220,8 @@ class Roles:
                 pair.hold_writes = ""
 
     def _conflict(self, pair: Pair, epoch: int) -> None:
+        if "both claim the primary role" in pair.hold_writes:
+            return  # said once; every keepalive sees it again
         pair.hold_writes = (
             f"pair {pair.name!r}: systems {self.system.system_id} and {pair.peer_id} both claim the primary role "
             f"at epoch {epoch}; host writes are refused at both until an operator runs "

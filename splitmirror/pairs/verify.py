@@ -13,7 +13,7 @@ import logging
 import grpc
 
 from ..errors import FailedPrecondition, Unavailable
-from ..pairstate.pair import Pair
+from ..pairstate.pair import CopyProgress, Pair
 from ..replication.link import relay
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -44,14 +44,22 @@ class Verifier:
         ts = vol.track_size
         chunk = max(1, VERIFY_CHUNK // ts)
         mismatches: list[int] = []
-        for first in range(0, vol.tracks, chunk):
-            count = min(chunk, vol.tracks - first)
-            async with self.system.order(vol).hold(first * ts, count * ts):
-                if not await pair.channel.push(0):  # barrier: earlier writes applied
-                    raise Unavailable(f"pair {name!r}: the mirror became unreachable during verify")
-                here = await vol.verify_digests(first, count)
-                there = await self._mirror_digests(pair, first, count)
-            mismatches.extend(first + i for i in range(count) if here[8 * i:8 * i + 8] != there[8 * i:8 * i + 8])
+        if pair.verify_progress is not None:
+            raise FailedPrecondition(f"pair {name!r}: a verify is already running")
+        progress = pair.verify_progress = CopyProgress("verify", vol.tracks, ts)
+        try:
+            for first in range(0, vol.tracks, chunk):
+                count = min(chunk, vol.tracks - first)
+                async with self.system.order(vol).hold(first * ts, count * ts):
+                    if not await pair.channel.push(0):  # barrier: earlier writes applied
+                        raise Unavailable(f"pair {name!r}: the mirror became unreachable during verify")
+                    here = await vol.verify_digests(first, count)
+                    there = await self._mirror_digests(pair, first, count)
+                mismatches.extend(first + i for i in range(count)
+                                  if here[8 * i:8 * i + 8] != there[8 * i:8 * i + 8])
+                progress.done_tracks += count
+        finally:
+            pair.verify_progress = None
         log.info("pair %s: verify checked %d tracks, %d mismatching", name, vol.tracks, len(mismatches))
         repaired = False
         if repair and mismatches:

@@ -100,6 +100,8 @@ class Pair:
         self.link: PeerLink | None = None    # remote pairs: the peer
         self.channel: MirrorChannel | None = None  # primary end: towards the mirror end
         self.progress: CopyProgress | None = None
+        #: A verify running (its tracks compared so far), shown like a copy's progress.
+        self.verify_progress: CopyProgress | None = None
         self.counters = Counters()
         self.copy_task: asyncio.Task[None] | None = None
         self.apply_lock = asyncio.Lock()     # mirror end: one Replicate stream at a time

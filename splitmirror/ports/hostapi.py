@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from ..pairs.manager import PairManager
 from ..pairstate.pair import Pair, PairEnd
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
+from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
 from ..storage.volume import Volume
@@ -64,8 +66,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
     def __init__(self, manager: PairManager, backups: BackupManager, restores: RestoreManager,
                  policy: AccessPolicy | None = None, events: EventLog | None = None,
                  meter: IoMeter | None = None, schedules: BackupScheduler | None = None,
-                 checker: GenerationChecker | None = None) -> None:
+                 checker: GenerationChecker | None = None, receipts: Receipts | None = None) -> None:
         self.manager = manager
+        self.receipts = receipts or Receipts(backups)
         self.checker = checker or GenerationChecker(backups)
         self.schedules = schedules or BackupScheduler(backups)
         self.backups = backups
@@ -140,6 +143,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
                          status=row.status.value, mode=row.mode, group=row.group,
                          pending_tracks=len(end.bitmap), split_time=row.split_time or "", reason=row.reason,
                          direction=row.direction)
+        since = self.events.status_since.get(row.name) if self.events is not None else None
+        if since is not None:  # the event log's last status change of the pair
+            msg.status_since, msg.status_age_seconds = iso_time(since), max(0.0, time.time() - since)
         fence = self.system.fences.get(row.volume)
         if fence:
             msg.reason = f"fenced: {fence}"
@@ -163,6 +169,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
             msg.eta_seconds = progress.eta
             msg.copy_total_tracks = progress.total_tracks
             msg.copy_done_tracks = progress.done_tracks
+        elif row.primary and pair.verify_progress is not None:
+            verify = pair.verify_progress
+            msg.activity, msg.has_progress, msg.progress = "verify", True, verify.percent
+            msg.rate_bytes_per_s, msg.eta_seconds = verify.rate, verify.eta
         return msg
 
     def _rows(self, pairs: list[Pair]) -> pb.PairList:
@@ -233,6 +243,10 @@ class HostApiServicer(pb_grpc.HostApiServicer):
         return await self.checker.check(request.generation, request.probe, request.probe_timeout_seconds)
 
     @refusals
+    async def VerifyBackup(self, request: pb.VerifyBackupRequest, context: Context) -> pb.VerifyBackupReply:
+        return await self.receipts.verify(request.generation)
+
+    @refusals
     async def SetSchedule(self, request: pb.Schedule, context: Context) -> pb.Schedule:
         return await self.schedules.set(request)
 
@@ -247,7 +261,7 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def BeginRestore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreSession:
-        return await self.restores.begin(request.pair, request.generation)
+        return await self.restores.begin(request.pair, request.generation, force=request.force)
 
     @refusals
     async def FinishRestore(self, request: pb.PairRef, context: Context) -> pb.RestoreReport:
@@ -259,7 +273,7 @@ class HostApiServicer(pb_grpc.HostApiServicer):
 
     @refusals
     async def RestoreVolume(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreReport:
-        return await self.restores.restore_volume(request.pair, request.generation)
+        return await self.restores.restore_volume(request.pair, request.generation, request.force)
 
     @refusals
     async def GetStats(self, request: pb.StatsRequest, context: Context) -> pb.Stats:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError
+from ..errors import InvalidArgument, PermissionDenied, SplitmirrorError, Unavailable
 from ..pairs.manager import PairManager
 from ..procedures.backup import BackupManager
 from ..procedures.check import GenerationChecker
@@ -59,7 +59,6 @@ def peer_id(context: Context, allowed: set[int], own: int,
     return caller
 
 
-ACK_EVERY = 4  # batches applied before an ack goes out even if more wait
 #: Integers a peer sends end up in the copy table (SQLite: signed 64 bits) and
 #: in arithmetic on volumes of at most 16 TiB: larger ones are refused whole.
 INT64_MAX = (1 << 63) - 1
@@ -138,12 +137,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.system = manager.system
         self.role = role
         self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
+        #: Set once this system said goodbye to its peers: keepalives are refused from then on.
+        self.stopping = False
 
     def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
 
     @peer_call
     async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
+        if self.stopping:
+            raise Unavailable(f"system {self.system.system_id} is stopping")
+        if request.goodbye:
+            link = self.manager.links.get(peer)
+            if link is not None:
+                link.peer_left()
+            return ic.HelloReply(system_id=self.system.system_id, role=self.role)
         reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
         for pair in self.manager.pairs_with(peer):
             # Only the mirror ends that stopped mirroring: what the primary
@@ -193,7 +201,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             try:
                 batch: ic.ReplicateBatch | None = first
                 sequence = SequenceCheck()
-                applied = acked = held = 0
+                applied = acked = 0
                 while batch is not None and not stream.superseded:
                     try:
                         applied = await self.manager.mirror_apply(pair, batch, sequence) or applied
@@ -201,15 +209,12 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                         log.warning("pair %s: refused replicated writes: %s", pair.name, exc.message)
                         await context.abort(exc.code, exc.message)
                         raise
-                    # Cumulative: one ack covers the batches already waiting
-                    # (a few at most, so that sync writers are not held).
-                    held += 1
-                    if applied != acked and (batches.empty() or held >= ACK_EVERY):
-                        acked, held = applied, 0
+                    # Cumulative, at once: the primary's send window gathers
+                    # writes into the next batch meanwhile, and this ack opens it.
+                    if applied != acked:
+                        acked = applied
                         yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
-                if applied != acked and not stream.superseded:
-                    yield ic.ReplicateAck(seq=applied)  # the primary ended its side: ack what is applied
             finally:
                 pair.apply_lock.release()
                 if self._streams.get(pair.name) is stream:

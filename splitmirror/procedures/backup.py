@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -73,6 +73,9 @@ class BackupManager:
         self.checking: set[str] = set()
         self.checks: dict[str, dict[str, Any]] = {}
         self.check_failures = 0  # since the daemon started (a metric)
+        #: mirror end: a generation was split (take its receipt); wait for that before reusing it.
+        self.on_split: Callable[[Pair], None] | None = None
+        self.before_reuse: Callable[[str], Awaitable[None]] | None = None
         #: mirror end: marker id -> outcome (and the SVOL flush in progress)
         self._outcomes: dict[str, ic.FinishBackupReply] = {}
         self._flushes: dict[str, asyncio.Task[None]] = {}
@@ -84,7 +87,7 @@ class BackupManager:
         saved = await self.system.table.meta_items(GROUP_BACKUP_KEY)
         self.group_backups = {key.removeprefix(GROUP_BACKUP_KEY): value for key, value in saved.items()}
 
-    def _emit(self, pair: Pair, op: str, generation: str = "", reason: str = "", detail: str = "") -> None:
+    def emit(self, pair: Pair, op: str, generation: str = "", reason: str = "", detail: str = "") -> None:
         self.system.events.emit(Event(BACKUP, pair=pair.name, peer=pair.peer_id, generation=generation, op=op,
                                       reason=reason, detail=detail))
 
@@ -140,6 +143,8 @@ class BackupManager:
     async def _bring_to_duplex(self, gen: Pair) -> int:
         """Resync a generation from the SPVOL by bitmap; returns tracks copied."""
         assert gen.primary is not None
+        if self.before_reuse is not None:
+            await self.before_reuse(gen.name)
         if gen.status is PairStatus.DUPLEX:
             return 0
         pending = len(gen.primary.bitmap) + (len(gen.mirror.bitmap) if gen.mirror else 0)
@@ -170,7 +175,7 @@ class BackupManager:
                              "arrived; the previous generations are untouched")
         if outcome.error:
             log.warning("backup of pair %s failed: %s", pair.name, outcome.error)
-            self._emit(pair, "failed", marker.generation, outcome.error)
+            self.emit(pair, "failed", marker.generation, outcome.error)
             return
         assert gen is not None
         # No await before: the next entry is tracked.
@@ -186,7 +191,7 @@ class BackupManager:
         outcome.sequence = gen.row.backup_seq
         log.info("backup of pair %s taken in generation %s (#%d) at %s", pair.name, gen.name, outcome.sequence,
                  marker.backup_time)
-        self._emit(pair, "taken", gen.name, detail=f"#{outcome.sequence} at {marker.backup_time}")
+        self.emit(pair, "taken", gen.name, detail=f"#{outcome.sequence} at {marker.backup_time}")
         # Persist and make the SVOL durable without holding the stream.
         self._flushes[marker.marker] = asyncio.create_task(self._settle(gen, pair))
 
@@ -195,6 +200,8 @@ class BackupManager:
         await self.system.save_rows(pair)
         if gen.mirror is not None:
             await gen.mirror.volume.flush()
+            if self.on_split is not None:
+                self.on_split(gen)
 
     async def finish(self, peer: int, req: ic.FinishBackupRequest) -> ic.FinishBackupReply:
         self.manager.mirror_pair(peer, req.pair)
@@ -287,7 +294,7 @@ class BackupManager:
         warning = ""
         try:
             try:
-                results, prepare_seconds, completion = await self._fix_point(pairs, group, generation, ring, hooks,
+                results, prepare_seconds, completion = await _fix_point(self, pairs, group, generation, ring, hooks,
                                                                              env, started)
                 outcome = ("point-fixed", "")
             except SplitmirrorError as exc:
@@ -301,7 +308,7 @@ class BackupManager:
                     if problem:
                         log.error("backup of %s: %s", env["SPLITMIRROR_PAIR"], problem)
                         for pair in pairs:
-                            self._emit(pair, "hook-failed", env.get("SPLITMIRROR_GENERATION", ""), problem)
+                            self.emit(pair, "hook-failed", env.get("SPLITMIRROR_GENERATION", ""), problem)
                         warning = problem
             if wait:
                 await completion
@@ -313,82 +320,6 @@ class BackupManager:
         finally:
             for pair in pairs:
                 pair.backup_running = False
-
-    async def _fix_point(self, pairs: list[Pair], group: str, generation: str, ring: Sequence[str],
-                         hooks: BackupHooks, env: dict[str, str],
-                         started: float) -> tuple[list[pb.BackupResult], float, asyncio.Future[None]]:
-        """Bring the generations in sync, run the pre-hook, push the markers."""
-        prepared: list[ic.PrepareBackupReply] = []
-        for pair in pairs:
-            reply = await self._rpc(pair, "PrepareBackup",
-                                    ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring), None)
-            assert isinstance(reply, ic.PrepareBackupReply)
-            prepared.append(reply)
-        prepare_seconds = time.monotonic() - started
-        env["SPLITMIRROR_GENERATION"] = ",".join(prep.generation for prep in prepared)
-        env["SPLITMIRROR_SVOL"] = ",".join(prep.svol for prep in prepared)
-        self.check_ready(pairs)
-        if hooks.pre:
-            problem = await run_command(hooks.pre, {**env, "SPLITMIRROR_PHASE": "pre-backup"}, hooks.timeout,
-                                        "pre-backup hook")
-            if problem:
-                for pair, prep in zip(pairs, prepared, strict=True):
-                    self._emit(pair, "cancelled", prep.generation, problem)
-                log.error("backup of %s cancelled: %s", env["SPLITMIRROR_PAIR"], problem)
-                raise BackupCancelled(f"backup of {(group and f'group {group!r}') or f'pair {pairs[0].name!r}'} "
-                                      f"cancelled: {problem}; no backup point was fixed")
-            self.check_ready(pairs)
-        # One step of the event loop, no await: one point of the write order.
-        backup_time = utc_now()
-        markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
-        futures = []
-        for pair, marker in zip(pairs, markers, strict=True):
-            assert pair.channel is not None
-            futures.append(pair.channel.push(0, marker=marker))
-        env["SPLITMIRROR_BACKUP_TIME"] = backup_time
-        log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
-        for pair, marker in zip(pairs, markers, strict=True):
-            self._emit(pair, "point", marker.generation, detail=f"at {backup_time}")
-        results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
-                                   backup_time=backup_time, resynced_tracks=prep.resynced_tracks, state="pending")
-                   for p, prep in zip(pairs, prepared, strict=True)]
-        completion = asyncio.ensure_future(self._complete(pairs, markers, futures, results, group, backup_time))
-        return results, prepare_seconds, completion
-
-    async def _complete(self, pairs: list[Pair], markers: list[BackupMarker], futures: list[asyncio.Future[bool]],
-                        results: list[pb.BackupResult], group: str = "", backup_time: str = "") -> None:
-        delivered = await asyncio.gather(*futures)
-        errors: list[str] = []
-        for pair, marker, ok, result in zip(pairs, markers, delivered, results, strict=True):
-            failed = len(errors)
-            try:
-                outcome = await self._rpc(pair, "FinishBackup",
-                                          ic.FinishBackupRequest(pair=pair.name, marker=marker.marker), 30.0)
-            except SplitmirrorError as exc:
-                errors.append(f"pair {pair.name!r}: outcome unknown ({exc.message}); "
-                              "see 'splitmirror backups' once the peer is back")
-                self._emit(pair, "failed", marker.generation, errors[-1])
-                continue
-            assert isinstance(outcome, ic.FinishBackupReply)
-            if outcome.done:
-                result.state = "done"
-                result.sequence = outcome.sequence
-                for end in pair.ends:
-                    end.row.backup_time = backup_time or outcome.backup_time
-                await self.system.save_rows(pair)
-                self._emit(pair, "done", marker.generation, detail=f"#{outcome.sequence} at {outcome.backup_time}")
-            elif not ok or not outcome.known:
-                errors.append(f"pair {pair.name!r}: the link failed before the backup point reached system "
-                              f"{pair.peer_id}; no backup taken, the pair keeps tracking")
-            else:
-                errors.append(f"pair {pair.name!r}: {outcome.error}")
-            if len(errors) > failed:
-                self._emit(pair, "failed", marker.generation, errors[-1])
-        if errors:
-            raise FailedPrecondition("backup failed: " + "; ".join(errors))
-        if group:
-            self.group_backups[group] = backup_time
-            await self.system.table.set_meta(GROUP_BACKUP_KEY + group, backup_time)
 
     async def list_backups(self, name: str) -> pb.GenerationList:
         pair = self.manager.pair(name)
@@ -406,6 +337,85 @@ class BackupManager:
                           check_verdict=i.check_verdict, check_time=i.check_time, check_seconds=i.check_seconds,
                           check_reason=i.check_reason)
             for i in infos])
+
+
+async def _fix_point(mgr: BackupManager, pairs: list[Pair], group: str, generation: str, ring: Sequence[str],
+                     hooks: BackupHooks, env: dict[str, str],
+                     started: float) -> tuple[list[pb.BackupResult], float, asyncio.Future[None]]:
+    """Bring the generations in sync, run the pre-hook, push the markers."""
+    prepared: list[ic.PrepareBackupReply] = []
+    for pair in pairs:
+        reply = await mgr.peer_rpc(pair, "PrepareBackup",
+                                ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring), None)
+        assert isinstance(reply, ic.PrepareBackupReply)
+        prepared.append(reply)
+    prepare_seconds = time.monotonic() - started
+    env["SPLITMIRROR_GENERATION"] = ",".join(prep.generation for prep in prepared)
+    env["SPLITMIRROR_SVOL"] = ",".join(prep.svol for prep in prepared)
+    mgr.check_ready(pairs)
+    if hooks.pre:
+        problem = await run_command(hooks.pre, {**env, "SPLITMIRROR_PHASE": "pre-backup"}, hooks.timeout,
+                                    "pre-backup hook")
+        if problem:
+            for pair, prep in zip(pairs, prepared, strict=True):
+                mgr.emit(pair, "cancelled", prep.generation, problem)
+            log.error("backup of %s cancelled: %s", env["SPLITMIRROR_PAIR"], problem)
+            raise BackupCancelled(f"backup of {(group and f'group {group!r}') or f'pair {pairs[0].name!r}'} "
+                                  f"cancelled: {problem}; no backup point was fixed")
+        mgr.check_ready(pairs)
+    # One step of the event loop, no await: one point of the write order.
+    backup_time = utc_now()
+    markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]
+    futures = []
+    for pair, marker in zip(pairs, markers, strict=True):
+        assert pair.channel is not None
+        futures.append(pair.channel.push(0, marker=marker))
+    env["SPLITMIRROR_BACKUP_TIME"] = backup_time
+    log.info("backup point fixed at %s for %s", backup_time, ", ".join(p.name for p in pairs))
+    for pair, marker in zip(pairs, markers, strict=True):
+        mgr.emit(pair, "point", marker.generation, detail=f"at {backup_time}")
+    results = [pb.BackupResult(pair=p.name, generation=prep.generation, svol=prep.svol,
+                               backup_time=backup_time, resynced_tracks=prep.resynced_tracks, state="pending")
+               for p, prep in zip(pairs, prepared, strict=True)]
+    completion = asyncio.ensure_future(_complete(mgr, pairs, markers, futures, results, group, backup_time))
+    return results, prepare_seconds, completion
+
+
+async def _complete(mgr: BackupManager, pairs: list[Pair], markers: list[BackupMarker],
+                    futures: list[asyncio.Future[bool]], results: list[pb.BackupResult], group: str = "",
+                    backup_time: str = "") -> None:
+    delivered = await asyncio.gather(*futures)
+    errors: list[str] = []
+    for pair, marker, ok, result in zip(pairs, markers, delivered, results, strict=True):
+        failed = len(errors)
+        try:
+            outcome = await mgr.peer_rpc(pair, "FinishBackup",
+                                      ic.FinishBackupRequest(pair=pair.name, marker=marker.marker), 30.0)
+        except SplitmirrorError as exc:
+            errors.append(f"pair {pair.name!r}: outcome unknown ({exc.message}); "
+                          "see 'splitmirror backups' once the peer is back")
+            mgr.emit(pair, "failed", marker.generation, errors[-1])
+            continue
+        assert isinstance(outcome, ic.FinishBackupReply)
+        if outcome.done:
+            result.state = "done"
+            result.sequence = outcome.sequence
+            for end in pair.ends:
+                end.row.backup_time = backup_time or outcome.backup_time
+            await mgr.system.save_rows(pair)
+            mgr.emit(pair, "done", marker.generation, detail=f"#{outcome.sequence} at {outcome.backup_time}")
+        elif not ok or not outcome.known:
+            errors.append(f"pair {pair.name!r}: the link failed before the backup point reached system "
+                          f"{pair.peer_id}; no backup taken, the pair keeps tracking")
+        else:
+            errors.append(f"pair {pair.name!r}: {outcome.error}")
+        if len(errors) > failed:
+            mgr.emit(pair, "failed", marker.generation, errors[-1])
+    if errors:
+        raise FailedPrecondition("backup failed: " + "; ".join(errors))
+    if group:
+        mgr.group_backups[group] = backup_time
+        await mgr.system.table.set_meta(GROUP_BACKUP_KEY + group, backup_time)
 
 
 def _duplex(pair: Pair) -> bool:

@@ -46,7 +46,7 @@ class GenerationChecker:
     async def load(self) -> None:
         for key, raw in (await self.system.table.meta_items(KEY)).items():
             try:
-                self.backups.checks[key] = dict(json.loads(raw))
+                self.backups.checks[key.removeprefix(KEY)] = dict(json.loads(raw))
             except ValueError:
                 log.error("check record %s in the copy table cannot be read; ignored", key)
 

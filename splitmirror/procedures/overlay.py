@@ -57,6 +57,7 @@ class Overlay:
     def __init__(self, source: Path, workdir: Path) -> None:
         self.source = source
         self.base = Path(tempfile.mkdtemp(prefix="check-", dir=workdir))
+        self.base.chmod(0o711)  # a probe may run as another user (e.g. postgres) inside the mount
         self.fuse_dir = self.base / "fuse"
         self.mount_dir = self.base / "mnt"
         self.disk = self.fuse_dir / "disk"

@@ -37,6 +37,7 @@ from ..v1 import interconnect_pb2 as ic
 from .backup import BackupManager
 from .hooks import run_hook
 from .operations import PairOperations
+from .receipts import Receipts
 
 log = logging.getLogger("splitmirror.restore")
 
@@ -50,6 +51,8 @@ class RestoreManager:
         self.pre_hook = pre_hook
         self.post_hook = post_hook
         self._running: set[str] = set()
+        #: Backup receipts: a generation failing verification is refused unless forced.
+        self.receipts: Receipts | None = None
 
     # -- shared ---------------------------------------------------------------
     async def _state(self, pair: str) -> dict[str, str] | None:
@@ -112,9 +115,19 @@ class RestoreManager:
             raise FailedPrecondition(f"a restore of pair {name!r} is already running")
         self._running.add(name)
 
-    async def begin(self, name: str, generation: str, kind: str = "files") -> pb.RestoreSession:
+    async def _verified(self, generation: str, force: bool) -> None:
+        if self.receipts is None:
+            return
+        refusal = await self.receipts.refusal(generation)
+        if refusal and not force:
+            raise FailedPrecondition(f"{refusal}; restore refused (--force restores it anyway)")
+        if refusal:
+            log.warning("%s; restoring anyway (forced)", refusal)
+
+    async def begin(self, name: str, generation: str, kind: str = "files", force: bool = False) -> pb.RestoreSession:
         pair = self._remote_mirror(name)
         gen = self._generation(pair, generation)
+        await self._verified(generation, force)
         state = await self._state(name)
         if state is not None and state["generation"] != generation:
             raise FailedPrecondition(
@@ -184,11 +197,12 @@ class RestoreManager:
                                 volume_size=pair.mirror.volume.size, track_size=pair.mirror.volume.track_size,
                                 warning=reply.warning)
 
-    async def restore_volume(self, name: str, generation: str) -> pb.RestoreReport:
+    async def restore_volume(self, name: str, generation: str, force: bool = False) -> pb.RestoreReport:
         pair = self._remote_mirror(name)
         gen = self._generation(pair, generation)
         started = time.monotonic()
-        await self.begin(name, generation, kind="volume")
+        await self._verified(generation, force)
+        await self.begin(name, generation, kind="volume", force=True)
         self._claim(name)
         try:
             assert gen.primary is not None

@@ -107,6 +107,28 @@ class PeerLink:
         await self.channel.close(grace=None)
         await self.keepalive_channel.close(grace=None)
 
+    async def goodbye(self) -> None:
+        """Tell the peer this system stops cleanly (bounded, best effort); the keepalive ends first."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not self.up:
+            return
+        request = ic.HelloRequest(system_id=self.own_id, role=self.role, goodbye=True)
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            await self.stub.Hello(request, metadata=self.metadata, timeout=min(1.0, self.timeout))
+
+    def peer_left(self) -> None:
+        """The peer said goodbye: lost now, not a link timeout later."""
+        if self.up is not False:
+            self.up = False
+            self.reason = "peer-stopped"
+            log.info("peer %d at %s stopped cleanly (it said goodbye); its pairs wait for it to return",
+                     self.peer_id, self.address)
+            self._notify(self._on_down)
+
     def suspect(self, reason: str) -> None:
         """A stream to this peer broke: treat it as lost until a keepalive
         answers again (which then runs the reconnect handling)."""

@@ -11,6 +11,7 @@ waits longer than the timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -25,6 +26,9 @@ from .queue import BackupMarker, Entry, ReplicationQueue
 
 log = logging.getLogger("splitmirror.link")
 
+
+#: Batches sent and not yet acknowledged before the sender waits for an ack.
+SEND_WINDOW = 2
 
 FailureCallback = Callable[[list[Entry], str], Awaitable[None]]
 
@@ -44,6 +48,11 @@ class ReplicationStream:
         self._busy = asyncio.Event()  # set by every push: entries may wait for an ack
         self._task: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
+        #: Last sequence number of each batch sent and not yet acknowledged.
+        self._inflight: collections.deque[int] = collections.deque()
+        self._acked = asyncio.Event()
+        self._lazy_flush: asyncio.Future[bool] | None = None
+        self._flush_again = False
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
@@ -70,6 +79,25 @@ class ReplicationStream:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"replicate-{self.pair}")
         return fut
+
+    def flush_later(self) -> None:
+        """A mirror flush no one waits for (async pairs: the host's FLUSH
+        returned at local durability).  While one is unacknowledged, later
+        requests fold into a single flush pushed when it is acknowledged,
+        behind every write pushed meanwhile: one mirror fsync in flight."""
+        if self._lazy_flush is not None and not self._lazy_flush.done():
+            self._flush_again = True
+            return
+        self._flush_again = False
+        self._lazy_flush = self.push(0, flush=True)
+        self._lazy_flush.add_done_callback(self._lazy_flush_done)
+
+    def _lazy_flush_done(self, fut: asyncio.Future[bool]) -> None:
+        # A failed stream handed its writes back as pending: nothing to flush.
+        if self._flush_again and fut.result():
+            self.flush_later()
+        else:
+            self._flush_again = False
 
     async def close(self) -> None:
         if self._task and not self._task.done():
@@ -112,11 +140,20 @@ class ReplicationStream:
 
     async def _send(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
         first = True
+        inflight = self._inflight = collections.deque()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.queue.has_unsent:
-                for msg in messages(self.queue.take_batch()):
+                # The send window: while SEND_WINDOW batches await their ack,
+                # new entries gather into the next batch (one message and
+                # one ack for many writes; nothing waits when the link is idle).
+                while len(inflight) >= SEND_WINDOW:
+                    self._acked.clear()
+                    await self._acked.wait()
+                batch = self.queue.take_batch()
+                inflight.append(batch[-1].seq)
+                for msg in messages(batch):
                     if first:
                         msg.pair = self.pair
                         first = False
@@ -127,6 +164,9 @@ class ReplicationStream:
             if ack.error:
                 raise RuntimeError(f"peer failed to apply: {ack.error}")
             self._last_progress = time.monotonic()
+            while self._inflight and self._inflight[0] <= ack.seq:
+                self._inflight.popleft()
+                self._acked.set()
             for entry in self.queue.ack(ack.seq):
                 if not entry.resync and not entry.flush:
                     self.counters.replicated_writes += 1

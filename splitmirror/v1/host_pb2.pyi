@@ -427,6 +427,9 @@ class PairRow(_message.Message):
     ROLE_SEQ_FIELD_NUMBER: _builtins.int
     FENCED_BY_FIELD_NUMBER: _builtins.int
     DIVERGENT_VOLUME_FIELD_NUMBER: _builtins.int
+    STATUS_SINCE_FIELD_NUMBER: _builtins.int
+    STATUS_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     volume: _builtins.str
     copy_type: _builtins.str
@@ -476,6 +479,15 @@ class PairRow(_message.Message):
     volume its divergent tracks were saved into before a resync.
     """
     divergent_volume: _builtins.str
+    status_since: _builtins.str
+    """When this end entered its status (ISO 8601; a status loaded at start
+    counts from the start), and the seconds since then.
+    """
+    status_age_seconds: _builtins.float
+    activity: _builtins.str
+    """"verify" while a verify of the pair runs: has_progress, progress,
+    rate and ETA are then the verify's (the status stays DUPLEX).
+    """
     def __init__(
         self,
         *,
@@ -508,10 +520,13 @@ class PairRow(_message.Message):
         role_seq: _builtins.int = ...,
         fenced_by: _builtins.int = ...,
         divergent_volume: _builtins.str = ...,
+        status_since: _builtins.str = ...,
+        status_age_seconds: _builtins.float = ...,
+        activity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "backup_age_seconds", b"backup_age_seconds", "backup_time", b"backup_time", "copy_done_tracks", b"copy_done_tracks", "copy_total_tracks", b"copy_total_tracks", "copy_type", b"copy_type", "direction", b"direction", "divergent_volume", b"divergent_volume", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "fenced_by", b"fenced_by", "group", b"group", "has_progress", b"has_progress", "lag_seconds", b"lag_seconds", "mirror_volume", b"mirror_volume", "mode", b"mode", "pair", b"pair", "pair_system_id", b"pair_system_id", "pending_tracks", b"pending_tracks", "primary", b"primary", "progress", b"progress", "queue_bytes", b"queue_bytes", "rate_bytes_per_s", b"rate_bytes_per_s", "reason", b"reason", "role_change", b"role_change", "role_seq", b"role_seq", "role_since", b"role_since", "split_time", b"split_time", "status", b"status", "status_age_seconds", b"status_age_seconds", "status_since", b"status_since", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -862,6 +877,97 @@ class BackupCheck(_message.Message):
 Global___BackupCheck: _TypeAlias = BackupCheck  # noqa: Y015
 
 @_typing.final
+class VerifyBackupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBackupRequest: _TypeAlias = VerifyBackupRequest  # noqa: Y015
+
+@_typing.final
+class VerifyBackupReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    SVOL_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    ROOT_OK_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
+    TRACK_SIZE_FIELD_NUMBER: _builtins.int
+    TRACKS_CHECKED_FIELD_NUMBER: _builtins.int
+    MISMATCHED_FIELD_NUMBER: _builtins.int
+    TRACKS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FIELD_NUMBER: _builtins.int
+    RECEIPT_CHANGED_TRACKS_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    generation: _builtins.str
+    svol: _builtins.str
+    sequence: _builtins.int
+    backup_time: _builtins.str
+    root: _builtins.str
+    """xxh3-128 over the receipt's track digests"""
+    root_ok: _builtins.bool
+    """the receipt's digests still hash to its root"""
+    signature: _builtins.str
+    """valid, invalid or unsigned (no TLS)"""
+    signer: _builtins.str
+    """subject of the certificate that signed it"""
+    track_size: _builtins.int
+    tracks_checked: _builtins.int
+    mismatched: _builtins.int
+    seconds: _builtins.float
+    receipt_time: _builtins.str
+    receipt_changed_tracks: _builtins.int
+    """tracks digested when the receipt was taken"""
+    ok: _builtins.bool
+    @_builtins.property
+    def tracks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """mismatching tracks (the first 1000)"""
+
+    def __init__(
+        self,
+        *,
+        generation: _builtins.str = ...,
+        svol: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        backup_time: _builtins.str = ...,
+        root: _builtins.str = ...,
+        root_ok: _builtins.bool = ...,
+        signature: _builtins.str = ...,
+        signer: _builtins.str = ...,
+        track_size: _builtins.int = ...,
+        tracks_checked: _builtins.int = ...,
+        mismatched: _builtins.int = ...,
+        tracks: _abc.Iterable[_builtins.int] | None = ...,
+        seconds: _builtins.float = ...,
+        receipt_time: _builtins.str = ...,
+        receipt_changed_tracks: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "generation", b"generation", "mismatched", b"mismatched", "ok", b"ok", "receipt_changed_tracks", b"receipt_changed_tracks", "receipt_time", b"receipt_time", "root", b"root", "root_ok", b"root_ok", "seconds", b"seconds", "sequence", b"sequence", "signature", b"signature", "signer", b"signer", "svol", b"svol", "track_size", b"track_size", "tracks", b"tracks", "tracks_checked", b"tracks_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyBackupReply: _TypeAlias = VerifyBackupReply  # noqa: Y015
+
+@_typing.final
 class GenerationList(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1049,10 +1155,13 @@ class RestoreRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     PATHS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     """the remote pair"""
     generation: _builtins.str
     """the local pair holding the backup"""
+    force: _builtins.bool
+    """restore even if the generation fails verification against its receipt"""
     @_builtins.property
     def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -1061,10 +1170,11 @@ class RestoreRequest(_message.Message):
         pair: _builtins.str = ...,
         generation: _builtins.str = ...,
         paths: _abc.Iterable[_builtins.str] | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "paths", b"paths"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "generation", b"generation", "pair", b"pair", "paths", b"paths"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -134,6 +134,11 @@ class HostApiStub:
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_host__pb2.BackupCheck.FromString,
                 _registered_method=True)
+        self.VerifyBackup = channel.unary_unary(
+                '/splitmirror.v1.HostApi/VerifyBackup',
+                request_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupReply.FromString,
+                _registered_method=True)
         self.SetSchedule = channel.unary_unary(
                 '/splitmirror.v1.HostApi/SetSchedule',
                 request_serializer=splitmirror_dot_v1_dot_host__pb2.Schedule.SerializeToString,
@@ -313,6 +318,14 @@ class HostApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyBackup(self, request, context):
+        """Re-read a generation and compare every track with its backup receipt
+        (the digests recorded when it was split), at the secondary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetSchedule(self, request, context):
         """Backup schedules, kept in the primary's copy table and run by it.
         """
@@ -480,6 +493,11 @@ def add_HostApiServicer_to_server(servicer, server):
                     servicer.CheckBackup,
                     request_deserializer=splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_host__pb2.BackupCheck.SerializeToString,
+            ),
+            'VerifyBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBackup,
+                    request_deserializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_host__pb2.VerifyBackupReply.SerializeToString,
             ),
             'SetSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSchedule,
@@ -1067,6 +1085,33 @@ class HostApi:
             '/splitmirror.v1.HostApi/CheckBackup',
             splitmirror_dot_v1_dot_host__pb2.CheckBackupRequest.SerializeToString,
             splitmirror_dot_v1_dot_host__pb2.BackupCheck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.HostApi/VerifyBackup',
+            splitmirror_dot_v1_dot_host__pb2.VerifyBackupRequest.SerializeToString,
+            splitmirror_dot_v1_dot_host__pb2.VerifyBackupReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class HostApiStub:
     """Prove a split generation restorable (at the secondary): fsck and the
     operator's probe on a copy-on-write overlay that never writes it.
     """
+    VerifyBackup: _grpc.UnaryUnaryMultiCallable[_host_pb2.VerifyBackupRequest, _host_pb2.VerifyBackupReply]
+    """Re-read a generation and compare every track with its backup receipt
+    (the digests recorded when it was split), at the secondary.
+    """
     SetSchedule: _grpc.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]
     """Backup schedules, kept in the primary's copy table and run by it."""
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_host_pb2.ListSchedulesRequest, _host_pb2.ScheduleList]
@@ -120,6 +124,10 @@ class HostApiAsyncStub(HostApiStub):
     CheckBackup: _aio.UnaryUnaryMultiCallable[_host_pb2.CheckBackupRequest, _host_pb2.BackupCheck]  # type: ignore[assignment]
     """Prove a split generation restorable (at the secondary): fsck and the
     operator's probe on a copy-on-write overlay that never writes it.
+    """
+    VerifyBackup: _aio.UnaryUnaryMultiCallable[_host_pb2.VerifyBackupRequest, _host_pb2.VerifyBackupReply]  # type: ignore[assignment]
+    """Re-read a generation and compare every track with its backup receipt
+    (the digests recorded when it was split), at the secondary.
     """
     SetSchedule: _aio.UnaryUnaryMultiCallable[_host_pb2.Schedule, _host_pb2.Schedule]  # type: ignore[assignment]
     """Backup schedules, kept in the primary's copy table and run by it."""
@@ -295,6 +303,16 @@ class HostApiServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_host_pb2.BackupCheck, _abc.Awaitable[_host_pb2.BackupCheck]]:
         """Prove a split generation restorable (at the secondary): fsck and the
         operator's probe on a copy-on-write overlay that never writes it.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyBackup(
+        self,
+        request: _host_pb2.VerifyBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.VerifyBackupReply, _abc.Awaitable[_host_pb2.VerifyBackupReply]]:
+        """Re-read a generation and compare every track with its backup receipt
+        (the digests recorded when it was split), at the secondary.
         """
 
     @_abc_1.abstractmethod

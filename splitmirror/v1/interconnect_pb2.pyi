@@ -459,17 +459,23 @@ class HelloRequest(_message.Message):
 
     SYSTEM_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    GOODBYE_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
+    goodbye: _builtins.bool
+    """The caller is stopping cleanly: its pairs with the callee are suspended
+    now (an INFO line, not a lost link found by the keepalive).
+    """
     def __init__(
         self,
         *,
         system_id: _builtins.int = ...,
         role: _builtins.str = ...,
+        goodbye: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

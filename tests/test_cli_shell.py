@@ -1,0 +1,59 @@
+"""The installed ``splitmirror`` command: --version and shell completion generated from its parser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["splitmirror", *args], env={k: v for k, v in ENV.items() if k != "SPLITMIRROR_SERVER"},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_version_needs_no_server() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"splitmirror {version('splitmirror')}"
+
+
+COMPLETE = """
+eval "$(splitmirror completion {shell})"
+c() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _splitmirror_complete; echo "${{COMPREPLY[*]}}"; }}
+c splitmirror vol
+c splitmirror volume cr
+c splitmirror --server h:1 volume create db --track
+c splitmirror --json pair di
+c splitmirror pair create p --pvol a --m
+c splitmirror completion ""
+"""
+
+
+def test_bash_completion_from_the_parser() -> None:
+    result = subprocess.run(["bash", "-c", COMPLETE.format(shell="bash")], env=ENV, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["volume", "create", "--track-size", "display", "--mode",
+                                          "--help -h bash zsh"]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_loads() -> None:
+    script = 'eval "$(splitmirror completion zsh)" && whence -w _splitmirror_complete'
+    result = subprocess.run(["zsh", "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "function" in result.stdout, result.stderr
+
+
+def test_zsh_script_is_the_bash_function_under_bashcompinit() -> None:
+    zsh = run("completion", "zsh").stdout
+    bash = run("completion", "bash").stdout
+    assert zsh.startswith("autoload -U +X bashcompinit && bashcompinit\n")
+    assert zsh.split("\n", 1)[1].replace("(zsh)", "(bash)").replace("completion zsh", "completion bash") == bash
