@@ -86,7 +86,7 @@ class WritePath(abc.ABC):
         vol = self.volume(name)
         vol.check_range(offset, len(data))
         self.check_host_writable(vol)
-        await self.write_ops(vol, [WriteOp(offset, data)])
+        await self.write_ops(vol, [WriteOp(offset, data)], host=True)
         if fua:
             await self.flush_volume(vol)
 
@@ -94,7 +94,7 @@ class WritePath(abc.ABC):
         vol = self.volume(name)
         vol.check_range(offset, length)
         self.check_host_writable(vol)
-        await self.write_ops(vol, [WriteOp(offset, zero_length=length)])
+        await self.write_ops(vol, [WriteOp(offset, zero_length=length)], host=True)
 
     def check_host_writable(self, vol: Volume) -> None:
         refusal = self.write_refusal(vol)
@@ -117,19 +117,23 @@ class WritePath(abc.ABC):
         waits: list[asyncio.Future[bool]] = []
         for pair in self._mirroring(vol):
             assert pair.channel is not None
-            fut = pair.channel.push(0, flush=True)
-            if pair.row.mode != "async":
-                waits.append(fut)
+            if pair.row.mode == "async":
+                pair.channel.flush_later()
+            else:
+                waits.append(pair.channel.push(0, flush=True))
         await asyncio.gather(vol.flush(), self.table.sync())
         if waits:
             await asyncio.gather(*waits)
 
     # -- the write path -------------------------------------------------------
-    async def write_ops(self, vol: Volume, ops: list[WriteOp], *, replicated: bool = False) -> None:
+    async def write_ops(self, vol: Volume, ops: list[WriteOp], *, replicated: bool = False,
+                        host: bool = False) -> None:
         """Apply ``ops`` in order to ``vol`` and to everything mirrored from it.
 
         ``replicated`` marks the writes a remote mirror end applies for its
         primary: their write-intent extents are kept apart from host writes.
+        ``host`` writes are checked again once ordered: a swap or a fence may
+        have changed the volume's role while they waited.
         """
         start = min(op.offset for op in ops)
         end = max(op.offset + op.length for op in ops)
@@ -145,6 +149,8 @@ class WritePath(abc.ABC):
         async with self.intent.covering(scope, start, length):
             waits: list[asyncio.Future[bool]] = []
             async with self._order[vol.name].hold(start, length):
+                if host:
+                    self.check_host_writable(vol)
                 payload = sum(len(op.data) for op in ops)
                 for pair in self._mirroring(vol):
                     if pair.row.mode == "async" and self.on_overflow is not None \
