@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/bitmap.py
 	$(PY) bench/nbd.py
 	$(PY) bench/backup.py
+	$(PY) bench/marker_stall.py
 	$(PY) bench/receipts.py
 	$(PY) bench/restore.py
 	$(PY) bench/async.py

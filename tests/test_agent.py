@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from client.agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
+from client.agent.kernel import kernel_mount_problem
 
 MTIME = 1_600_000_000_000_000_000  # ns
 ATIME = 1_650_000_000_000_000_000
@@ -290,10 +291,26 @@ def _debugfs(image: Path, request: str) -> bytes:
     return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, check=True).stdout
 
 
+def _fstype(path: Path) -> str:
+    """The filesystem type mounted at ``path`` (from mountinfo)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[4] == str(path):
+            return fields[fields.index("-") + 1]
+    return ""
+
+
 @needs_fuse
+@pytest.mark.parametrize("mode", ["kernel", "fuse"])
 async def test_restore_between_ext4_images(
-    tmp_path: Path, trees: tuple[Path, Path], servers: list[subprocess.Popen[bytes]]
+    tmp_path: Path, trees: tuple[Path, Path], servers: list[subprocess.Popen[bytes]], mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Through the kernel (a loop device over nbdfuse) where it may, else fuse2fs: the same result."""
+    if mode == "fuse":
+        monkeypatch.setenv("SPLITMIRROR_AGENT_MOUNT", "fuse")
+    elif kernel_mount_problem() is not None:
+        pytest.skip(f"no kernel mount here: {kernel_mount_problem()}")
     src_tree, dst_tree = trees
     img1, img2 = tmp_path / "svol.img", tmp_path / "spvol.img"
     _mkfs(src_tree, img1)
@@ -309,6 +326,8 @@ async def test_restore_between_ext4_images(
         mounted_filesystem(url2, writable=True, workdir=work) as spvol,
     ):
         assert (svol / "etc/app.conf").read_bytes() == b"setting = original\n"
+        expected = "ext4" if mode == "kernel" else "fuse"
+        assert _fstype(svol).startswith(expected) and _fstype(spvol).startswith(expected), _fstype(svol)
         with pytest.raises(OSError):
             (svol / "etc/app.conf").write_bytes(b"x")  # read-only
         plan = plan_copy(svol, ["/etc/app.conf", "/data/dir", "/nope"])

@@ -33,6 +33,10 @@ def test_values_above_the_host_api_limit(sites: tuple[Site, Site]) -> None:
     line = one_error(primary.cli("volume", "create", "huge", "--size", str(1 << 70), check=False),
                      "--size", "above the limit", str((1 << 64) - 1))
     assert "internal error" not in line
+    # Within the protocol but above the server's limit: the server names it (not "internal error").
+    line = one_error(primary.cli("volume", "create", "huge", "--size", "100P", check=False), "volume 'huge'",
+                     "16 TiB")
+    assert "internal error" not in line
     one_error(primary.cli("read", "v", "--offset", "99999999999999999999999", "--length", "1", check=False),
               "--offset 99999999999999999999999", "above the limit")
     assert primary.cli_json("volume", "list") == []

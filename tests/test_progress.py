@@ -82,3 +82,39 @@ def test_copy_and_verify_progress(slow_link: tuple[Site, Site, ProxyPair], tmp_p
     assert objects and all(o["activity"] == "verify" for o in objects), objects
     # Idle again: no activity left behind.
     assert "activity" not in primary.pair_row("p")
+
+
+def test_backup_progress(tmp_path: Path) -> None:
+    primary = Site("primary", 1001, tmp_path)
+    secondary = Site("secondary", 2001, tmp_path)
+    primary.peer_with(secondary)
+    try:
+        secondary.start(timeout=START_TIMEOUT)
+        primary.start(timeout=START_TIMEOUT)
+        primary.cli("volume", "create", "v", "--size", "512M")
+        primary.cli("pair", "create", "p", "--pvol", "v", "--svol", "v-r", "--peer", "2001", "--wait")
+        secondary.cli("pair", "create", "g1", "--pvol", "v-r", "--svol", "v-s1", "--wait")
+        run(primary, "backup", "p", "--wait")
+        # The next backup into g1 first copies every track written since into it, at the secondary.
+        data = tmp_path / "data"
+        data.write_bytes(os.urandom(128 * MiB))
+        (tmp_path / "small").write_bytes(os.urandom(8192))
+        primary.cli("write", "v", "--file", str(data))
+        result = run(primary, "backup", "p", "--wait")
+        steps = [line for line in result.stderr.splitlines() if line.startswith("pair g1: backup ")]
+        assert steps, result.stderr
+        assert all(re.match(r"^pair g1: backup \d+\.\d+% .*/s ETA (-|\d+:\d\d:\d\d)$", line) for line in steps), steps
+        assert "pair p: backup done in generation g1" in result.stdout
+        # Restore the volume from g1 after a small change: the report speaks in sizes and a percentage
+        # that is not rounded to 0.
+        primary.cli("write", "v", "--offset", "300M", "--file", str(tmp_path / "small"))
+        restored = run(secondary, "restore", "volume", "p", "--generation", "g1", "--yes")
+        report = restored.stdout.splitlines()
+        assert report[0] == "restored from g1 into pair p: /", restored.stdout
+        found = re.match(r"^crossed the interconnect: (\d+) tracks \(([\d.]+ [KMG]iB), ([\d.]+)% of the "
+                         r"512\.0 MiB volume\) in [\d.]+ [KMG]?i?B of data$", report[1])
+        assert found, report
+        assert int(found[1]) >= 1 and float(found[3]) > 0, report
+    finally:
+        for site in (primary, secondary):
+            site.kill()

@@ -1,8 +1,9 @@
-"""Mount the ext2/3/4 filesystem of an NBD export with ``fuse2fs``, and always unmount it again.
+"""Mount the ext2/3/4 filesystem of an NBD export, and always unmount it again.
 
 :func:`mounted_filesystem` attaches the export as a file (:mod:`client.agent.attach`),
-mounts the filesystem in it with ``fuse2fs`` and, on the way out, takes both
-layers down in order, also on error or cancellation.
+mounts the filesystem in it with the kernel through a loop device where it may
+(:mod:`client.agent.kernel`), else with ``fuse2fs``, and, on the way out, takes
+both layers down in order, also on error or cancellation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from .attach import NbdAttachment
 from .errors import AgentError
 from .fuse import first_line, fuse_problem, is_mounted, reap, spawn, unmount, wait_mounted
+from .kernel import KernelMount, kernel_mount_problem
 
 __all__ = ["mounted_filesystem"]
 
@@ -78,9 +80,18 @@ class _Mount:
         self.attachment = NbdAttachment(url, writable, base)
         self.fs_dir = base / "fs"
         self.fuse2fs: asyncio.subprocess.Process | None = None
+        self.kernel: KernelMount | None = None
 
     async def start(self) -> None:
         await self.attachment.start()
+        problem = kernel_mount_problem()
+        if problem is None and await asyncio.to_thread(_has_ext_magic, self.attachment.device):
+            kernel = KernelMount(self.url, self.attachment.device, self.fs_dir, self.writable)
+            if await kernel.start():
+                self.kernel = kernel
+                return
+        elif problem is not None:
+            log.debug("%s: no kernel mount (%s); mounting with fuse2fs", self.url, problem)
 
         options = "fakeroot,rw" if self.writable else "fakeroot,ro"
         if await self._start_fuse2fs(options):
@@ -102,7 +113,9 @@ class _Mount:
 
     async def stop(self, *, strict: bool) -> None:
         """Unmount both layers, wait for both daemons; with ``strict``, raise if a mount is left."""
-        if is_mounted(self.fs_dir):
+        if self.kernel is not None:
+            await self.kernel.stop()
+        elif is_mounted(self.fs_dir):
             if self.writable:
                 await asyncio.to_thread(os.sync)
             await unmount(self.fs_dir)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable
 
 from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2
 
 from ..library import Client, ClientError
 from ..render import backup_json, check_json, generation_json, generations_table, schedule_json, schedules_table
-from .output import Output, WaitReporter
+from .output import Output, WaitReporter, progress_interval
 
 __all__ = ["backup", "backups", "check", "schedule", "verify"]
 
@@ -22,7 +24,8 @@ VERIFY_POLL = 0.5
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     if not args.name and not args.group:
         raise SplitmirrorError("backup: name a remote pair or give --group")
-    reply = await client.backup(args.name, group=args.group, generation=args.generation, wait=args.wait)
+    work = client.backup(args.name, group=args.group, generation=args.generation, wait=args.wait)
+    reply = await _watch_backup(client, args.name, out, work) if args.name else await work
     if out.as_json:
         out.json({"latency_seconds": reply.latency_seconds, "prepare_seconds": reply.prepare_seconds,
                   "backups": [backup_json(b) for b in reply.backups], "warning": reply.warning})
@@ -34,6 +37,44 @@ async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
              f"{reply.prepare_seconds * 1000:.0f} ms)")
     if reply.warning:
         out.text(f"warning: {reply.warning}")
+
+
+#: Seconds between looks at the generation a backup brings up to date (at most).
+BACKUP_POLL = 0.5
+
+
+async def _watch_backup(client: Client, name: str, out: Output, work: Awaitable[host_pb2.BackupReply],
+                        ) -> host_pb2.BackupReply:
+    """Run the backup while showing how far its generation's resync at the secondary is
+    (the generation's tracks still to copy, as the primary relays them)."""
+    task = asyncio.ensure_future(work)
+    track_size = 0
+    first_seen: dict[str, tuple[int, float]] = {}
+    with WaitReporter(out, f"backup {name}") as reporter:
+        while not task.done():
+            await asyncio.wait({task}, timeout=min(BACKUP_POLL, progress_interval() or BACKUP_POLL))
+            if task.done():
+                break
+            with contextlib.suppress(ClientError):  # progress is a courtesy: the backup's answer decides
+                if not track_size:
+                    rows = [r for r in await client.display_pairs(name) if r.primary]
+                    track_size = (await client.get_volume(rows[0].volume)).track_size if rows else 0
+                for gen in await client.list_backups(name):
+                    if gen.status == "COPY" and track_size:
+                        reporter(_generation_row(gen, track_size, first_seen))
+    return task.result()
+
+
+def _generation_row(gen: host_pb2.Generation, track_size: int,
+                    first_seen: dict[str, tuple[int, float]]) -> host_pb2.PairRow:
+    now = time.monotonic()
+    left = int(gen.changed_tracks)
+    first_left, since = first_seen.setdefault(gen.local_pair, (left, now))
+    done = max(0, first_left - left)
+    rate = done * track_size / (now - since) if now > since else 0.0
+    return host_pb2.PairRow(pair=gen.local_pair, status="COPY", activity="backup", has_progress=True,
+                            progress=100.0 * done / first_left if first_left else 0.0, rate_bytes_per_s=rate,
+                            eta_seconds=left * track_size / rate if rate > 0 else 0.0)
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:

@@ -114,8 +114,9 @@ class LineTicker:
 
 
 def progress_text(row: host_pb2.PairRow) -> str:
-    """``pair p: COPY 37.5% 12.0 MiB/s ETA 0:00:05`` (a verify: ``pair p: verify 37.5% ...``)."""
-    what = "verify" if row.activity == "verify" else row.status
+    """``pair p: COPY 37.5% 12.0 MiB/s ETA 0:00:05`` (a verify: ``pair p: verify 37.5% ...``,
+    a backup's generation brought up to date: ``pair GEN: backup 37.5% ...``)."""
+    what = row.activity or row.status
     if not row.has_progress:
         done = "100.0%" if row.status == "DUPLEX" else "-"
         return f"pair {row.pair}: {what} {done}"

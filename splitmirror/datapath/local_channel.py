@@ -39,6 +39,9 @@ class LocalChannel:
             await self.system.write_ops(vol, [WriteOp(offset, data, zero_length)])
         return True
 
+    def flush_later(self) -> None:
+        self.push(0, flush=True)
+
     async def close(self) -> None:
         return None
 

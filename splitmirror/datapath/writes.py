@@ -117,9 +117,10 @@ class WritePath(abc.ABC):
         waits: list[asyncio.Future[bool]] = []
         for pair in self._mirroring(vol):
             assert pair.channel is not None
-            fut = pair.channel.push(0, flush=True)
-            if pair.row.mode != "async":
-                waits.append(fut)
+            if pair.row.mode == "async":
+                pair.channel.flush_later()
+            else:
+                waits.append(pair.channel.push(0, flush=True))
         await asyncio.gather(vol.flush(), self.table.sync())
         if waits:
             await asyncio.gather(*waits)

@@ -22,6 +22,9 @@ class MirrorChannel(Protocol):
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]: ...
 
+    def flush_later(self) -> None:
+        """Make the mirror end durable up to here; no one waits for it."""
+
     async def close(self) -> None: ...
 
     def queued_bytes(self) -> int: ...
@@ -38,6 +41,9 @@ class RemoteChannel:
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
         return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
+
+    def flush_later(self) -> None:
+        self.stream.flush_later()
 
     async def close(self) -> None:
         await self.stream.close()

@@ -45,11 +45,14 @@ class ReplicationStream:
         self._on_failure = on_failure
         self._waiters: dict[int, asyncio.Future[bool]] = {}
         self._wakeup = asyncio.Event()
+        self._busy = asyncio.Event()  # set by every push: entries may wait for an ack
         self._task: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
         #: Last sequence number of each batch sent and not yet acknowledged.
         self._inflight: collections.deque[int] = collections.deque()
         self._acked = asyncio.Event()
+        self._lazy_flush: asyncio.Future[bool] | None = None
+        self._flush_again = False
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
@@ -72,9 +75,29 @@ class ReplicationStream:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
         self._wakeup.set()
+        self._busy.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"replicate-{self.pair}")
         return fut
+
+    def flush_later(self) -> None:
+        """A mirror flush no one waits for (async pairs: the host's FLUSH
+        returned at local durability).  While one is unacknowledged, later
+        requests fold into a single flush pushed when it is acknowledged,
+        behind every write pushed meanwhile: one mirror fsync in flight."""
+        if self._lazy_flush is not None and not self._lazy_flush.done():
+            self._flush_again = True
+            return
+        self._flush_again = False
+        self._lazy_flush = self.push(0, flush=True)
+        self._lazy_flush.add_done_callback(self._lazy_flush_done)
+
+    def _lazy_flush_done(self, fut: asyncio.Future[bool]) -> None:
+        # A failed stream handed its writes back as pending: nothing to flush.
+        if self._flush_again and fut.result():
+            self.flush_later()
+        else:
+            self._flush_again = False
 
     async def close(self) -> None:
         if self._task and not self._task.done():
@@ -161,6 +184,12 @@ class ReplicationStream:
         """
         timeout = self.link.timeout
         while True:
+            if not self.queue.unacked:
+                # Idle: no timer at all (a thousand idle streams cost no CPU);
+                # the next push wakes the watchdog.
+                self._busy.clear()
+                await self._busy.wait()
+                continue
             await asyncio.sleep(max(0.05, timeout / 4))
             if self.queue.unacked and time.monotonic() - self._last_progress > timeout:
                 raise TimeoutError(f"peer-timeout: no acknowledgement for {timeout:g}s")
