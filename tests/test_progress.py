@@ -98,12 +98,23 @@ def test_backup_progress(tmp_path: Path) -> None:
         # The next backup into g1 first copies every track written since into it, at the secondary.
         data = tmp_path / "data"
         data.write_bytes(os.urandom(128 * MiB))
+        (tmp_path / "small").write_bytes(os.urandom(8192))
         primary.cli("write", "v", "--file", str(data))
         result = run(primary, "backup", "p", "--wait")
         steps = [line for line in result.stderr.splitlines() if line.startswith("pair g1: backup ")]
         assert steps, result.stderr
         assert all(re.match(r"^pair g1: backup \d+\.\d+% .*/s ETA (-|\d+:\d\d:\d\d)$", line) for line in steps), steps
         assert "pair p: backup done in generation g1" in result.stdout
+        # Restore the volume from g1 after a small change: the report speaks in sizes and a percentage
+        # that is not rounded to 0.
+        primary.cli("write", "v", "--offset", "300M", "--file", str(tmp_path / "small"))
+        restored = run(secondary, "restore", "volume", "p", "--generation", "g1", "--yes")
+        report = restored.stdout.splitlines()
+        assert report[0] == "restored from g1 into pair p: /", restored.stdout
+        found = re.match(r"^crossed the interconnect: (\d+) tracks \(([\d.]+ [KMG]iB), ([\d.]+)% of the "
+                         r"512\.0 MiB volume\) in [\d.]+ [KMG]?i?B of data$", report[1])
+        assert found, report
+        assert int(found[1]) >= 1 and float(found[3]) > 0, report
     finally:
         for site in (primary, secondary):
             site.kill()

@@ -112,3 +112,11 @@ async def test_receipts_are_incremental_signed_and_catch_a_flipped_byte(
     async with client(secondary, tls_dir) as s:
         forged = await s.verify_backup("g2")
         assert not forged.ok and forged.signature == "invalid" and not forged.root_ok
+
+    # A deleted generation's receipt goes too (at the next start).
+    assert (secondary.data_dir / "receipts" / "g2.digests").exists()
+    secondary.cli("pair", "delete", "g2")
+    secondary.stop()
+    secondary.start()
+    assert not (secondary.data_dir / "receipts" / "g2.digests").exists()
+    assert (secondary.data_dir / "receipts" / "g1.digests").exists()

@@ -63,8 +63,14 @@ class Receipts:
     async def load(self) -> None:
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
         for key, raw in (await self.system.table.meta_items(KEY)).items():
+            name = key.removeprefix(KEY)
+            if name not in self.system.pairs:  # the generation was deleted: so is its receipt
+                await self.system.table.delete_meta(key)
+                await asyncio.to_thread(self._path(name).unlink, missing_ok=True)
+                log.info("receipt of deleted generation %s removed", name)
+                continue
             try:
-                self.records[key.removeprefix(KEY)] = dict(json.loads(raw))
+                self.records[name] = dict(json.loads(raw))
             except ValueError:
                 log.error("receipt %s in the copy table cannot be read; ignored", key)
 
