@@ -204,12 +204,19 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
     window = ByteWindow(window_bytes)
     inflight: set[asyncio.Future[bool]] = set()
     failed = False
+    # The COPY this copy runs in: a status that left it (and maybe came
+    # back) ends the copy, whose digests and reads may predate writes
+    # tracked meanwhile, at either end.
+    session = pair.status_changes
+
+    def current() -> bool:
+        return pair.status is PairStatus.COPY and pair.status_changes == session
 
     def settle(fut: asyncio.Future[bool], first: int, count: int, sent: int) -> None:
         nonlocal failed
         window.release(count * ts)
         inflight.discard(fut)
-        if fut.cancelled() or not fut.result() or pair.status is not PairStatus.COPY:
+        if fut.cancelled() or not fut.result() or not current():
             # Suspended meanwhile (a full async queue does so before the
             # stream closes): a host write may have set these bits again
             # after the read, so they stay for the next resync.
@@ -249,7 +256,7 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
             async with system.order(vol).hold(start, stop - start):
                 pieces, same = await vol.run(functools.partial(plan_chunk, vol, chunk, theirs))
                 channel = pair.channel
-                if channel is None or pair.status is not PairStatus.COPY:  # torn down or suspended meanwhile
+                if channel is None or not current():  # torn down or suspended meanwhile
                     window.release(size)
                     failed = True
                     break

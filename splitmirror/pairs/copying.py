@@ -10,6 +10,7 @@ pending, so the next resync goes on from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,15 +33,62 @@ CHECKPOINT_SECONDS = 1.0  # how often a running copy saves its pending bitmap
 PROGRESS_EVENT_SECONDS = 10.0  # how often a running copy reports its progress as an event
 
 
+class CopySlots:
+    """At most ``per_link`` copies at once over one link (local pairs: link 0)
+    and ``total`` in all; the others wait their turn, first come first served,
+    so every link gets its share and a mass recovery does not run a thousand
+    copies at once."""
+
+    def __init__(self, per_link: int, total: int) -> None:
+        self.per_link = max(1, per_link)
+        self._total = asyncio.Semaphore(max(1, total))
+        self._links: dict[int, asyncio.Semaphore] = {}
+        self.running = 0
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, link: int) -> AsyncIterator[None]:
+        gate = self._links.setdefault(link, asyncio.Semaphore(self.per_link))
+        self.waiting += 1
+        try:
+            await gate.acquire()
+            try:
+                await self._total.acquire()
+            except BaseException:
+                gate.release()
+                raise
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._total.release()
+            gate.release()
+
+
 class Copier:
     def __init__(self, context: PairContext) -> None:
         self.context = context
         self.system = context.system
+        settings = context.settings
+        self.slots = CopySlots(settings.copies_per_link, settings.copies_at_once)
 
     def start(self, pair: Pair) -> None:
         if pair.copy_task is not None and not pair.copy_task.done():
             return
-        pair.copy_task = asyncio.create_task(self._copy(pair), name=f"copy-{pair.name}")
+        pair.copy_task = asyncio.create_task(self._copy_in_turn(pair), name=f"copy-{pair.name}")
+
+    async def _copy_in_turn(self, pair: Pair) -> None:
+        async with self.slots.held(pair.peer_id if pair.remote else 0):
+            while pair.status is PairStatus.COPY and pair.primary is not None:
+                began = pair.status_changes
+                await self._copy(pair)
+                if pair.status is not PairStatus.COPY or pair.status_changes == began:
+                    break
+                # The pair left COPY and a resync brought it back while this
+                # copy ran (which then stopped): copy again, from the bitmap.
 
     async def _copy(self, pair: Pair) -> None:
         assert pair.primary is not None

@@ -31,6 +31,9 @@ from .roles import Roles
 
 log = logging.getLogger("splitmirror.pairs")
 
+#: Why a replication stream broke, when it says the link (not the pair) failed.
+LINK_FAULTS = ("link error", "peer-timeout")
+
 
 class LinkRecovery:
     def __init__(self, context: PairContext, copier: Copier, resync: ResyncCommand, roles: Roles) -> None:
@@ -40,6 +43,7 @@ class LinkRecovery:
         self.settings = context.settings
         self.copier = copier
         self.resync = resync
+        self._reconciles = asyncio.Semaphore(max(1, self.settings.reconciles_at_once))
 
     # -- faults -----------------------------------------------------------------------------
     async def on_stream_failure(self, pair: Pair, lost: list[Entry], reason: str) -> None:
@@ -54,7 +58,11 @@ class LinkRecovery:
         if runs:
             await self.system.table.add_runs(pair.name, end.volume.name, runs)
         if changed:
-            if pair.link is not None:
+            if pair.link is not None and reason.startswith(LINK_FAULTS):
+                # Only a fault of the link itself suspects the link (every
+                # pair on it): a refusal of this pair's stream by the peer is
+                # this pair's business, and in a mass recovery would make
+                # every other pair reconcile again.
                 if pair.link.up:
                     self.system.events.emit(Event(LINK_DOWN, peer=pair.peer_id, reason=reason))
                 pair.link.suspect(reason)
@@ -69,11 +77,17 @@ class LinkRecovery:
 
     async def on_peer_down(self, link: PeerLink) -> None:
         self.system.events.emit(Event(LINK_DOWN, peer=link.peer_id, reason=link.reason or "peer-down"))
-        for pair in self.context.pairs_with(link.peer_id):
-            if pair.status not in MIRRORING:
-                continue
+        # Every pair suspended at once (no await between), their rows saved
+        # with one sync, then their streams closed (lost writes become bits).
+        hit = [p for p in self.context.pairs_with(link.peer_id) if p.status in MIRRORING]
+        for pair in hit:
             self.context.set_status(pair, PairOp.FAULT, link.reason or "peer-down")
-            await self.system.save_rows(pair)
+        for pair in hit:
+            for end in pair.ends:
+                await self.system.table.save_pair(end.row)
+        if hit:
+            await self.system.table.sync()
+        for pair in hit:
             if pair.primary is not None and isinstance(pair.channel, RemoteChannel):
                 await pair.channel.stream.close()
 
@@ -100,10 +114,10 @@ class LinkRecovery:
         # Who is primary first: an end that lost the role fences itself
         # before anything else happens to its pairs.
         await self.roles.first_contact(link, max(1.0, self.settings.link_timeout))
-        for pair in self.context.pairs_with(link.peer_id):
-            if pair.primary is not None and not pair.reconciling:
-                pair.reconciling = True
-                await self._reconcile_once(pair)
+        pairs = [p for p in self.context.pairs_with(link.peer_id) if p.primary is not None and not p.reconciling]
+        for pair in pairs:
+            pair.reconciling = True
+        await asyncio.gather(*(self._reconcile_once(pair) for pair in pairs))
 
     def on_hello(self, link: PeerLink, reply: ic.HelloReply) -> None:
         """Every keepalive answer: catch a mirror end that suspended itself
@@ -127,7 +141,8 @@ class LinkRecovery:
 
     async def _reconcile_once(self, pair: Pair) -> None:
         try:
-            await self._reconcile(pair)
+            async with self._reconciles:  # a bounded number at once: a thousand pairs come back in turn
+                await self._reconcile(pair)
         except SplitmirrorError as exc:
             log.warning("pair %s: reconnect handling failed: %s", pair.name, exc.message)
         finally:

@@ -38,6 +38,7 @@ def apply_transition(pair: Pair, op: PairOp, reason: str = "", events: EventSink
         if op is PairOp.SPLIT:
             end.row.split_time = utc_now()
     if new is not old:
+        pair.status_changes += 1
         log.info("pair %s: %s -> %s%s", pair.name, old.value, new.value, f" ({reason})" if reason else "")
         why = reason or (op is not PairOp.COPY_DONE and current_cause()) or DEFAULT_REASONS[op]
         held = pair.primary or pair.mirror

@@ -108,6 +108,8 @@ class Pair:
         self.backup_running = False
         self.reconciling = False
         self.retry = RetryBackoff()           # primary end: automatic resync attempts
+        #: Times the status changed: a copy checks it still runs in the COPY it began in.
+        self.status_changes = 0
         #: Primary end: why host writes wait for a role decision (its first
         #: contact after a start, a swap draining), empty when they need not.
         self.hold_writes = ""

@@ -20,6 +20,7 @@ from ..procedures.check import GenerationChecker
 from ..procedures.restore import RestoreManager
 from ..replication.framing import SequenceCheck
 from ..replication.link import SYSTEM_ID_KEY
+from ..status import MIRRORING
 from ..tls import SYSTEM_OU, cert_subject
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
@@ -153,7 +154,9 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             return ic.HelloReply(system_id=self.system.system_id, role=self.role)
         reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
         for pair in self.manager.pairs_with(peer):
-            if pair.mirror is not None:
+            # Only the mirror ends that stopped mirroring: what the primary
+            # acts on (a keepalive's size does not follow the pair count).
+            if pair.mirror is not None and pair.status not in MIRRORING:
                 reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
         reply.roles.extend(self.manager.roles.roles_for(peer))
         return reply

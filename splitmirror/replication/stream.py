@@ -45,6 +45,7 @@ class ReplicationStream:
         self._on_failure = on_failure
         self._waiters: dict[int, asyncio.Future[bool]] = {}
         self._wakeup = asyncio.Event()
+        self._busy = asyncio.Event()  # set by every push: entries may wait for an ack
         self._task: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
         #: Last sequence number of each batch sent and not yet acknowledged.
@@ -74,6 +75,7 @@ class ReplicationStream:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
         self._wakeup.set()
+        self._busy.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"replicate-{self.pair}")
         return fut
@@ -182,6 +184,12 @@ class ReplicationStream:
         """
         timeout = self.link.timeout
         while True:
+            if not self.queue.unacked:
+                # Idle: no timer at all (a thousand idle streams cost no CPU);
+                # the next push wakes the watchdog.
+                self._busy.clear()
+                await self._busy.wait()
+                continue
             await asyncio.sleep(max(0.05, timeout / 4))
             if self.queue.unacked and time.monotonic() - self._last_progress > timeout:
                 raise TimeoutError(f"peer-timeout: no acknowledgement for {timeout:g}s")

@@ -493,7 +493,9 @@ class HelloReply(_message.Message):
     role: _builtins.str
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
-        """Names of the pairs this system holds with the caller, and their status."""
+        """The mirror ends this system holds for the caller that are not mirroring
+        (SPLIT, SUSPENDED), and their status; a pair not listed is mirroring.
+        """
 
     @_builtins.property
     def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
