@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,3 +165,51 @@ async def test_fan_in_takeover_for_one_primary_while_the_other_mirrors(tmp_path:
     finally:
         for site in (a, b, c):
             site.kill()
+
+
+async def test_both_primary_at_one_epoch_refuse_writes_until_one_takes_over(tmp_path: Path) -> None:
+    """A conflict (both ends primary at one epoch, made here by editing B's copy
+    table while both are down): both refuse host writes with a message saying
+    how to finish; 'takeover --force' at the site to keep ends it."""
+    a = Site("primary", 1001, tmp_path, link_timeout=1.0)
+    b = Site("secondary", 2001, tmp_path, link_timeout=1.0)
+    a.peer_with(b)
+    try:
+        b.start()
+        a.start()
+        a.cli("volume", "create", "v", "--size", "8M")
+        a.cli("pair", "create", "p", "--pvol", "v", "--svol", "v-r", "--peer", "2001", "--wait")
+        a.stop()
+        b.stop()
+        db = sqlite3.connect(b.data_dir / "copytable.sqlite")
+        db.execute("UPDATE pairs SET is_primary = 1 WHERE name = 'p'")
+        db.commit()
+        db.close()
+        b.start()
+        a.start()
+        for site, vol in ((a, "v"), (b, "v-r")):
+            message = wait_for(lambda site=site, vol=vol: _refusal(site, vol), 20, 0.3, f"{site.role} to refuse")
+            assert "both claim the primary role" in message and "takeover p --force" in message, message
+        a.cli("pair", "takeover", "p", "--force")
+        wait_for(lambda: b.pair_row("p").get("fenced_by") == 1001, 20, 0.2, "B to fence itself")
+        assert a.pair_row("p")["primary"] is True and a.pair_row("p")["epoch"] == 2
+        async with Client(a.address) as c:
+            await c.write("v", 0, b"a" * 4096)
+        b_refusal = _refusal(b, "v-r")
+        assert b_refusal and "fenced" in b_refusal, b_refusal
+        assert a.pair_row("p")["status"] == "SPLIT"  # nothing overwritten until the operator resyncs
+        a.cli("pair", "resync", "p", "--wait")
+        wait_status(b, "p", ["DUPLEX"])
+        async with Client(b.address) as c:
+            assert await c.read("v-r", 0, 4096) == b"a" * 4096
+    finally:
+        for site in (a, b):
+            site.kill()
+
+
+def _refusal(site: Site, volume: str) -> str:
+    """Why a 4 KiB host write is refused ("" if it was accepted)."""
+    data = site.data_dir.parent / "block.bin"
+    data.write_bytes(b"z" * 4096)
+    cli = site.cli("write", volume, "--file", str(data), check=False)
+    return "" if cli.returncode == 0 else cli.stderr

@@ -18,6 +18,7 @@ no automatic resync runs.  Swapping roles with both ends up is
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from ..clock import utc_now
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError
 from ..eventsink import ROLE, Event
 from ..pairstate.pair import EndRole, Pair
 from ..replication.link import PeerLink
@@ -44,6 +45,8 @@ Promote = Callable[[Pair, int], Awaitable[None]]
 
 #: Why host writes wait while an end learns whether it is still primary.
 FENCING = "took the primary role over; fencing"
+#: Why host writes are refused while both ends claim the primary role.
+CONFLICT = "both claim the primary role"
 
 
 class Decision(enum.Enum):
@@ -79,6 +82,7 @@ class Roles:
         self.context = context
         self.system = context.system
         self.attach = attach
+        self._settling: dict[int, asyncio.Lock] = {}
         #: Set by the swap module: completes a swap the other end began.
         self.promote: Promote | None = None
 
@@ -108,7 +112,7 @@ class Roles:
         for pair in pairs:
             if not pair.remote:
                 raise FailedPrecondition(f"pair {pair.name!r} is a local pair; takeover is for remote pairs")
-            if pair.role is EndRole.PRIMARY:
+            if pair.role is EndRole.PRIMARY and not (force and CONFLICT in pair.hold_writes):
                 raise FailedPrecondition(f"pair {pair.name!r}: system {sid} holds its primary end already "
                                          f"(epoch {pair.row.epoch}); nothing to take over")
             link = self.context.links.get(pair.peer_id)
@@ -128,6 +132,14 @@ class Roles:
         # first role change to the last, so no replicated batch slips between.
         since = utc_now()
         for pair in pairs:
+            if pair.primary is not None:  # both ends claimed the role: this one keeps it, one epoch up
+                pair.primary.row.epoch += 1
+                pair.primary.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq)
+                pair.hold_writes = ""
+                if pair.status is PairStatus.COPY:
+                    self.context.set_status(pair, PairOp.FAULT, "takeover")
+                self.context.set_status(pair, PairOp.TAKEOVER, f"kept over system {pair.peer_id}'s claim")
+                continue
             end = pair.mirror
             assert end is not None
             was = end.row.epoch
@@ -142,7 +154,8 @@ class Roles:
             await self.system.save_rows(pair)
             await self.system.save_bitmaps(pair)
             failpoint("takeover-saved")
-            self.attach(pair, self.context.links[pair.peer_id])
+            if pair.channel is None:
+                self.attach(pair, self.context.links[pair.peer_id])
             log.warning("pair %s: taken over from system %d at epoch %d (last sequence applied %d)", pair.name,
                         pair.peer_id, pair.row.epoch, pair.applied_seq)
             self.report(pair, "takeover", f"taken over from system {pair.peer_id}",
@@ -194,36 +207,44 @@ class Roles:
         return out
 
     async def settle(self, link: PeerLink, roles: list[ic.MirrorState]) -> None:
-        for r in roles:
-            pair = self.system.pairs.get(r.pair)
-            if pair is None or not pair.remote or pair.peer_id != link.peer_id:
-                continue
-            primary = pair.role is EndRole.PRIMARY
-            decision = decide(pair.row.epoch, primary, r.epoch, r.primary)
-            if decision is Decision.FENCE:
-                await self.fence(pair, r.epoch)
-            elif decision is Decision.PROMOTE and self.promote is not None:
-                await self.promote(pair, r.epoch)
-            elif decision is Decision.ADOPT:
-                (pair.primary or pair.mirror).row.epoch = r.epoch  # type: ignore[union-attr]
-                await self.system.save_rows(pair)
-            elif decision is Decision.CONFLICT:
-                self._conflict(pair, r.epoch)
-            elif decision is Decision.NO_PRIMARY and not pair.row.role.swap and not pair.reconciling:
-                log.warning("pair %s: neither system %d nor system %d is primary at epoch %d; run "
-                            "'splitmirror pair takeover %s --force' at the site that should be", pair.name,
-                            self.system.system_id, pair.peer_id, r.epoch, pair.name)
-            if pair.mirror is not None and pair.mirror.row.role.swap and r.primary and r.epoch == pair.row.epoch:
-                pair.mirror.row.role.swap = ""  # the swap we began is complete: the other end is primary
-                await self.system.save_rows(pair)
-            if pair.hold_writes.endswith(FENCING) and pair.primary is not None and decision is not Decision.FENCE:
-                pair.hold_writes = ""
+        lock = self._settling.setdefault(link.peer_id, asyncio.Lock())
+        async with lock:
+            for r in roles:
+                try:
+                    await self._settle_one(link, r)
+                except SplitmirrorError as exc:
+                    log.warning("pair %s: roles with system %d not settled: %s", r.pair, link.peer_id, exc.message)
+
+    async def _settle_one(self, link: PeerLink, r: ic.MirrorState) -> None:
+        pair = self.system.pairs.get(r.pair)
+        if pair is None or not pair.remote or pair.peer_id != link.peer_id:
+            return
+        primary = pair.role is EndRole.PRIMARY
+        decision = decide(pair.row.epoch, primary, r.epoch, r.primary)
+        if decision is Decision.FENCE:
+            await self.fence(pair, r.epoch)
+        elif decision is Decision.PROMOTE and self.promote is not None:
+            await self.promote(pair, r.epoch)
+        elif decision is Decision.ADOPT:
+            (pair.primary or pair.mirror).row.epoch = r.epoch  # type: ignore[union-attr]
+            await self.system.save_rows(pair)
+        elif decision is Decision.CONFLICT:
+            self._conflict(pair, r.epoch)
+        elif decision is Decision.NO_PRIMARY and not pair.row.role.swap and not pair.reconciling:
+            log.warning("pair %s: neither system %d nor system %d is primary at epoch %d; run "
+                        "'splitmirror pair takeover %s --force' at the site that should be", pair.name,
+                        self.system.system_id, pair.peer_id, r.epoch, pair.name)
+        if pair.mirror is not None and pair.mirror.row.role.swap and r.primary and r.epoch == pair.row.epoch:
+            pair.mirror.row.role.swap = ""  # the swap we began is complete: the other end is primary
+            await self.system.save_rows(pair)
+        if pair.hold_writes.endswith(FENCING) and pair.primary is not None and decision is not Decision.FENCE:
+            pair.hold_writes = ""
 
     def _conflict(self, pair: Pair, epoch: int) -> None:
-        if "both claim the primary role" in pair.hold_writes:
+        if CONFLICT in pair.hold_writes:
             return  # said once; every keepalive sees it again
         pair.hold_writes = (
-            f"pair {pair.name!r}: systems {self.system.system_id} and {pair.peer_id} both claim the primary role "
+            f"pair {pair.name!r}: systems {self.system.system_id} and {pair.peer_id} {CONFLICT} "
             f"at epoch {epoch}; host writes are refused at both until an operator runs "
             f"'splitmirror pair takeover {pair.name} --force' at the site whose data is to be kept")
         log.error("%s", pair.hold_writes)

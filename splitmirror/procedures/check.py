@@ -45,6 +45,9 @@ class GenerationChecker:
 
     async def load(self) -> None:
         for key, raw in (await self.system.table.meta_items(KEY)).items():
+            if key.removeprefix(KEY) not in self.system.pairs:  # the generation was deleted
+                await self.system.table.delete_meta(key)
+                continue
             try:
                 self.backups.checks[key.removeprefix(KEY)] = dict(json.loads(raw))
             except ValueError:
