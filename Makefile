@@ -41,7 +41,7 @@ FUZZ_SEED ?= 1
 FUZZ_INPUTS ?= 100000
 fuzz: install
 	$(PY) -m tests.ic_fuzz --seed $(FUZZ_SEED) --inputs $(FUZZ_INPUTS)
-	if [ -f tests/nbd_fuzz.py ]; then $(PY) -m tests.nbd_fuzz; fi
+	if [ -f tests/nbd_fuzz.py ]; then $(PY) -m tests.nbd_fuzz --seed $(FUZZ_SEED) --count $(FUZZ_INPUTS); fi
 
 images:
 	bash scripts/build-images.sh

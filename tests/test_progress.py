@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,3 +121,46 @@ def test_backup_progress(tmp_path: Path) -> None:
     finally:
         for site in (primary, secondary):
             site.kill()
+
+
+def test_terminal_shows_a_live_bar(slow_link: tuple[Site, Site, ProxyPair], tmp_path: Path) -> None:
+    """stderr on a terminal: a bar redrawn in place with the rate and ETA, the result on stdout."""
+    primary, _, proxies = slow_link
+    primary.cli("volume", "create", "v", "--size", "256M")
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(16 * MiB))
+    primary.cli("write", "v", "--file", str(data))
+    proxies.delay(0.05)
+    leader, follower = pty.openpty()
+    try:
+        env = dict(os.environ, SPLITMIRROR_SERVER=primary.address, COLUMNS="120", TERM="xterm")
+        proc = subprocess.Popen([sys.executable, "-m", "client", "pair", "create", "p", "--pvol", "v", "--svol",
+                                 "v-r", "--peer", "2001", "--wait"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=follower, text=True)
+        os.close(follower)
+        follower = -1
+        screen = b""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the other end closed
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            elif proc.poll() is not None:
+                break
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0
+    text = screen.decode(errors="replace")
+    assert "\r" in text or "\x1b[" in text  # redrawn in place
+    assert "pair p" in text, text
+    assert re.search(r" \d+\.\d% .*\d+\.\d [KMG]iB/s ETA \d+:\d\d:\d\d", text), text
+    assert "DUPLEX" in stdout

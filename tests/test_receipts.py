@@ -105,6 +105,14 @@ async def test_receipts_are_incremental_signed_and_catch_a_flipped_byte(
         assert report.generation == "g1"
         assert (await c.wait_pair("p", timeout=30)).status == "DUPLEX"
 
+        # After that clean restart the next receipt of g1 is still incremental (the written-tracks mark
+        # was kept), and it does not launder the flipped track: nothing rewrote it, so it still differs.
+        await c.write("db", 9 * TRACK, b"again")
+        await c.backup("p", generation="g1", wait=True)
+        third = await s.verify_backup("g1")
+        assert third.sequence == 3 and third.receipt_changed_tracks < 50, third.receipt_changed_tracks
+        assert list(third.tracks) == [417]
+
     # A receipt tampered with in the copy table (its root changed): the signature no longer holds.
     secondary.stop()
     tamper_receipt(secondary.data_dir / "copytable.sqlite", "g2")

@@ -36,9 +36,9 @@ def _token_site(tmp_path: Path, nbd: str = "", interconnect: str = "", peer: str
 
 
 @pytest.mark.parametrize(("nbd", "interconnect", "peer", "setting"), [
-    (f"0.0.0.0:{free_port()}", "", "", "'nbd'"),
-    ("", f"0.0.0.0:{free_port()}", "", "'interconnect'"),
-    ("", f"[::]:{free_port()}", "", "'interconnect'"),
+    ("0.0.0.0:PORT", "", "", "'nbd'"),
+    ("", "0.0.0.0:PORT", "", "'interconnect'"),
+    ("", "[::]:PORT", "", "'interconnect'"),
     ("", "", "2001=192.0.2.7:7001", "'peer 2001'"),
     ("", "", "2001=storage-b.example:7001", "'peer 2001'"),
 ])
@@ -46,6 +46,9 @@ def test_token_mode_refuses_nbd_or_interconnect_off_loopback(tmp_path: Path, nbd
                                                              peer: str, setting: str) -> None:
     """The attack needs a port reachable from elsewhere that serves volume data
     without proof: the daemon does not start with one, and says why in one line."""
+    # The port is chosen when the test runs: ids must be the same in every
+    # pytest-xdist worker, so nothing random goes into the parameters.
+    nbd, interconnect = (a.replace("PORT", str(free_port())) for a in (nbd, interconnect))
     site = _token_site(tmp_path, nbd, interconnect, peer)
     result = subprocess.run(site.argv(), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from splitmirror.v1 import host_pb2
 
@@ -139,7 +139,7 @@ class WaitReporter:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                TaskProgressColumn(),
+                TextColumn("{task.fields[percent]}"),
                 TextColumn("{task.fields[rate]}"),
                 TextColumn("ETA {task.fields[eta]}"),
                 TextColumn("{task.fields[status]}"),
@@ -151,7 +151,7 @@ class WaitReporter:
     def __enter__(self) -> WaitReporter:
         if self._progress is not None:
             self._progress.start()
-            self._task = self._progress.add_task(self.name, total=100.0, rate="-", eta="-", status="")
+            self._task = self._progress.add_task(self.name, total=100.0, rate="-", eta="-", status="", percent="-")
         return self
 
     def __exit__(
@@ -169,6 +169,7 @@ class WaitReporter:
             self._progress.update(
                 self._task,
                 completed=done if done is not None else 0.0,
+                percent=percent_text(done) if done is not None else "-",
                 rate=format_rate(row.rate_bytes_per_s),
                 eta=format_eta(row.eta_seconds),
                 status=row.activity or row.status,

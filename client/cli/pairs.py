@@ -14,7 +14,7 @@ __all__ = ["pair", "verify"]
 
 
 async def _wait_and_show(client: Client, out: Output, name: str, timeout: float | None) -> None:
-    with WaitReporter(out, name) as reporter:
+    with WaitReporter(out, f"pair {name}") as reporter:
         await client.wait_pair(name, {"DUPLEX"}, timeout=timeout, on_progress=reporter)
     out.pairs(await client.display_pairs(name))
 

@@ -23,7 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from splitmirror.errors import FailedPrecondition, SplitmirrorError
 from splitmirror.v1 import host_pb2
@@ -66,13 +73,17 @@ class Reporter:
         self._lines = LineTicker(sys.stderr) if not self.tty and not as_json else None
 
     @contextlib.contextmanager
-    def step(self, title: str, total: float) -> Iterator[Reporter]:
+    def step(self, title: str, total: float, percent: bool = False) -> Iterator[Reporter]:
+        """A step of ``total`` bytes, or (``percent``) one whose rate and ETA the server reports."""
         started = time.monotonic()
         if self.tty:
-            self._progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), TaskProgressColumn(),
-                                      DownloadColumn(), TimeRemainingColumn(), transient=False)
+            columns = ((TextColumn("{task.fields[rate]}"), TextColumn("ETA {task.fields[eta]}")) if percent
+                       else (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()))
+            self._progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), TextColumn("{task.fields[percent]}"),
+                                      *columns,
+                                      transient=False)
             self._progress.start()
-            self._task = self._progress.add_task(title, total=max(total, 1))
+            self._task = self._progress.add_task(title, total=max(total, 1), rate="-", eta="-", percent="-")
         self._title, self._total, self._started = title, total, started
         try:
             yield self
@@ -91,7 +102,8 @@ class Reporter:
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = (total - done) / rate if rate > 0 else None
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=max(total, 1))
+            self._progress.update(self._task, completed=done, total=max(total, 1), rate=format_rate(rate),
+                                  eta=format_eta(eta or 0.0), percent=percent_text(done, total))
         elif self._lines is not None:
             whole = done >= total
             amount = (percent_text(done, total) if percent
@@ -108,7 +120,7 @@ class Reporter:
 async def _watch_resync(client: Client, pair: str, work: Awaitable[T], reporter: Reporter) -> T:
     """Run ``work`` while showing the remote pair's resync progress."""
     task = asyncio.ensure_future(work)
-    with reporter.step(f"resync PVOL from SPVOL ({pair})", 100.0):
+    with reporter.step(f"resync PVOL from SPVOL ({pair})", 100.0, percent=True):
         while not task.done():
             rows = await client.display_pairs(pair)
             row = rows[0] if rows else None

@@ -246,6 +246,7 @@ class Daemon:
         for link in self.links.values():
             await link.close()
         await self.events.flush()
+        await self.receipts.save_marks()
         await self.system.close()
         log.info("%sd system %d stopped cleanly", self.config.role, self.config.system_id)
 

@@ -9,8 +9,8 @@ Incremental: from the first receipt on, the SVOL marks the tracks written
 to it (:attr:`Volume.written`: the resync before a backup, the writes
 mirrored while DUPLEX); the next receipt re-digests only those and rewrites
 their 8-byte slots in place, so it costs O(changed tracks), not a full read.
-The mark lives in memory: the first receipt after a restart of the daemon
-is a full read again.
+The mark lives in memory and is kept by a clean stop: the first receipt
+after a crash of the daemon is a full read again.
 
 ``verify`` re-reads the generation and names every track that no longer
 matches its receipt (bit rot, tampering, a host that wrote where it should
@@ -44,6 +44,7 @@ from .backup import BackupManager
 log = logging.getLogger("splitmirror.receipts")
 
 KEY = "receipt:"
+MARK_KEY = "receipt-mark:"
 DIGEST = 8  # bytes of one track's xxh3-64
 MAX_LISTED = 1000
 COMPARE_STEP = 1 << 20  # bytes of digests compared at once
@@ -73,6 +74,27 @@ class Receipts:
                 self.records[name] = dict(json.loads(raw))
             except ValueError:
                 log.error("receipt %s in the copy table cannot be read; ignored", key)
+        await self._load_marks()
+
+    async def save_marks(self) -> None:
+        """At a clean stop (nothing writes the SVOLs any more): keep each generation's
+        written-tracks mark, so the first receipt after the restart stays incremental."""
+        for name in self.records:
+            gen = self.system.pairs.get(name)
+            if gen is not None and gen.mirror is not None and gen.mirror.volume.written is not None:
+                await self.system.table.set_meta(MARK_KEY + name, gen.mirror.volume.written.to_bytes().hex())
+
+    async def _load_marks(self) -> None:
+        """Marks kept by a clean stop, used only after a clean start; read once (a crash later loses them)."""
+        for key, raw in (await self.system.table.meta_items(MARK_KEY)).items():
+            await self.system.table.delete_meta(key)
+            gen = self.system.pairs.get(key.removeprefix(MARK_KEY))
+            if not self.system.clean_start or gen is None or gen.mirror is None:
+                continue
+            svol = gen.mirror.volume
+            with contextlib.suppress(ValueError):
+                svol.written = TrackBitmap.from_bytes(svol.tracks, bytes.fromhex(raw))
+        await self.system.table.sync()
 
     # -- taking receipts ----------------------------------------------------------
     def split(self, gen: Pair) -> None:
