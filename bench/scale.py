@@ -253,6 +253,15 @@ async def bench(args: argparse.Namespace, base: Path) -> int:
         async with Client(primary.address) as c:
             await c.create_volume("unpaired", size)
         print(f"# {n} pairs of {args.size} sparse volumes, sync, one primaryd -> one secondaryd", flush=True)
+        if args.idle_only:
+            await grow(primary, 0, n, size)
+            await wait_all(primary, "DUPLEX", 120)
+            await write_each(primary, n, 0)  # every pair's stream open
+            print(f"## idle, {n} pairs with open streams, over {args.idle_seconds:g} s", flush=True)
+            for key, value in (await idle(primary, secondary, args.idle_seconds)).items():
+                misses += key.startswith("idle CPU") and value > 1.0
+                row(key, value, "target <= 1" if key.startswith("idle CPU") else "")
+            return 1 if misses else 0
         print("## create and display", flush=True)
         lat: dict[int, float] = {}
         unpaired: dict[int, float] = {}
@@ -315,6 +324,7 @@ def main() -> int:
     parser.add_argument("--size", default="16G", help="size of each (sparse) volume")
     parser.add_argument("--writes", type=int, default=400, help="8 KiB writes per latency figure")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--idle-only", action="store_true", help="only the idle part (create, open streams, idle)")
     parser.add_argument("--recovery-timeout", type=float, default=300.0)
     parser.add_argument("--fanin", type=int, default=10, help="primaries into one secondary (0: skip)")
     parser.add_argument("--fanin-mib", type=int, default=64)

@@ -123,7 +123,7 @@ class LinkRecovery:
         """Every keepalive answer: catch a mirror end that suspended itself
         while we saw no fault (it lost us briefly), and retry automatic
         resyncs that failed while the link stayed up."""
-        self.roles.check(link, list(reply.roles))
+        self.roles.check(link, link.peer_roles)
         peer_status = {state.pair: state.status for state in reply.mirrors}
         now = time.monotonic()
         for pair in self.context.pairs_with(link.peer_id):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -83,6 +84,8 @@ class Roles:
         self.system = context.system
         self.attach = attach
         self._settling: dict[int, asyncio.Lock] = {}
+        #: Per peer: the records of the last roles digest computed, and that digest.
+        self._digests: dict[int, tuple[list[tuple[str, str, int, bool]], bytes]] = {}
         #: Set by the swap module: completes a swap the other end began.
         self.promote: Promote | None = None
 
@@ -176,6 +179,25 @@ class Roles:
         """This system's ends of the pairs it holds with ``peer``: role and epoch (the Hello's)."""
         return [ic.MirrorState(pair=p.name, status=p.status.value, epoch=p.row.epoch,
                                primary=p.role is EndRole.PRIMARY) for p in self.context.pairs_with(peer)]
+
+    def roles_digest(self, peer: int) -> bytes:
+        """A digest of :meth:`roles_for` (every Hello's): equal digests, equal lists."""
+        records = [(p.name, p.status.value, p.row.epoch, p.role is EndRole.PRIMARY)
+                   for p in self.context.pairs_with(peer)]
+        known = self._digests.get(peer)
+        if known is not None and known[0] == records:
+            return known[1]
+        digest = hashlib.blake2b(repr(records).encode(), digest_size=16).digest()
+        self._digests[peer] = (records, digest)
+        return digest
+
+    def fill_hello(self, peer: int, known: bytes, reply: ic.HelloReply) -> None:
+        """The roles part of a Hello answer: the full list only when the caller's digest is stale."""
+        reply.roles_digest = self.roles_digest(peer)
+        if known and known == reply.roles_digest:
+            reply.roles_unchanged = True
+        else:
+            reply.roles.extend(self.roles_for(peer))
 
     async def first_contact(self, link: PeerLink, timeout: float) -> None:
         """Ask the peer for its ends' roles now (at start, and whenever the link comes back)."""

@@ -26,6 +26,9 @@ from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
 from .malformed import MalformedInStream
 
+#: Bytes of a HelloRequest.roles_digest (ours are 16).
+MAX_ROLES_DIGEST = 32
+
 log = logging.getLogger("splitmirror.interconnect")
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -158,7 +161,10 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             # acts on (a keepalive's size does not follow the pair count).
             if pair.mirror is not None and pair.status not in MIRRORING:
                 reply.mirrors.append(ic.MirrorState(pair=pair.name, status=pair.status.value))
-        reply.roles.extend(self.manager.roles.roles_for(peer))
+        if len(request.roles_digest) > MAX_ROLES_DIGEST:
+            raise InvalidArgument(f"Hello from system {peer}: roles_digest of {len(request.roles_digest)} bytes "
+                                  f"exceeds the limit of {MAX_ROLES_DIGEST}")
+        self.manager.roles.fill_hello(peer, request.roles_digest, reply)
         return reply
 
     @peer_call

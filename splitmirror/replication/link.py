@@ -82,6 +82,11 @@ class PeerLink:
         self._callbacks: set[asyncio.Task[None]] = set()
         #: Seconds the last keepalive answered took (None: none answered yet).
         self.rtt: float | None = None
+        #: The peer's roles list (its ends' role and epoch) from the last
+        #: keepalive that carried it, and that list's digest: a keepalive
+        #: answer leaves the list out while the digest still matches.
+        self.peer_roles: list[ic.MirrorState] = []
+        self.peer_roles_digest = b""
 
     def _channel(self, address: str, tls: TlsFiles | None, max_message: int,
                  extra: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
@@ -148,8 +153,9 @@ class PeerLink:
         while True:
             asked = time.monotonic()
             try:
-                reply = await self.keepalive_stub.Hello(ic.HelloRequest(system_id=self.own_id, role=self.role),
-                                              metadata=self.metadata, timeout=interval * 2)
+                reply = await self.keepalive_stub.Hello(
+                    ic.HelloRequest(system_id=self.own_id, role=self.role, roles_digest=self.peer_roles_digest),
+                    metadata=self.metadata, timeout=interval * 2)
             except grpc.aio.AioRpcError as exc:
                 if self.up is not False and time.monotonic() - self._last_ok >= self.timeout:
                     self.up = False
@@ -160,6 +166,7 @@ class PeerLink:
             else:
                 self._last_ok = time.monotonic()
                 self.rtt = self._last_ok - asked
+                self._take_roles(reply)
                 if self.up is not True:
                     self.up = True
                     log.info("peer %d at %s connected", self.peer_id, self.address)
@@ -167,6 +174,13 @@ class PeerLink:
                 elif self.on_hello is not None:
                     self.on_hello(self, reply)
             await asyncio.sleep(interval)
+
+    def _take_roles(self, reply: ic.HelloReply) -> None:
+        if not reply.roles_unchanged:
+            self.peer_roles = list(reply.roles)
+            self.peer_roles_digest = reply.roles_digest
+        elif reply.roles_digest != self.peer_roles_digest:
+            self.peer_roles_digest = b""  # not the list we hold: ask for it in full next time
 
     async def command(self, request: ic.PairCommandRequest) -> ic.MirrorState:
         reply: ic.MirrorState = await self.stub.PairCommand(request, metadata=self.metadata,

@@ -460,11 +460,16 @@ class HelloRequest(_message.Message):
     SYSTEM_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    ROLES_DIGEST_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
     goodbye: _builtins.bool
     """The caller is stopping cleanly: its pairs with the callee are suspended
     now (an INFO line, not a lost link found by the keepalive).
+    """
+    roles_digest: _builtins.bytes
+    """The roles digest of the last HelloReply whose roles list the caller
+    holds (at most 32 bytes); empty: send the list.
     """
     def __init__(
         self,
@@ -472,10 +477,11 @@ class HelloRequest(_message.Message):
         system_id: _builtins.int = ...,
         role: _builtins.str = ...,
         goodbye: _builtins.bool = ...,
+        roles_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "role", b"role", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "role", b"role", "roles_digest", b"roles_digest", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -489,8 +495,13 @@ class HelloReply(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     MIRRORS_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
+    ROLES_DIGEST_FIELD_NUMBER: _builtins.int
+    ROLES_UNCHANGED_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
+    roles_digest: _builtins.bytes
+    """Digest of this system's roles list for the caller (blake2b of its records)."""
+    roles_unchanged: _builtins.bool
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
         """The mirror ends this system holds for the caller that are not mirroring
@@ -499,7 +510,11 @@ class HelloReply(_message.Message):
 
     @_builtins.property
     def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
-        """Every pair this system holds with the caller: its end's role and epoch."""
+        """Every pair this system holds with the caller: its end's role and epoch.
+        Left empty when roles_unchanged is set: the list equals the one the
+        caller holds (its HelloRequest.roles_digest matched), so an idle
+        keepalive's size does not follow the pair count.
+        """
 
     def __init__(
         self,
@@ -508,10 +523,12 @@ class HelloReply(_message.Message):
         role: _builtins.str = ...,
         mirrors: _abc.Iterable[Global___MirrorState] | None = ...,
         roles: _abc.Iterable[Global___MirrorState] | None = ...,
+        roles_digest: _builtins.bytes = ...,
+        roles_unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "roles", b"roles", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "roles", b"roles", "roles_digest", b"roles_digest", "roles_unchanged", b"roles_unchanged", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
