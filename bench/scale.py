@@ -89,7 +89,7 @@ async def wait_all(site: Site, status: str, timeout: float) -> float:
                 return time.monotonic() - started
         except Exception:  # a daemon still starting
             pass
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(1.0)  # displaying a thousand pairs is work for the daemon too
     return float("inf")
 
 
@@ -162,18 +162,19 @@ async def recovery(victim: Site, primary: Site, secondary: Site, n: int, timeout
         written = await write_each(primary, n, 3 * TRACK)
         differ = 0  # sync writes: acknowledged once the mirror applied them
         primary.kill()
-        marks = {s.role: len(s.log()) for s in (primary, secondary)}
         sent_before = 0  # counters start at 0 with the new process
         started = time.monotonic()
         primary.start(timeout=120)
+        # From here on: the survivor noticing the kill itself is not counted.
+        marks = {s.role: len(s.log()) for s in (primary, secondary)}
     else:
         sent_before = await resync_bytes(primary)
         secondary.kill()
         await wait_all(primary, "SUSPENDED", 60)
         written = differ = await write_each(primary, n, 5 * TRACK)
-        marks = {s.role: len(s.log()) for s in (primary, secondary)}  # the loss itself is not counted
         started = time.monotonic()
         secondary.start(timeout=120)
+        marks = {s.role: len(s.log()) for s in (primary, secondary)}  # the loss itself is not counted
     seconds = await wait_all(primary, "DUPLEX", timeout)
     total = time.monotonic() - started if seconds != float("inf") else seconds
     await wait_all(secondary, "DUPLEX", 30)

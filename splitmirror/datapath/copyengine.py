@@ -181,18 +181,21 @@ def plan_chunk(vol: Volume, chunk: list[Run], theirs: bytes | None = None) -> tu
     return pieces, same
 
 
-async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests | None = None) -> None:
+async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests | None = None,
+                       window_bytes: int = 0) -> None:
     """Copy the primary end's pending tracks to the mirror end.
 
     With ``digests`` (the mirror end's, see :data:`MirrorDigests`), tracks
     the mirror already holds are not sent; those of the next chunk are
-    asked while the current one is read and pushed.
+    asked while the current one is read and pushed.  At most
+    ``window_bytes`` (default :data:`WINDOW_BYTES`) of tracks are in flight
+    (a link's copies share a window).
     """
     assert pair.primary is not None and pair.channel is not None
     end = pair.primary
     vol = end.volume
     ts = vol.track_size
-    window_bytes = WINDOW_BYTES
+    window_bytes = window_bytes or WINDOW_BYTES
     if pair.row.mode == "async":
         # Copy entries count in the async queue, which suspends the pair
         # when full: leave most of it to host writes.

@@ -177,6 +177,9 @@ class Connection(asyncio.Protocol):
             self._process_events(codec)
         finally:
             self._processing = False
+        if self._out and self._flush_handle is not None:  # replies of commands done inline: out now, together
+            self._flush_handle.cancel()
+            self._flush()
         self._update_reading()
 
     def _process_events(self, codec: NbdCodec) -> None:
@@ -299,10 +302,7 @@ class Connection(asyncio.Protocol):
         ssl_object = new.get_extra_info("ssl_object")
         self._cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         self.log.debug("nbd %s: TLS on", self.peer)
-        if self.codec.mid_message:
-            self._injected()
-            return
-        self._process()
+        self._injected() if self.codec.mid_message else self._process()
 
     # -------------------------------------------------------------- commands
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ..datapath.copyengine import CopyFailed, MirrorDigests, Run, copy_forward, copy_reverse, read_tracks
+from ..datapath.copyengine import WINDOW_BYTES, CopyFailed, MirrorDigests, Run, copy_forward, copy_reverse, read_tracks
 from ..errors import InvalidArgument, SplitmirrorError
 from ..eventsink import RESYNC_FINISH, RESYNC_PROGRESS, RESYNC_START, Event
 from ..pairstate.pair import Pair
@@ -29,6 +29,9 @@ from .peer import command
 
 log = logging.getLogger("splitmirror.pairs")
 
+#: Copy bytes in flight over one link, shared by its copies (each gets at least MIN_WINDOW_BYTES).
+LINK_WINDOW_BYTES = 64 << 20
+MIN_WINDOW_BYTES = 1 << 20
 CHECKPOINT_SECONDS = 1.0  # how often a running copy saves its pending bitmap
 PROGRESS_EVENT_SECONDS = 10.0  # how often a running copy reports its progress as an event
 
@@ -45,6 +48,12 @@ class CopySlots:
         self._links: dict[int, asyncio.Semaphore] = {}
         self.running = 0
         self.waiting = 0
+        self._running: dict[int, int] = {}
+
+    def window(self, link: int) -> int:
+        """Bytes in flight one copy of ``link`` may have: the link's share, split between its copies."""
+        share = LINK_WINDOW_BYTES // max(1, self._running.get(link, 1))
+        return max(MIN_WINDOW_BYTES, min(WINDOW_BYTES, share))
 
     @contextlib.asynccontextmanager
     async def held(self, link: int) -> AsyncIterator[None]:
@@ -60,10 +69,12 @@ class CopySlots:
         finally:
             self.waiting -= 1
         self.running += 1
+        self._running[link] = self._running.get(link, 0) + 1
         try:
             yield
         finally:
             self.running -= 1
+            self._running[link] -= 1
             self._total.release()
             gate.release()
 
@@ -81,16 +92,17 @@ class Copier:
         pair.copy_task = asyncio.create_task(self._copy_in_turn(pair), name=f"copy-{pair.name}")
 
     async def _copy_in_turn(self, pair: Pair) -> None:
-        async with self.slots.held(pair.peer_id if pair.remote else 0):
+        link = pair.peer_id if pair.remote else 0
+        async with self.slots.held(link):
             while pair.status is PairStatus.COPY and pair.primary is not None:
                 began = pair.status_changes
-                await self._copy(pair)
+                await self._copy(pair, self.slots.window(link))
                 if pair.status is not PairStatus.COPY or pair.status_changes == began:
                     break
                 # The pair left COPY and a resync brought it back while this
                 # copy ran (which then stopped): copy again, from the bitmap.
 
-    async def _copy(self, pair: Pair) -> None:
+    async def _copy(self, pair: Pair, window: int = 0) -> None:
         assert pair.primary is not None
         reverse = pair.row.direction == "reverse"
         end = pair.primary
@@ -103,7 +115,7 @@ class Copier:
             if reverse:
                 await copy_reverse(self.system, pair, lambda tracks: self._track_source(pair, tracks))
             else:
-                await copy_forward(self.system, pair, self._mirror_digests(pair))
+                await copy_forward(self.system, pair, self._mirror_digests(pair), window)
             outcome = "interrupted"
             if pair.status is not PairStatus.COPY:
                 return

@@ -12,7 +12,8 @@ class Settings:
     max_batch_bytes: int = 4 << 20
     async_queue_bytes: int = 256 << 20
     #: Copies (initial copies, resyncs) that run at once over one link, and in all:
-    #: a mass recovery queues the rest instead of starving keepalives and memory.
+    #: a mass recovery queues the rest instead of starving keepalives and memory;
+    #: the copies of one link share LINK_WINDOW_BYTES in flight (pairs/copying.py).
     copies_per_link: int = 8
     copies_at_once: int = 32
     #: Pairs brought back to agreement at once after a reconnect (commands to the peer).
