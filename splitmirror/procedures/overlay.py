@@ -16,11 +16,13 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ..errors import FailedPrecondition
+from .processes import run_process, spawn
 
 log = logging.getLogger("splitmirror.check")
 
@@ -36,19 +38,10 @@ def missing_tools() -> list[str]:
 
 async def run(argv: list[str], timeout: float = STEP_TIMEOUT) -> tuple[int, str]:
     """Run a command (no shell); its exit status and output. A timeout kills it (status -9)."""
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return -9, f"{argv[0]} timed out after {timeout:g}s"
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
+    code, out, timed_out = await run_process(argv, timeout)
+    if timed_out:
+        return code, f"{argv[0]} timed out after {timeout:g}s"
+    return code, out.decode(errors="replace")
 
 
 class Overlay:
@@ -61,7 +54,7 @@ class Overlay:
         self.fuse_dir = self.base / "fuse"
         self.mount_dir = self.base / "mnt"
         self.disk = self.fuse_dir / "disk"
-        self.nbdfuse: asyncio.subprocess.Process | None = None
+        self.nbdfuse: subprocess.Popen[bytes] | None = None
         self.loop = ""
 
     async def start(self) -> None:
@@ -70,16 +63,14 @@ class Overlay:
         pidfile = self.base / "nbdfuse.pid"
         log_fd = os.open(self.base / "nbdfuse.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            self.nbdfuse = await asyncio.create_subprocess_exec(
-                "nbdfuse", "-P", str(pidfile), str(self.disk), "--command", "nbdkit", "-s", "--exit-with-parent",
-                "--filter=cow", "file", str(self.source), stdin=asyncio.subprocess.DEVNULL, stdout=log_fd,
-                stderr=log_fd)
+            self.nbdfuse = spawn(["nbdfuse", "-P", str(pidfile), str(self.disk), "--command", "nbdkit", "-s",
+                                  "--exit-with-parent", "--filter=cow", "file", str(self.source)], log_fd)
         finally:
             os.close(log_fd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
         while not await asyncio.to_thread(_ready, pidfile):
-            if self.nbdfuse.returncode is not None or loop.time() > deadline:
+            if self.nbdfuse.poll() is not None or loop.time() > deadline:
                 why = (self.base / "nbdfuse.log").read_text(errors="replace").strip().splitlines()[-1:]
                 raise FailedPrecondition(f"cannot attach a copy-on-write overlay of {self.source.name}: "
                                          f"{why[0] if why else 'nbdfuse did not become ready'}")
@@ -112,11 +103,11 @@ class Overlay:
             if _is_mounted(self.fuse_dir):
                 await run([_FUSERMOUNT, "-u", str(self.fuse_dir)])
             try:
-                await asyncio.wait_for(self.nbdfuse.wait(), 10)
-            except TimeoutError:
+                await asyncio.to_thread(self.nbdfuse.wait, 10)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     self.nbdfuse.send_signal(signal.SIGKILL)
-                await self.nbdfuse.wait()
+                await asyncio.to_thread(self.nbdfuse.wait)
                 if _is_mounted(self.fuse_dir):
                     await run([_FUSERMOUNT, "-uz", str(self.fuse_dir)])
         if not _is_mounted(self.fuse_dir) and not _is_mounted(self.mount_dir):
