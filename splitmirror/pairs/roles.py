@@ -85,7 +85,7 @@ class Roles:
         self.attach = attach
         self._settling: dict[int, asyncio.Lock] = {}
         #: Per peer: the records of the last roles digest computed, and that digest.
-        self._digests: dict[int, tuple[list[tuple[str, str, int, bool]], bytes]] = {}
+        self._digests: dict[int, tuple[list[tuple[str, PairStatus, int, bool]], bytes]] = {}
         #: Set by the swap module: completes a swap the other end began.
         self.promote: Promote | None = None
 
@@ -182,8 +182,8 @@ class Roles:
 
     def roles_digest(self, peer: int) -> bytes:
         """A digest of :meth:`roles_for` (every Hello's): equal digests, equal lists."""
-        records = [(p.name, p.status.value, p.row.epoch, p.role is EndRole.PRIMARY)
-                   for p in self.context.pairs_with(peer)]
+        records = [(p.name, row.status, row.epoch, p.primary is not None)
+                   for p in self.context.pairs_with(peer) for row in (p.row,)]
         known = self._digests.get(peer)
         if known is not None and known[0] == records:
             return known[1]

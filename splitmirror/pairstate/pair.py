@@ -144,7 +144,12 @@ class Pair:
 
     @property
     def row(self) -> PairRow:
-        return self.ends[0].row
+        # Read on every lookup of a pair's status, peer or epoch (keepalives
+        # walk every pair): no list built per read.
+        end = self._primary if self._primary is not None else self._mirror
+        if end is None:
+            raise IndexError(f"pair {self.name!r} holds no end")
+        return end.row
 
     @property
     def status(self) -> PairStatus:
