@@ -11,6 +11,7 @@ declare -A want=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=nbdfuse
   [nbdkit]=nbdkit [fuse2fs]=fuse2fs [mke2fs]=e2fsprogs [e2fsck]=e2fsprogs
   [fusermount3]=fuse3 [rsync]=rsync [prometheus]=prometheus [promtool]=prometheus [nbdsh]=python3-libnbd
+  [zsh]=zsh
 )
 missing=()
 for tool in "${!want[@]}"; do
@@ -18,6 +19,10 @@ for tool in "${!want[@]}"; do
     missing+=("${want[$tool]}")
   fi
 done
+# The backup examples' PostgreSQL probe needs the server, whose binaries are off the PATH.
+if [ ! -x /usr/lib/postgresql/15/bin/pg_ctl ]; then
+  missing+=(postgresql-15)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   echo "system packages: all present"
   exit 0

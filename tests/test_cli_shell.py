@@ -55,5 +55,7 @@ def test_zsh_completion_loads() -> None:
 def test_zsh_script_is_the_bash_function_under_bashcompinit() -> None:
     zsh = run("completion", "zsh").stdout
     bash = run("completion", "bash").stdout
-    assert zsh.startswith("autoload -U +X bashcompinit && bashcompinit\n")
-    assert zsh.split("\n", 1)[1].replace("(zsh)", "(bash)").replace("completion zsh", "completion bash") == bash
+    compinit, bashcompinit, rest = zsh.split("\n", 2)
+    assert compinit == "(( $+functions[compdef] )) || { autoload -U +X compinit && compinit -u }"
+    assert bashcompinit == "autoload -U +X bashcompinit && bashcompinit"
+    assert rest.replace("(zsh)", "(bash)").replace("completion zsh", "completion bash") == bash

@@ -57,7 +57,10 @@ def completion_script(shell: str) -> str:
 complete -o default -F {func} {PROG}
 """
     if shell == "zsh":
-        script = "autoload -U +X bashcompinit && bashcompinit\n" + script
+        # bashcompinit's ``complete`` registers through ``compdef``, which exists
+        # only once compinit ran (as in most .zshrc files); load it where it did not.
+        script = ("(( $+functions[compdef] )) || { autoload -U +X compinit && compinit -u }\n"
+                  "autoload -U +X bashcompinit && bashcompinit\n" + script)
     return script
 
 
