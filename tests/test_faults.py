@@ -349,6 +349,19 @@ async def pair_state(rig: Rig, pair: str) -> tuple[host_pb2.PairRow, host_pb2.Pa
     return p, s
 
 
+async def in_step(rig: Rig, pair: str, timeout: float = 30.0) -> None:
+    """Until the primary end has no write queued or unapplied at the mirror (async lag 0)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await end_row(rig.primary, pair, True)
+        if row.queue_bytes == 0 and row.lag_seconds == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pair {pair}: {row.queue_bytes} bytes still queued, lag {row.lag_seconds:.3f}s "
+                                 f"after {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
 def show(p: host_pb2.PairRow, s: host_pb2.PairRow) -> str:
     return (f"primary {p.status} ({p.reason or '-'}, {p.pending_tracks} pending), "
             f"secondary {s.status} ({s.reason or '-'}, {s.pending_tracks} pending)")
@@ -643,7 +656,10 @@ class Session:
         assert not self.snapshot_failures, self.snapshot_failures[0]
         await converge(rig, self.pair)
         async with client(rig.primary) as pc, client(rig.secondary) as sc:
-            await pc.flush(self.pvol)  # async: everything queued is applied on the SPVOL now
+            await pc.flush(self.pvol)
+            # An async FLUSH makes the PVOL durable and does not wait for the
+            # mirror (issue 14): wait until nothing acknowledged is still queued.
+            await in_step(rig, self.pair)
             psum, ssum, simage = await asyncio.gather(pc.checksum(self.pvol), sc.checksum(self.svol),
                                                       sc.read(self.svol, SPAN_START, SPAN_LEN, chunk=SPAN_LEN))
         sfound = decode(simage, self.tag, self.where("SPVOL"))
