@@ -6,8 +6,6 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,18 +16,6 @@ from splitmirror.v1 import host_pb2
 
 MiB = 1 << 20
 SLOT = re.compile(r"schedule (\S+): (\w+)(?: into (\S+))? for slot (\S+)")
-
-
-@pytest.fixture
-def sched_sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
-    primary = Site("primary", 1001, tmp_path)
-    secondary = Site("secondary", 2001, tmp_path)
-    primary.peer_with(secondary)
-    secondary.start()
-    primary.start()
-    yield primary, secondary
-    primary.kill()
-    secondary.kill()
 
 
 async def scheduled_runs(c: Client) -> list[tuple[str, str, str, float, float]]:
@@ -45,8 +31,8 @@ async def scheduled_runs(c: Client) -> list[tuple[str, str, str, float, float]]:
     return runs
 
 
-async def test_schedules_rotate_their_rings_across_a_restart(sched_sites: tuple[Site, Site]) -> None:
-    primary, secondary = sched_sites
+async def test_schedules_rotate_their_rings_across_a_restart(sites: tuple[Site, Site]) -> None:
+    primary, secondary = sites
     async with Client(primary.address) as c:
         await c.create_volume("db", 2 * MiB)
         await c.create_pair("p", "db", "db-r", peer=2001)
@@ -137,8 +123,8 @@ def test_durations_and_slots() -> None:
     assert s.next_slot(day + 12 * 3600 + 1800) == day + 18 * 3600 + 1800  # strictly after
 
 
-async def test_group_schedule_backs_up_every_pair_at_one_point(sched_sites: tuple[Site, Site]) -> None:
-    primary, secondary = sched_sites
+async def test_group_schedule_backs_up_every_pair_at_one_point(sites: tuple[Site, Site]) -> None:
+    primary, secondary = sites
     async with Client(primary.address) as c:
         for v in ("v1", "v2"):
             await c.create_volume(v, MiB)
