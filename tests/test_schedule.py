@@ -89,7 +89,7 @@ async def test_schedules_rotate_their_rings_across_a_restart(sites: tuple[Site, 
         # before the restart, then the timetable goes on from there.
         missed = [r for r in later if r[3] < up]
         assert len(missed) == 1 and missed[0][3] < down + 2.5, later
-        assert all(r[1] == "done" for r in later)
+        assert all(r[1] == "done" for r in later), later
         slots = [r[3] for r in later]
         assert slots == sorted(slots) and len(set(slots)) == len(slots)
         for a, b in itertools.pairwise(later):  # the timetable: whole slots of 2 s apart
