@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _harness import Profiler
+
 from client import Client
 from splitmirror.sizes import parse_size
 from splitmirror.testing import Site

@@ -16,5 +16,6 @@ class Settings:
     #: the copies of one link share LINK_WINDOW_BYTES in flight (pairs/copying.py).
     copies_per_link: int = 8
     copies_at_once: int = 32
-    #: Pairs brought back to agreement at once after a reconnect (commands to the peer).
-    reconciles_at_once: int = 16
+    #: Pairs brought back to agreement at once after a reconnect: their commands to the
+    #: peer travel together (replication/commands.py), a few calls for them all.
+    reconciles_at_once: int = 1024
