@@ -26,7 +26,7 @@ from ..v1 import interconnect_pb2_grpc as ic_grpc
 #: Commands one call carries at most (the peer refuses more than 4096).
 MAX_PER_CALL = 1024
 #: Calls on their way at once; commands issued meanwhile wait for the next.
-CALLS_AT_ONCE = 2
+CALLS_AT_ONCE = 1
 #: Seconds a call may take per command it carries, on top of the link timeout.
 SECONDS_PER_COMMAND = 0.02
 

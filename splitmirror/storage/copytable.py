@@ -323,7 +323,10 @@ class CopyTable(EventRows):
             "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", batch))
 
     async def remove_intent(self, volume: str, extents: Iterable[int]) -> None:
-        rows = [(volume, e) for e in extents]
+        await self.remove_intents([(volume, e) for e in extents])
+
+    async def remove_intents(self, rows: list[tuple[str, int]]) -> None:
+        """Forget ``(volume scope, extent)`` records, in one transaction."""
         await self._call(lambda db: db.executemany(
             "DELETE FROM intent WHERE volume=? AND extent=?", rows))
 

@@ -37,7 +37,7 @@ class SqlThread:
         #: Changes queued for the next group commit, and their callers' futures.
         self._group: list[tuple[Change, asyncio.Future[None]]] = []
         self._groups_running = 0
-        #: Transactions committed and WAL fsyncs since opened (the metrics show them).
+        #: Transactions that changed rows, and WAL fsyncs, since opened (the metrics show them).
         self.commits = 0
         self.syncs = 0
 
@@ -82,8 +82,9 @@ class SqlThread:
             raise RuntimeError(f"copy table {self.path} is closed")
         with self._db:
             result = fn(self._db)
-        self.commits += 1
-        self._changes = self._db.total_changes  # committed: sync() has work to do
+        if self._db.total_changes != self._changes:
+            self.commits += 1  # a transaction that changed rows (reads are not counted)
+            self._changes = self._db.total_changes  # committed: sync() has work to do
         if isinstance(result, sqlite3.Cursor):
             # Never let a cursor reach the event loop thread: finalizing its
             # statement there races with this thread (SQLITE_MISUSE).
