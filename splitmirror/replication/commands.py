@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from ..errors import ResourceExhausted, from_status
+from ..errors import ResourceExhausted, Unavailable, from_status
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
 
@@ -56,15 +56,10 @@ class CommandBatcher:
         self._scheduled = False
         self._batches_unknown = False  # the peer answered UNIMPLEMENTED: one call per command
         self._tasks: set[asyncio.Future[None]] = set()
-        #: Calls made, and commands they carried (a test reads them).
-        self.calls = 0
-        self.commands = 0
 
     async def command(self, request: ic.PairCommandRequest) -> ic.MirrorState:
         """The peer's answer to one command (raises AioRpcError for the call, SplitmirrorError for a refusal)."""
         if self._batches_unknown:
-            self.calls += 1
-            self.commands += 1
             reply: ic.MirrorState = await self._stub.PairCommand(request, metadata=self._metadata,
                                                                    timeout=self._timeout)
             return reply
@@ -101,17 +96,19 @@ class CommandBatcher:
         self._calls -= 1
         self._kick()
 
+    def _closing(self) -> Unavailable:
+        return Unavailable(f"peer system {self._peer_id} is unreachable (the link is closing)")
+
     async def close(self) -> None:
-        """Stop: the commands on their way or waiting are cancelled."""
+        """Stop: the commands on their way or waiting fail as unreachable."""
         for w in self._waiting:
-            w.answer.cancel()
+            if not w.answer.done():
+                w.answer.set_exception(self._closing())
         self._waiting.clear()
         for task in list(self._tasks):
             task.cancel()
 
     async def _call(self, batch: list[_Waiting]) -> None:
-        self.calls += 1
-        self.commands += len(batch)
         for w in batch:
             w.sends += 1
         request = ic.PairCommandsRequest(commands=[w.request for w in batch])
@@ -130,7 +127,8 @@ class CommandBatcher:
             return
         except BaseException:
             for w in batch:
-                w.answer.cancel()
+                if not w.answer.done():
+                    w.answer.set_exception(self._closing())
             raise
         again = []
         for w, result in zip(batch, reply.results, strict=False):
