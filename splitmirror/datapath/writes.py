@@ -37,7 +37,7 @@ class WriteOp:
     """One write: ``data`` at ``offset``, or ``zero_length`` zero bytes."""
 
     offset: int
-    data: bytes = b""
+    data: bytes | memoryview = b""
     zero_length: int = 0
 
     @property
