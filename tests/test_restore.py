@@ -13,6 +13,7 @@ import pytest
 
 from client import Client, ClientError
 from client.agent import fuse_problem, mounted_filesystem
+from client.agent.kernel import kernel_mount_problem
 from splitmirror.testing import Site, wait_status
 
 MiB = 1 << 20
@@ -91,6 +92,9 @@ async def test_restore_files_copies_only_what_changed(restore_sites: tuple[Site,
                                "/data/table.db", "--yes")
         report = json.loads(result.stdout)
         assert sorted(report["restored"]) == ["/data/table.db", "/etc/app.conf"]
+        # Through the kernel (ext4 on a loop device over nbdfuse) where it may, fuse2fs otherwise.
+        way = "kernel" if kernel_mount_problem() is None else "fuse2fs"
+        assert report["mounted_by"] == {"backup": way, "target": way}, report
         restored_bytes = len(files["/etc/app.conf"]) + len(files["/data/table.db"])
         assert report["volume_size"] == FS_SIZE
         # Only what the copy wrote (plus filesystem metadata) crossed back.

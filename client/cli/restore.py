@@ -35,7 +35,7 @@ from rich.progress import (
 from splitmirror.errors import FailedPrecondition, SplitmirrorError
 from splitmirror.v1 import host_pb2
 
-from ..agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
+from ..agent import AgentError, copy_plan, fuse_problem, mount_type, mounted_filesystem, plan_copy
 from ..library import Client
 from ..render import format_eta, format_rate, percent_text, size_text
 from .output import LineTicker, Output
@@ -200,6 +200,7 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
             svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, *tls)
             async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
                 lap("mount_backup")
+                mounted_by = {"backup": _mounted_by(backup_root)}
                 plan = plan_copy(backup_root, list(args.paths))
                 if plan.missing:
                     raise FailedPrecondition(
@@ -212,6 +213,7 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
                 spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
                 async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
                     lap("mount_target")
+                    mounted_by["target"] = _mounted_by(target)
                     with reporter.step("copy files", float(plan.total_bytes)):
                         copied = await copy_plan(plan, backup_root, target,
                                                  lambda done, total: reporter.update(done, total))
@@ -229,7 +231,17 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
     lap("resync_and_unfence")
     result = _report_json(report, restored=[str(p) for p in copied.restored], kind="files")
     result["phase_seconds"] = phases
+    result["mounted_by"] = mounted_by
     return result
+
+
+def _mounted_by(root: Path) -> str:
+    """``kernel`` (ext4 over a loop device) or ``fuse2fs``: how the restore mounted a filesystem."""
+    try:
+        kind = mount_type(root) or "?"
+    except OSError:
+        return "?"
+    return "fuse2fs" if "fuse" in kind else "kernel" if kind.startswith("ext") else kind
 
 
 async def _read_refusal(client: Client, args: argparse.Namespace, before: int) -> str:
