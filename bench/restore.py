@@ -74,7 +74,7 @@ async def bench(base: Path, size_gib: int) -> int:
                     (root / path.lstrip("/")).write_bytes(os.urandom(MiB))
             await c.flush("db")
 
-            load = " ".join(str(x) for x in os.getloadavg())
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             started = time.monotonic()
             out = secondary.cli("--json", "restore", "files", "db-p", "--generation", "db-g1", *restore_paths,
                                 "--yes").stdout
