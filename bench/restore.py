@@ -36,6 +36,17 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+def _read_all(root: Path) -> int:
+    """Read every regular file under ``root``; bytes read."""
+    total = 0
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as fh:
+                while chunk := fh.read(MiB):
+                    total += len(chunk)
+    return total
+
+
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=1800)
 
@@ -99,6 +110,18 @@ async def bench(base: Path, size_gib: int, rounds: int) -> int:
             started = time.monotonic()
             verified = await s.verify_backup("db-g1")
             verify_s = time.monotonic() - started
+            # Does the restore's mount read at the NBD server's speed? Every file of the backup read through
+            # the agent's mount (kernel ext4 on a loop device over nbdfuse, as a restore mounts it) against
+            # nbdcopy of the same export to null: (it reads only the allocated extents).
+            svol_url = f"nbd://127.0.0.1:{secondary.nbd_port}/db-s1"
+            started = time.monotonic()
+            sh("nbdcopy", "--request-size=1048576", svol_url, "null:")
+            server_s = time.monotonic() - started
+            allocated = os.stat(secondary.data_dir / "volumes" / "db-s1.vol").st_blocks * 512
+            async with mounted_filesystem(svol_url, writable=False, workdir=base / "read") as root:
+                started = time.monotonic()
+                mount_bytes = await asyncio.to_thread(_read_all, root)
+                mount_s = time.monotonic() - started
     finally:
         primary.stop()
         secondary.stop()
@@ -112,6 +135,11 @@ async def bench(base: Path, size_gib: int, rounds: int) -> int:
     print(f"{'nbdcopy of the whole volume':<44} {full_s:>8.2f} {size:>14,}  (median of {rounds})")
     print(f"{'full receipt verification (backup verify)':<44} {verify_s:>8.2f} {'-':>14}  "
           f"(ok: {verified.ok}; what restore start did before)")
+    print(f"{'read all files through the restore mount':<44} {mount_s:>8.2f} {mount_bytes:>14,}  "
+          f"{mount_bytes / MiB / mount_s:.0f} MiB/s")
+    print(f"{'nbdcopy of the backup export to null:':<44} {server_s:>8.2f} {allocated:>14,}  "
+          f"{allocated / MiB / server_s:.0f} MiB/s (allocated extents)")
+    print(f"restore mount read / NBD server read (MiB/s): {mount_bytes / mount_s / (allocated / server_s):.2f}")
     print(f"PVOL and SPVOL identical after the restore: {identical}; mounted by: {report.get('mounted_by')}")
     print("restore phases (s):", ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
           f"; outside them (CLI start, listing, backup unmount, report) {restore_s - sum(phases.values()):.2f}")
