@@ -55,7 +55,7 @@ class ReplicationStream:
         self._flush_again = False
 
     # -- producer side ------------------------------------------------------
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+    def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
         """Queue one entry now (its sequence number is taken here).
 
