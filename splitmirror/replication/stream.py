@@ -127,7 +127,9 @@ class ReplicationStream:
                     reason = "link error: stream ended by peer"
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
-                    if not isinstance(exc, TimeoutError):
+                    if isinstance(exc, ConnectionError):  # the peer ended the call: a link event, not a bug here
+                        log.warning("pair %s: %s", self.pair, reason)
+                    elif not isinstance(exc, TimeoutError):
                         log.error("pair %s: replication stream error", self.pair, exc_info=exc)
         finally:
             for task in (sender, receiver, watchdog):
