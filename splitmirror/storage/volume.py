@@ -329,7 +329,7 @@ class Volume:
     async def flush(self) -> None:
         await self.run(self.fdatasync)
 
-    async def apply(self, entries: Sequence[tuple[int, bytes, int]]) -> None:
+    async def apply(self, entries: Sequence[tuple[int, bytes | memoryview, int]]) -> None:
         """Apply ``(offset, data, zero_length)`` entries in order, in one hop."""
 
         def apply_all() -> None:
