@@ -81,13 +81,15 @@ def _generation_row(gen: host_pb2.Generation, track_size: int,
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:
-    listing = await client.backup_listing(args.name)
+    if bool(args.name) == bool(args.group):
+        raise SplitmirrorError("backups: name a remote pair or give --group, not both")
+    listing = await (client.group_backup_listing(args.group) if args.group else client.backup_listing(args.name))
     gens = list(listing.generations)
     if out.as_json:
         # A list of generations; schedules (at the primary) in their own command's JSON.
         out.json([generation_json(g) for g in gens])
         return
-    out.show(generations_table(gens))
+    out.show(generations_table(gens, with_pair=bool(args.group)))
     if listing.schedules:
         out.text("")
         out.show(schedules_table(listing.schedules))

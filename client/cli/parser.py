@@ -153,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="return once the generation is split (default: once the backup point is fixed)")
     p = commands.add_parser("backups", parents=[common],
-                            help="list the backup generations of a remote pair, its schedules and checks")
-    p.add_argument("name", metavar="REMOTE_PAIR")
+                            help="list the backup generations of a remote pair (or a consistency group), "
+                                 "its schedules and checks")
+    p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group")
     _backup_schedule(commands, common)
 
     restore = commands.add_parser("restore", help="restore files or a whole volume from a backup generation "
