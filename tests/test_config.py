@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -544,5 +545,5 @@ def test_token_mode_keeps_the_data_port_on_loopback(tmp_path: Path) -> None:
     flags = ["--system-id", "1", "--data-dir", "/x", "--listen", "127.0.0.1:1", "--interconnect", "127.0.0.1:2",
              "--token-file", str(tokens)]
     assert load_config("primary", flags).data == "127.0.0.1:0"
-    with pytest.raises(InvalidArgument, match="setting 'data': 0.0.0.0:7 is not a loopback address"):
+    with pytest.raises(InvalidArgument, match=re.escape("setting 'data': 0.0.0.0:7 is not a loopback address")):
         load_config("primary", [*flags, "--data", "0.0.0.0:7"])
