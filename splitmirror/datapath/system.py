@@ -54,6 +54,7 @@ class StorageSystem(WritePath):
         self.metrics_port = 0
         self.async_queue_bytes = 256 << 20
         self.on_overflow = None
+        self.read_check = None
         #: Where status changes, copies, fences... are reported (the daemon's event log).
         self.events: EventSink = DiscardEvents()
 

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from ..errors import FailedPrecondition
 from ..pairstate.index import PairIndex
@@ -44,6 +45,18 @@ class WriteOp:
         return self.zero_length or len(self.data)
 
 
+class ReadCheck(Protocol):
+    """Host reads that are checked before hosts see them (a backup generation's SVOL against its receipt)."""
+
+    def covers(self, vol: Volume) -> bool:
+        """Are reads of ``vol`` checked? Asked at every host read: cheap."""
+        ...
+
+    async def read(self, vol: Volume, offset: int, length: int) -> bytes:
+        """The checked range; raises a :class:`~splitmirror.errors.SplitmirrorError` naming what failed."""
+        ...
+
+
 class WritePath(abc.ABC):
     """Host I/O, write ordering and tracking writes while split/suspended."""
 
@@ -58,6 +71,8 @@ class WritePath(abc.ABC):
     async_queue_bytes: int
     #: Called (synchronously) when an async pair's queue would overflow.
     on_overflow: Callable[[Pair], None] | None
+    #: Checks host reads of some volumes (set by the procedures layer), or None.
+    read_check: ReadCheck | None
 
     # The storage system's lookups this pipeline uses.
     @abc.abstractmethod
@@ -80,6 +95,9 @@ class WritePath(abc.ABC):
             raise FailedPrecondition(f"volume {name!r} fenced for restore ({self.fences[name]})")
         # Ordered against writes in flight: a read never sees half a batch.
         async with self._order[name].hold(offset, length):
+            check = self.read_check
+            if check is not None and check.covers(vol):
+                return await check.read(vol, offset, length)
             return await vol.read(offset, length)
 
     async def host_write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:

@@ -146,7 +146,9 @@ class ReplicationStream:
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
                     broken = isinstance(exc, TimeoutError)
-                    if not isinstance(exc, (TimeoutError, LinkError)):
+                    if isinstance(exc, ConnectionError):  # the peer ended the call: a link event, not a bug here
+                        log.warning("pair %s: %s", self.pair, reason)
+                    elif not isinstance(exc, TimeoutError):
                         log.error("pair %s: replication stream error", self.pair, exc_info=exc)
         finally:
             for task in (sender, receiver, watchdog):
