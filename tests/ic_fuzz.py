@@ -201,17 +201,19 @@ class Generator:
                               ((SYSTEM_ID_KEY, "-1"),), ((SYSTEM_ID_KEY, str(1 << 70)),)])
 
 
-def data_session(gen: Generator, peer: int) -> bytes:
+def data_session(gen: Generator, peer: int) -> tuple[bytes, set[int]]:
     """A hostile session on the replication data port: a HELLO (usually the
     real peer's), then frames well formed or not, often mutated."""
     r = gen.r
     claim = peer if r.random() < 0.85 else r.choice([0, 7, 1001, 2001, (1 << 64) - 1])
     out = [dp.hello(claim, r.choice([4096, 1 << 20, (1 << 32) - 1])) if r.random() < 0.95 else r.randbytes(22)]
     channel = 0
+    opened: set[int] = set()
     for _ in range(r.randint(0, 8)):
         roll = r.random()
         if roll < 0.25 or not channel:
             channel = channel + 1 if r.random() < 0.9 else r.choice([0, channel, 1 << 31])
+            opened.add(channel)
             name = gen.name("pair").encode()[:255]
             out.append(dp.HEAD.pack(5 + len(name), dp.Kind.OPEN) + channel.to_bytes(4, "little")
                        + bytes([len(name)]) + name)
@@ -239,7 +241,7 @@ def data_session(gen: Generator, peer: int) -> bytes:
     if r.random() < 0.3 and blob:
         for _ in range(r.randint(1, 4)):
             blob[r.randrange(len(blob))] = r.randrange(256)
-    return bytes(blob)
+    return bytes(blob), opened
 
 
 def _without_goodbye(request: bytes) -> bytes:
@@ -368,8 +370,10 @@ class Campaign:
 
     def _data(self, site: Site, peer: int) -> None:
         """One session on ``site``'s data port: every answer a HELLO or a precise ERROR."""
-        session = data_session(self.gen, peer)
+        session, opened = data_session(self.gen, peer)
         proto = dp.DataProtocol("source", dp.SMALL_FRAME)
+        for channel in opened:  # the daemon may acknowledge what it applied on them
+            proto.opened(channel)
         with socket.create_connection(("127.0.0.1", site.data_port), timeout=10) as sock:
             pos = 0
             while pos < len(session):
