@@ -23,6 +23,7 @@ from ..tls import TlsFiles, system_host_name
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
 from .datalink import DataLink
+from .commands import CommandBatcher
 
 log = logging.getLogger("splitmirror.link")
 
@@ -75,6 +76,8 @@ class PeerLink:
         #: The data connection carrying the pairs' write streams (when the peer offers one).
         self.data = DataLink(own_id, peer_id, (data_address or address).rpartition(":")[0], timeout, tls,
                              int(data_address.rpartition(":")[2]) if data_address else 0)
+        #: Pair commands to the peer, many in one call (a mass recovery).
+        self.commands = CommandBatcher(self.stub, self.metadata, timeout, peer_id)
         self.up: bool | None = None  # None: not known yet
         self.reason = ""
         self._on_up = on_up
@@ -114,6 +117,7 @@ class PeerLink:
         for task in list(self._callbacks):
             task.cancel()
         self.data.close()
+        await self.commands.close()
         await self.channel.close(grace=None)
         await self.keepalive_channel.close(grace=None)
 
@@ -138,6 +142,16 @@ class PeerLink:
             log.info("peer %d at %s stopped cleanly (it said goodbye); its pairs wait for it to return",
                      self.peer_id, self.address)
             self._notify(self._on_down)
+
+    def heard_from(self) -> None:
+        """The peer called us: it is alive, whatever our keepalive's channel
+        to it says.  A peer restarted within the link timeout drives its
+        recovery while our keepalive reconnects to its new process; without
+        this, the timeout ran out in the middle of that recovery and every
+        pair with the peer was suspended again.  A link already lost comes
+        back only by a keepalive answer (which runs the reconnect handling)."""
+        if self.up is not False:
+            self._last_ok = max(self._last_ok, time.monotonic())
 
     def suspect(self, reason: str) -> None:
         """A stream to this peer broke: treat it as lost until a keepalive
@@ -189,9 +203,10 @@ class PeerLink:
             self.peer_roles_digest = b""  # not the list we hold: ask for it in full next time
 
     async def command(self, request: ic.PairCommandRequest) -> ic.MirrorState:
-        reply: ic.MirrorState = await self.stub.PairCommand(request, metadata=self.metadata,
-                                                            timeout=self.timeout)
-        return reply
+        """The peer's answer to a pair command, sent with the others issued at
+        the same moment (raises AioRpcError for the call, SplitmirrorError for
+        the peer's refusal of this command)."""
+        return await self.commands.command(request)
 
     def read_tracks(self, pair: str, tracks: bytes) -> AsyncIterator[ic.TrackData]:
         call = self.stub.ReadTracks(ic.ReadTracksRequest(pair=pair, tracks=tracks), metadata=self.metadata)
