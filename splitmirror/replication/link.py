@@ -22,8 +22,8 @@ from ..errors import SplitmirrorError, Unavailable, from_status
 from ..tls import TlsFiles, system_host_name
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
-from .datalink import DataLink
 from .commands import CommandBatcher
+from .datalink import DataLink
 
 log = logging.getLogger("splitmirror.link")
 
