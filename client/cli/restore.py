@@ -167,10 +167,10 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
     problem = fuse_problem()
     if problem:
         raise FailedPrecondition(f"cannot mount volumes on this host: {problem}")
-    stats = await client.stats()
+    stats, listed = await asyncio.gather(client.stats(), client.list_backups(args.name))
     if not stats.nbd_port:
         raise FailedPrecondition(f"the daemon at {args.server} serves no NBD exports (start it with --nbd)")
-    generations = {g.local_pair: g for g in await client.list_backups(args.name)}
+    generations = {g.local_pair: g for g in listed}
     gen = generations.get(args.generation)
     if gen is None:
         raise SplitmirrorError(f"generation {args.generation!r} is not a backup generation of pair {args.name!r} "
@@ -194,32 +194,36 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
         _confirm(args, confirm)
         session = await client.begin_restore(args.name, args.generation, force=True)
         lap("fence_and_split")
+    # The backup stays mounted until the copy is done, and is unmounted while the PVOL resyncs.
+    backup = contextlib.AsyncExitStack()
     try:
-        async with _workdir() as work:
-            tls = (getattr(args, "tls_dir", None), getattr(args, "identity", "admin"))
-            svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, *tls)
-            async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
-                lap("mount_backup")
-                mounted_by = {"backup": _mounted_by(backup_root)}
-                plan = plan_copy(backup_root, list(args.paths))
-                if plan.missing:
-                    raise FailedPrecondition(
-                        f"not in the backup of generation {args.generation!r} ({gen.backup_time}): "
-                        f"{', '.join(plan.missing)}; nothing was changed")
-                if session is None:
-                    _confirm(args, confirm)
-                    session = await client.begin_restore(args.name, args.generation, force=args.force)
-                    lap("fence_and_split")
-                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
-                async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
-                    lap("mount_target")
-                    mounted_by["target"] = _mounted_by(target)
-                    with reporter.step("copy files", float(plan.total_bytes)):
-                        copied = await copy_plan(plan, backup_root, target,
-                                                 lambda done, total: reporter.update(done, total))
-                    lap("copy")
-                lap("sync_and_unmount")
+        work = await backup.enter_async_context(_workdir())
+        tls = (getattr(args, "tls_dir", None), getattr(args, "identity", "admin"))
+        svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, *tls)
+        backup_root = await backup.enter_async_context(
+            mounted_filesystem(svol_url, writable=False, workdir=work / "svol"))
+        lap("mount_backup")
+        mounted_by = {"backup": _mounted_by(backup_root)}
+        plan = plan_copy(backup_root, list(args.paths))
+        if plan.missing:
+            raise FailedPrecondition(
+                f"not in the backup of generation {args.generation!r} ({gen.backup_time}): "
+                f"{', '.join(plan.missing)}; nothing was changed")
+        if session is None:
+            _confirm(args, confirm)
+            session = await client.begin_restore(args.name, args.generation, force=args.force)
+            lap("fence_and_split")
+        spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
+        async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
+            lap("mount_target")
+            mounted_by["target"] = _mounted_by(target)
+            with reporter.step("copy files", float(plan.total_bytes)):
+                copied = await copy_plan(plan, backup_root, target,
+                                         lambda done, total: reporter.update(done, total))
+            lap("copy")
+        lap("sync_and_unmount")
     except BaseException as exc:
+        await backup.__aexit__(type(exc), exc, exc.__traceback__)  # unmounts; the error stays the one raised
         refusal = await _read_refusal(client, args, gen.read_refusals) if isinstance(exc, Exception) else ""
         if session is not None:
             await _abort(client, args.name, exc, refusal)
@@ -227,7 +231,11 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
             raise FailedPrecondition(f"{refusal}; the restore stopped before it began: nothing was changed "
                                      "(--force restores it anyway)") from None
         raise
-    report = await _watch_resync(client, args.name, client.finish_restore(args.name), reporter)
+    unmounting = asyncio.ensure_future(backup.aclose())
+    try:
+        report = await _watch_resync(client, args.name, client.finish_restore(args.name), reporter)
+    finally:
+        await asyncio.shield(unmounting)
     lap("resync_and_unfence")
     result = _report_json(report, restored=[str(p) for p in copied.restored], kind="files")
     result["phase_seconds"] = phases
