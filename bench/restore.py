@@ -125,6 +125,11 @@ async def bench(base: Path, size_gib: int, rounds: int) -> int:
             sh("nbdcopy", "--request-size=1048576", svol_url, "null:")
             server_s = time.monotonic() - started
             allocated = os.stat(secondary.data_dir / "volumes" / "db-s1.vol").st_blocks * 512
+            # The same bytes unchecked: the SPVOL (it holds what the generation holds, plus the restores).
+            started = time.monotonic()
+            sh("nbdcopy", "--request-size=1048576", f"nbd://127.0.0.1:{secondary.nbd_port}/db-r", "null:")
+            unchecked_s = time.monotonic() - started
+            unchecked = os.stat(secondary.data_dir / "volumes" / "db-r.vol").st_blocks * 512
             async with mounted_filesystem(svol_url, writable=False, workdir=base / "read") as root:
                 started = time.monotonic()
                 mount_bytes = await asyncio.to_thread(_read_all, root)
@@ -147,7 +152,10 @@ async def bench(base: Path, size_gib: int, rounds: int) -> int:
           f"{mount_bytes / MiB / mount_s:.0f} MiB/s")
     print(f"{'nbdcopy of the backup export to null:':<44} {server_s:>8.2f} {allocated:>14,}  "
           f"{allocated / MiB / server_s:.0f} MiB/s (allocated extents)")
-    print(f"restore mount read / NBD server read (MiB/s): {mount_bytes / mount_s / (allocated / server_s):.2f}")
+    print(f"{'nbdcopy of the SPVOL (unchecked) to null:':<44} {unchecked_s:>8.2f} {unchecked:>14,}  "
+          f"{unchecked / MiB / unchecked_s:.0f} MiB/s (allocated extents)")
+    print(f"restore mount read / NBD server read (MiB/s): {mount_bytes / mount_s / (allocated / server_s):.2f}; "
+          f"reads checked against the receipt / unchecked: {allocated / server_s / (unchecked / unchecked_s):.2f}")
     print(f"PVOL and SPVOL identical after the restore: {identical}; mounted by: {report.get('mounted_by')}")
     print("restore phases (s):", ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
           f"; outside them (CLI start, listing, backup unmount, report) {restore_s - sum(phases.values()):.2f}")
