@@ -20,7 +20,7 @@ from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
 from ..errors import InvalidArgument, NotFound
 from ..pairstate.pair import MODES, EndRole, Pair
-from ..replication.framing import SequenceCheck
+from ..replication.framing import Frame, SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -28,6 +28,7 @@ from .context import PairContext
 from .copying import Copier
 from .crash_recovery import recover_write_intent
 from .link_recovery import LinkRecovery
+from .mirror_batch import run_commands
 from .mirror_end import MirrorEnd
 from .primary_end import PrimaryEnd
 from .roles import Roles
@@ -178,6 +179,9 @@ class PairManager:
             return await self._swap_command(peer, req)
         return await self.mirror_end.command(peer, req)
 
+    async def mirror_commands(self, peer: int, req: ic.PairCommandsRequest) -> ic.PairCommandsReply:
+        return await run_commands(self.system, self.mirror_command, peer, req)
+
     async def _swap_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
         """A swap asked by the mirror end (epoch 0: drive it here), or the primary
         handing its role over (promote here)."""
@@ -192,6 +196,13 @@ class PairManager:
 
     async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
         return await self.mirror_end.apply(pair, batch, sequence)
+
+    async def mirror_apply_frames(self, pair: Pair, frames: list[Frame], sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply_frames(pair, frames, sequence)
+
+    async def mirror_refuse_stream(self, pair: Pair, why: str) -> None:
+        self.mirror_end.check_mirroring(pair)
+        await self.mirror_end.refuse_stream(pair, why)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)

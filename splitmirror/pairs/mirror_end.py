@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
-from ..datapath.copyengine import read_tracks
+from ..datapath.copyengine import DIGEST_BYTES, read_tracks
 from ..datapath.writes import WriteOp
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..names import check_name
@@ -152,17 +152,25 @@ class MirrorEnd:
         or reach outside the volume, suspends the pair here: what came
         before the break is applied, nothing after it.
         """
-        assert pair.mirror is not None
+        self.check_mirroring(pair)
+        try:
+            frames = frames_of(batch, MAX_BATCH_ENTRIES)
+        except FramingError as exc:
+            await self.refuse_stream(pair, f"malformed batch ({exc})")
+        return await self.apply_frames(pair, frames, sequence)
+
+    def check_mirroring(self, pair: Pair) -> None:
         if pair.status not in MIRRORING:
             # E.g. a batch delayed by a healed partition, arriving after this
             # end suspended itself: applying it would fake host writes here.
             raise FailedPrecondition(f"pair {pair.name!r} is {pair.status.value} on system "
                                      f"{self.system.system_id}; replicated writes are not accepted")
+
+    async def apply_frames(self, pair: Pair, frames: list[Frame], sequence: SequenceCheck) -> int:
+        """:meth:`apply` for entries already decoded (the data connection's batches)."""
+        assert pair.mirror is not None
+        self.check_mirroring(pair)
         vol = pair.mirror.volume
-        try:
-            frames = frames_of(batch, MAX_BATCH_ENTRIES)
-        except FramingError as exc:
-            await self._refuse_stream(pair, f"malformed batch ({exc})")
         good, why = len(frames), ""
         for i, f in enumerate(frames):
             why = sequence.accept(f.seq)
@@ -177,10 +185,10 @@ class MirrorEnd:
         if good:
             pair.applied_seq = frames[good - 1].seq
         if why:
-            await self._refuse_stream(pair, why)
+            await self.refuse_stream(pair, why)
         return frames[-1].seq if frames else 0
 
-    async def _refuse_stream(self, pair: Pair, why: str) -> NoReturn:
+    async def refuse_stream(self, pair: Pair, why: str) -> NoReturn:
         """Suspend the pair here and end the stream: nothing more is applied."""
         self.context.set_status(pair, PairOp.FAULT, "stream-refused")
         await self.system.save_rows(pair)
@@ -257,7 +265,7 @@ class MirrorEnd:
         """The runs of a track bitmap a peer asks digests of, within the limits."""
         assert pair.mirror is not None
         vol = pair.mirror.volume
-        most = VERIFY_CHUNK // vol.track_size
+        most = DIGEST_BYTES // vol.track_size
         try:
             bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
         except ValueError as exc:
@@ -265,7 +273,7 @@ class MirrorEnd:
                                   f"({exc})") from None
         if len(bitmap) > most:
             raise InvalidArgument(f"pair {pair.name!r}: digests of {len(bitmap)} tracks of {vol.track_size} bytes "
-                                  f"asked at once; the limit is {most} ({VERIFY_CHUNK} bytes)")
+                                  f"asked at once; the limit is {most} ({DIGEST_BYTES} bytes)")
         runs = list(bitmap.runs())
         if sum(count for _, count in runs) != len(bitmap):  # runs() stops at the last track
             raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} goes beyond "

@@ -84,10 +84,11 @@ TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batc
 
 
 @dataclasses.dataclass(eq=False)
-class _Stream:
-    """One Replicate stream being served for a pair."""
+class ServedStream:
+    """One write stream being served for a pair (a Replicate call or a data channel)."""
 
-    reader: asyncio.Task[None]
+    #: Stops taking its messages in (the Replicate call's reader task is cancelled).
+    stop: Callable[[], object]
     handler: asyncio.Task[Any] | None
     superseded: bool = False
 
@@ -123,6 +124,7 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
     async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
         async with refusals(context, method.__name__):
             peer = self._peer(context)
+            self._heard(peer, method.__name__)
             check_integers(request)  # type: ignore[arg-type]
             return await method(self, request, context, peer)
 
@@ -139,12 +141,21 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.tls = tls
         self.system = manager.system
         self.role = role
-        self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
+        self._streams: dict[str, ServedStream] = {}  # pair -> the stream allowed to apply
+        #: The port of the replication data connection advertised to peers (0: none).
+        self.data_port = 0
         #: Set once this system said goodbye to its peers: keepalives are refused from then on.
         self.stopping = False
 
     def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
+
+    def _heard(self, peer: int, method: str) -> None:
+        """A call from ``peer`` arrived: count it, and it shows the peer alive."""
+        self.system.calls_received[peer, method] += 1
+        link = self.manager.links.get(peer)
+        if link is not None:
+            link.heard_from()
 
     @peer_call
     async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
@@ -155,7 +166,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             if link is not None:
                 link.peer_left()
             return ic.HelloReply(system_id=self.system.system_id, role=self.role)
-        reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
+        reply = ic.HelloReply(system_id=self.system.system_id, role=self.role, data_port=self.data_port)
         for pair in self.manager.pairs_with(peer):
             # Only the mirror ends that stopped mirroring: what the primary
             # acts on (a keepalive's size does not follow the pair count).
@@ -175,6 +186,11 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
     async def PairCommand(self, request: ic.PairCommandRequest, context: Context, peer: int) -> ic.MirrorState:
         return await self.manager.mirror_command(peer, request)
 
+    @peer_call
+    async def PairCommands(self, request: ic.PairCommandsRequest, context: Context,
+                           peer: int) -> ic.PairCommandsReply:
+        return await self.manager.mirror_commands(peer, request)
+
     async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
                         context: Context) -> AsyncIterator[ic.ReplicateAck]:
         async with refusals(context, "Replicate"):
@@ -185,6 +201,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                          context: Context) -> AsyncIterator[ic.ReplicateAck]:
         async with refusals(context):
             peer = self._peer(context)
+        self._heard(peer, "Replicate")
         batches: asyncio.Queue[ic.ReplicateBatch | None] = asyncio.Queue(maxsize=8)
 
         async def reader() -> None:
@@ -195,7 +212,8 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             finally:
                 await batches.put(None)
 
-        stream = _Stream(asyncio.create_task(reader()), asyncio.current_task())
+        reading = asyncio.create_task(reader())
+        stream = ServedStream(reading.cancel, asyncio.current_task())
         ending = False  # by an exception (an abort, say): a bad message read meanwhile must not replace it
         try:
             first = await batches.get()
@@ -203,7 +221,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                 return
             async with refusals(context):
                 pair = self.manager.mirror_pair(peer, first.pair)
-            await self._take_over(pair.name, stream, pair.apply_lock)
+            await self.take_over(pair.name, stream, pair.apply_lock)
             try:
                 batch: ic.ReplicateBatch | None = first
                 sequence = SequenceCheck()
@@ -222,22 +240,20 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                         yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
             finally:
-                pair.apply_lock.release()
-                if self._streams.get(pair.name) is stream:
-                    del self._streams[pair.name]
+                self.release(pair.name, stream, pair.apply_lock)
         except BaseException:
             ending = True
             raise
         finally:
-            stream.reader.cancel()
+            reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 try:
-                    await stream.reader
+                    await reading
                 except (MalformedInStream, SplitmirrorError):
                     if not ending:
                         raise
 
-    async def _take_over(self, pair: str, stream: _Stream, lock: asyncio.Lock) -> None:
+    async def take_over(self, pair: str, stream: ServedStream, lock: asyncio.Lock) -> None:
         """Make ``stream`` the pair's only Replicate stream.
 
         The primary opens a new stream only after giving up on the previous
@@ -251,13 +267,19 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         if old is not None:
             log.warning("pair %s: a newer replication stream takes over from a stale one", pair)
             old.superseded = True
-            old.reader.cancel()
+            old.stop()
         try:
             await asyncio.wait_for(lock.acquire(), TAKEOVER_GRACE)
         except TimeoutError:
             if old is not None and old.handler is not None:
                 old.handler.cancel()
             await lock.acquire()
+
+    def release(self, pair: str, stream: ServedStream, lock: asyncio.Lock) -> None:
+        """``stream`` stops applying: the next one may take over."""
+        lock.release()
+        if self._streams.get(pair) is stream:
+            del self._streams[pair]
 
     @peer_call
     async def TrackDigests(self, request: ic.TrackDigestsRequest, context: Context, peer: int) -> ic.TrackDigestsReply:
@@ -291,6 +313,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                          context: Context) -> AsyncIterator[ic.TrackData]:
         async with refusals(context, "ReadTracks"):
             peer = self._peer(context)
+            self._heard(peer, "ReadTracks")
             check_integers(request)
             tracks = self.manager.mirror_read_tracks(peer, request.pair, request.tracks)
             async for first, count, data in tracks:

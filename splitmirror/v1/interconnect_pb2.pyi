@@ -497,11 +497,17 @@ class HelloReply(_message.Message):
     ROLES_FIELD_NUMBER: _builtins.int
     ROLES_DIGEST_FIELD_NUMBER: _builtins.int
     ROLES_UNCHANGED_FIELD_NUMBER: _builtins.int
+    DATA_PORT_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
     roles_digest: _builtins.bytes
     """Digest of this system's roles list for the caller (blake2b of its records)."""
     roles_unchanged: _builtins.bool
+    data_port: _builtins.int
+    """The port of this system's replication data connection (on the host the
+    caller dials for the interconnect; splitmirror/replication/dataproto.py);
+    0: none offered, the write streams use Replicate.
+    """
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
         """The mirror ends this system holds for the caller that are not mirroring
@@ -525,10 +531,11 @@ class HelloReply(_message.Message):
         roles: _abc.Iterable[Global___MirrorState] | None = ...,
         roles_digest: _builtins.bytes = ...,
         roles_unchanged: _builtins.bool = ...,
+        data_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "roles", b"roles", "roles_digest", b"roles_digest", "roles_unchanged", b"roles_unchanged", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_port", b"data_port", "mirrors", b"mirrors", "role", b"role", "roles", b"roles", "roles_digest", b"roles_digest", "roles_unchanged", b"roles_unchanged", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,6 +623,85 @@ class PairCommandRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PairCommandRequest: _TypeAlias = PairCommandRequest  # noqa: Y015
+
+@_typing.final
+class PairCommandsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairCommandRequest]:
+        """at most 4096; a pair's commands run in this order"""
+
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___PairCommandRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCommandsRequest: _TypeAlias = PairCommandsRequest  # noqa: Y015
+
+@_typing.final
+class PairCommandResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NOT_RUN_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code of this command (0: OK)"""
+    error: _builtins.str
+    not_run: _builtins.bool
+    """The command was not run: the reply would have grown beyond its bound
+    (pending bitmaps); send it again.
+    """
+    @_builtins.property
+    def state(self) -> Global___MirrorState:
+        """when code is 0"""
+
+    def __init__(
+        self,
+        *,
+        state: Global___MirrorState | None = ...,
+        code: _builtins.int = ...,
+        error: _builtins.str = ...,
+        not_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "not_run", b"not_run", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCommandResult: _TypeAlias = PairCommandResult  # noqa: Y015
+
+@_typing.final
+class PairCommandsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairCommandResult]:
+        """one per command, in order"""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PairCommandResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCommandsReply: _TypeAlias = PairCommandsReply  # noqa: Y015
 
 @_typing.final
 class MirrorState(_message.Message):
