@@ -60,6 +60,7 @@ bench: install
 	$(PY) bench/async.py
 	$(PY) bench/resync.py
 	$(PY) bench/qemu_bench.py
+	$(PY) bench/nbdcopy.py
 	$(PY) bench/flush_latency.py
 	$(PY) bench/pgbench.py
 

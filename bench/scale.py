@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _harness import Profiler
 
 from client import Client
 from splitmirror.sizes import parse_size
@@ -156,31 +159,40 @@ async def idle(primary: Site, secondary: Site, seconds: float) -> dict[str, floa
     return out
 
 
-async def recovery(victim: Site, primary: Site, secondary: Site, n: int, timeout: float) -> dict[str, float]:
+async def recovery(victim: Site, primary: Site, secondary: Site, n: int, timeout: float,
+                   profile: Path | None = None) -> dict[str, float]:
     """kill -9 ``victim`` with every volume dirty; time to all DUPLEX, bytes, RSS, warnings."""
     if victim is primary:
         written = await write_each(primary, n, 3 * TRACK)
         differ = 0  # sync writes: acknowledged once the mirror applied them
         primary.kill()
         sent_before = 0  # counters start at 0 with the new process
-        started = time.monotonic()
-        primary.start(timeout=120)
-        # From here on: the survivor noticing the kill itself is not counted.
-        marks = {s.role: len(s.log()) for s in (primary, secondary)}
     else:
         sent_before = await resync_bytes(primary)
         secondary.kill()
         await wait_all(primary, "SUSPENDED", 60)
         written = differ = await write_each(primary, n, 5 * TRACK)
-        started = time.monotonic()
-        secondary.start(timeout=120)
-        marks = {s.role: len(s.log()) for s in (primary, secondary)}  # the loss itself is not counted
-    seconds = await wait_all(primary, "DUPLEX", timeout)
+    started = time.monotonic()
+    wall = time.time()
+    victim.start(timeout=120)
+    healthy = time.monotonic() - started
+    # From here on: the survivor noticing the kill itself is not counted.
+    marks = {s.role: len(s.log()) for s in (primary, secondary)}
+    with contextlib.ExitStack() as stack:
+        if profile is not None:
+            assert primary.proc is not None and secondary.proc is not None
+            stack.enter_context(Profiler(profile, f"recovery-{victim.role}",
+                                         {"primaryd": primary.proc.pid, "secondaryd": secondary.proc.pid}, rate=50))
+        seconds = await wait_all(primary, "DUPLEX", timeout)
     total = time.monotonic() - started if seconds != float("inf") else seconds
     await wait_all(secondary, "DUPLEX", 30)
     sent = await resync_bytes(primary) - sent_before
+    first_copy, last_copy = await copy_span(primary, wall)
     return {
         "seconds to all DUPLEX": total,
+        "... of which restart until healthy": healthy,
+        "... first resync start, s after restart": first_copy,
+        "... last resync finish, s after restart": last_copy,
         "bytes written": written,
         "bytes that differ": differ,
         "resync bytes sent": sent,
@@ -191,6 +203,20 @@ async def recovery(victim: Site, primary: Site, secondary: Site, n: int, timeout
         "copies interrupted": count_in_log(primary, marks["primary"], "copy interrupted"),
         "cannot resync": count_in_log(primary, marks["primary"], "cannot resync"),
     }
+
+
+async def copy_span(primary: Site, since: float) -> tuple[float, float]:
+    """Seconds after ``since`` (wall clock) of the first resync start and the last resync finish."""
+    first = last = float("nan")
+    async with Client(primary.address, timeout=120) as c:
+        async for event in c.events():
+            if event.timestamp < since:
+                continue
+            if event.kind == "resync-start" and first != first:
+                first = event.timestamp - since
+            elif event.kind == "resync-finish":
+                last = event.timestamp - since
+    return first, last
 
 
 async def fan_in(base: Path, primaries: int, mib: int, timeout: float) -> dict[str, float]:
@@ -251,8 +277,20 @@ async def bench(args: argparse.Namespace, base: Path) -> int:
         secondary.start(timeout=60)
         primary.start(timeout=60)
         async with Client(primary.address) as c:
-            await c.create_volume("unpaired", size)
+            if "unpaired" not in [v.name for v in await c.list_volumes()]:  # a --dir of an earlier run has it
+                await c.create_volume("unpaired", size)
         print(f"# {n} pairs of {args.size} sparse volumes, sync, one primaryd -> one secondaryd", flush=True)
+        if args.recovery_only:
+            done = len(await statuses(primary))
+            await grow(primary, done, n, size)
+            await wait_all(primary, "DUPLEX", 300)
+            victims = {"primary": [primary], "secondary": [secondary], "both": [primary, secondary]}[args.recovery_only]
+            for victim in victims:
+                misses += await recover_and_report(victim, primary, secondary, args, base)
+            # A clean stop keeps the pairs for the next run (--dir).
+            primary.stop()
+            secondary.stop()
+            return 1 if misses else 0
         if args.idle_only:
             await grow(primary, 0, n, size)
             await wait_all(primary, "DUPLEX", 120)
@@ -290,17 +328,7 @@ async def bench(args: argparse.Namespace, base: Path) -> int:
             misses += bool(target) and value > 1.0
             row(key, value, target)
         for victim in (primary, secondary):
-            print(f"## mass recovery after kill -9 of the {victim.role}d, {n} dirty pairs", flush=True)
-            result = await recovery(victim, primary, secondary, n, args.recovery_timeout)
-            for key, value in result.items():
-                target = {"seconds to all DUPLEX": "target <= 15", "links declared lost": "target 0",
-                          "peak RSS MiB primaryd": "target <= 300",
-                          "peak RSS MiB secondaryd": "target <= 300",
-                          "resync bytes sent": "target <= 1.1 x bytes that differ"}.get(key, "")
-                row(key, value, target)
-            misses += result["seconds to all DUPLEX"] > 15 or result["links declared lost"] > 0
-            misses += result["resync bytes sent"] > 1.1 * result["bytes that differ"]
-            misses += max(result["peak RSS MiB primaryd"], result["peak RSS MiB secondaryd"]) > 300
+            misses += await recover_and_report(victim, primary, secondary, args, base)
         row("allocated MiB primary volumes", allocated_mib(primary, "v"))
         row("allocated MiB secondary volumes", allocated_mib(secondary, "v"), "target <= 1.1 x primary")
     finally:
@@ -312,6 +340,26 @@ async def bench(args: argparse.Namespace, base: Path) -> int:
             row(key, value)
     print(f"# {misses} target(s) missed", flush=True)
     return 1 if misses else 0
+
+
+async def recover_and_report(victim: Site, primary: Site, secondary: Site, args: argparse.Namespace,
+                             base: Path) -> int:
+    """One mass recovery with its rows; the number of targets it missed."""
+    n = args.pairs
+    print(f"## mass recovery after kill -9 of the {victim.role}d, {n} dirty pairs "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    result = await recovery(victim, primary, secondary, n, args.recovery_timeout,
+                            Path(args.profile) if args.profile else None)
+    for key, value in result.items():
+        target = {"seconds to all DUPLEX": "target <= 15", "links declared lost": "target 0",
+                  "peak RSS MiB primaryd": "target <= 300",
+                  "peak RSS MiB secondaryd": "target <= 300",
+                  "resync bytes sent": "target <= 1.1 x bytes that differ"}.get(key, "")
+        row(key, value, target)
+    misses = int(result["seconds to all DUPLEX"] > 15 or result["links declared lost"] > 0)
+    misses += result["resync bytes sent"] > 1.1 * result["bytes that differ"]
+    misses += max(result["peak RSS MiB primaryd"], result["peak RSS MiB secondaryd"]) > 300
+    return misses
 
 
 def allocated_mib(site: Site, prefix: str) -> float:
@@ -326,11 +374,15 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--idle-only", action="store_true", help="only the idle part (create, open streams, idle)")
     parser.add_argument("--recovery-timeout", type=float, default=300.0)
+    parser.add_argument("--recovery-only", choices=["primary", "secondary", "both"],
+                        help="only mass recovery after kill -9 of this daemon (pairs kept in --dir are reused)")
+    parser.add_argument("--profile", help="py-spy both daemons during each recovery; raw stacks into this directory")
     parser.add_argument("--fanin", type=int, default=10, help="primaries into one secondary (0: skip)")
     parser.add_argument("--fanin-mib", type=int, default=64)
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
     args = parser.parse_args()
     if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
         return asyncio.run(bench(args, Path(args.dir)))
     with tempfile.TemporaryDirectory(prefix="splitmirror-scale-") as tmp:
         return asyncio.run(bench(args, Path(tmp)))

@@ -319,7 +319,9 @@ def generation_json(g: host_pb2.Generation) -> JsonObject:
             "backup_time": g.backup_time or None, "changed_tracks": int(g.changed_tracks),
             "sequence": int(g.sequence),
             "check": {"verdict": g.check_verdict, "time": g.check_time, "seconds": g.check_seconds,
-                      "reason": g.check_reason} if g.check_verdict else None}
+                      "reason": g.check_reason} if g.check_verdict else None,
+            # Reads refused since the daemon started: a track that no longer matched the receipt.
+            "read_refusals": int(g.read_refusals), "read_refusal": g.read_refusal or None}
 
 
 def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:

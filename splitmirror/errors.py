@@ -51,10 +51,16 @@ class DeadlineExceeded(SplitmirrorError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class DataLoss(SplitmirrorError):
+    """Data at rest no longer matches what was recorded of it (a backup track against its receipt)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 _BY_CODE: dict[grpc.StatusCode, type[SplitmirrorError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, OutOfRange, Unavailable,
-                PermissionDenied, ResourceExhausted, DeadlineExceeded)
+                PermissionDenied, ResourceExhausted, DeadlineExceeded, DataLoss)
 }
 
 

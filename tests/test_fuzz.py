@@ -268,7 +268,7 @@ def garbage_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sit
 def test_interconnect_malformed_message_is_invalid_argument(garbage_peer: tuple[Site, grpc.Channel]) -> None:
     site, channel = garbage_peer
     codes = set()
-    for method in ("Hello", "AttachMirror", "PairCommand", "TrackDigests", "RestoreControl"):
+    for method in ("Hello", "AttachMirror", "PairCommand", "PairCommands", "TrackDigests", "RestoreControl"):
         raw = channel.unary_unary(f"/{IC_SERVICE.full_name}/{method}", request_serializer=lambda b: b,
                                   response_deserializer=lambda b: b)
         with pytest.raises(grpc.RpcError) as err:

@@ -6,6 +6,7 @@ with one line."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import Client
 from splitmirror.replication.link import SYSTEM_ID_KEY
 from splitmirror.testing import ROOT, Site, wait_status
 from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
@@ -68,6 +70,31 @@ def test_track_sizes_within_the_bounds_are_accepted(site: Site) -> None:
             vol = stub.CreateVolume(host_pb2.CreateVolumeRequest(name=f"ok{track_size}", size=4 << 20,
                                                                  track_size=track_size), timeout=10)
             assert vol.track_size == track_size
+
+
+def test_host_io_over_32_mib_per_request_is_refused_naming_the_volume_and_limit(site: Site) -> None:
+    """A Write payload (like a Read length) over 32 MiB is INVALID_ARGUMENT before
+    anything is written; 32 MiB itself is served; the library will not send more."""
+    limit = 32 << 20
+    with site.channel() as ch:
+        stub = host_pb2_grpc.HostApiStub(ch)
+        stub.CreateVolume(host_pb2.CreateVolumeRequest(name="io", size=2 * limit), timeout=10)
+        for call, request in ((stub.Write, host_pb2.WriteRequest(volume="io", offset=0, data=b"w" * (limit + 1))),
+                              (stub.Read, host_pb2.ReadRequest(volume="io", offset=0, length=limit + 1))):
+            exc = _refusal(call, request)
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+            assert f"volume 'io': {'write' if call is stub.Write else 'read'} of {limit + 1} bytes" in exc.details()
+            assert f"limit of {limit} bytes (32 MiB) per request" in exc.details(), exc.details()
+        assert stub.Read(host_pb2.ReadRequest(volume="io", offset=0, length=4096), timeout=10).data == bytes(4096)
+
+    async def at_the_limit() -> None:
+        async with Client(site.address) as c:
+            assert await c.write("io", limit, b"w" * limit, chunk=limit) == limit
+            assert await c.read("io", limit, limit, chunk=limit) == b"w" * limit
+            with pytest.raises(ValueError, match="32 MiB"):
+                await c.write("io", 0, b"x", chunk=limit + 1)
+
+    asyncio.run(at_the_limit())
 
 
 @pytest.mark.parametrize("name", ["nl\n", "a\nb", "ok\n\n", "x\r"])

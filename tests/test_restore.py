@@ -13,6 +13,7 @@ import pytest
 
 from client import Client, ClientError
 from client.agent import fuse_problem, mounted_filesystem
+from client.agent.kernel import kernel_mount_problem
 from splitmirror.testing import Site, wait_status
 
 MiB = 1 << 20
@@ -91,6 +92,9 @@ async def test_restore_files_copies_only_what_changed(restore_sites: tuple[Site,
                                "/data/table.db", "--yes")
         report = json.loads(result.stdout)
         assert sorted(report["restored"]) == ["/data/table.db", "/etc/app.conf"]
+        # Through the kernel (ext4 on a loop device over nbdfuse) where it may, fuse2fs otherwise.
+        way = "kernel" if kernel_mount_problem() is None else "fuse2fs"
+        assert report["mounted_by"] == {"backup": way, "target": way}, report
         restored_bytes = len(files["/etc/app.conf"]) + len(files["/data/table.db"])
         assert report["volume_size"] == FS_SIZE
         # Only what the copy wrote (plus filesystem metadata) crossed back.
@@ -195,3 +199,70 @@ async def test_restore_files_missing_path_is_refused(restore_sites: tuple[Site, 
         assert (await c.display_pairs("p"))[0].status == "DUPLEX"
         await c.write("db", 60 * MiB, b"not fenced")
     assert shutil.which("e2fsck")
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        old = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([old[0] ^ 0x01]))
+
+
+@needs_fuse
+async def test_restore_files_checks_the_tracks_it_reads(restore_sites: tuple[Site, Site], tmp_path: Path) -> None:
+    """A file restore checks each track it reads against the backup's receipt: a damaged track in a file
+    it copies refuses the restore (one error naming generation, track and SVOL); one elsewhere does not."""
+    primary, secondary = restore_sites
+    files = await setup_fs_pair(primary, secondary, tmp_path)
+    async with Client(primary.address) as c, Client(secondary.address) as s:
+        await c.backup("p", generation="g1", wait=True)
+        assert (await s.verify_backup("g1")).ok  # the receipt is taken
+        async with mounted_filesystem(nbd(primary, "db"), writable=True, workdir=tmp_path / "pmnt") as root:
+            (root / "etc/app.conf").write_bytes(b"setting = 2 (broken)\n")
+            (root / "data/table.db").write_bytes(b"broken")
+        await c.flush("db")
+        before = await c.checksum("db")
+
+        # One bit flipped at rest in the middle of /data/table.db in the backup.
+        svol = secondary.data_dir / "volumes" / "db-s1.vol"
+        flipped = 3 * MiB // 2 + 17  # offset in the file
+        block = files["/data/table.db"][flipped - 17:flipped - 17 + 1024]
+        damaged = svol.read_bytes().find(block) + 17
+        assert damaged > 17
+        flip_bit(svol, damaged)
+        track = damaged // TRACK
+
+        result = secondary.cli("restore", "files", "p", "--generation", "g1", "/data/table.db", "--yes",
+                               check=False)
+        assert result.returncode == 1, result.stderr
+        assert (f"generation 'g1' (backup #1 of {(await s.list_backups('p'))[0].backup_time}) fails verification "
+                f"against its receipt: track {track} of SVOL 'db-s1' differs") in result.stderr, result.stderr
+        assert "the PVOL is unfenced and unchanged (--force restores it anyway)" in result.stderr
+        assert "Traceback" not in result.stderr
+        wait_status(primary, "p", ["DUPLEX"])
+        assert await c.checksum("db") == before
+        ops = [(e.op, e.generation) async for e in s.events() if e.kind == "backup"]
+        assert ops[-1] == ("verify-failed", "g1")
+        gen = (await s.list_backups("p"))[0]
+        assert gen.read_refusals >= 1 and f"track {track} of SVOL 'db-s1'" in gen.read_refusal
+
+        # The damaged track is not in /etc/app.conf: restoring that file works.
+        secondary.cli("restore", "files", "p", "--generation", "g1", "/etc/app.conf", "--yes")
+        wait_status(primary, "p", ["DUPLEX"])
+        async with mounted_filesystem(nbd(primary, "db"), writable=False, workdir=tmp_path / "check") as root:
+            assert (root / "etc/app.conf").read_bytes() == files["/etc/app.conf"]
+            assert (root / "data/table.db").read_bytes() == b"broken"
+        # The full check still finds the damaged track.
+        full = await s.verify_backup("g1")
+        assert not full.ok and list(full.tracks) == [track]
+
+        # Forced, the damaged file is restored as the backup now holds it.
+        secondary.cli("restore", "files", "p", "--generation", "g1", "/data/table.db", "--yes", "--force")
+        wait_status(primary, "p", ["DUPLEX"])
+        async with mounted_filesystem(nbd(primary, "db"), writable=False, workdir=tmp_path / "forced") as root:
+            restored = (root / "data/table.db").read_bytes()
+        original = files["/data/table.db"]
+        assert restored[:flipped] == original[:flipped] and restored[flipped + 1:] == original[flipped + 1:]
+        assert restored[flipped] == original[flipped] ^ 0x01
+    fsck(primary, "db", tmp_path)

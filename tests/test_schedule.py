@@ -6,20 +6,22 @@ import asyncio
 import itertools
 import re
 import time
+from pathlib import Path
 
 import pytest
 
 from client import Client, ClientError
 from splitmirror.clock import timestamp_of
-from splitmirror.testing import Site, wait_status
+from splitmirror.testing import Site, wait_for, wait_status
 from splitmirror.v1 import host_pb2
+from tests.faultproxy import ProxyPair
 
 MiB = 1 << 20
 SLOT = re.compile(r"schedule (\S+): (\w+)(?: into (\S+))? for slot (\S+)")
 
 
-async def scheduled_runs(c: Client) -> list[tuple[str, str, str, float, float]]:
-    """(schedule, result, generations, slot, event time) of every scheduled run, in order."""
+async def scheduled_runs(c: Client) -> list[tuple[str, str, str, float, float, str]]:
+    """(schedule, result, generations, slot, event time, reason) of every scheduled run, in order."""
     runs = []
     async for e in c.events():
         if e.kind == "backup" and e.op == "scheduled":
@@ -27,7 +29,7 @@ async def scheduled_runs(c: Client) -> list[tuple[str, str, str, float, float]]:
             assert found is not None, e.detail
             slot = timestamp_of(found[4])
             assert slot is not None
-            runs.append((found[1], found[2], found[3] or "", slot, e.timestamp))
+            runs.append((found[1], found[2], found[3] or "", slot, e.timestamp, e.reason))
     return runs
 
 
@@ -104,6 +106,82 @@ async def test_schedules_rotate_their_rings_across_a_restart(sites: tuple[Site, 
         gone = primary.cli_json("backup", "schedule", "delete", "p")
         assert {s["name"] for s in gone} == {fast, "slow"}
         assert await c.list_schedules() == []
+
+
+async def test_a_run_due_at_start_waits_until_the_pair_is_in_step(tmp_path: Path) -> None:
+    """Right after primaryd starts its copy table still says DUPLEX, before the
+    peer was asked (the secondary's end is SUSPENDED since the goodbye).  The
+    run due at start waits until the pair is DUPLEX at both ends instead of
+    preparing a backup that the reconnect then breaks.  A slow link (the proxy
+    delays every chunk) stretches the reconnect so that a run that did not
+    wait would prepare while the secondary's end is still SUSPENDED."""
+    primary = Site("primary", 1001, tmp_path, link_timeout=10.0)
+    secondary = Site("secondary", 2001, tmp_path, link_timeout=10.0)
+    primary.peer_with(secondary)
+    link = ProxyPair(primary, secondary)
+    try:
+        secondary.start()
+        primary.start()
+        async with Client(primary.address) as c:
+            await c.create_volume("db", MiB)
+            await c.create_pair("p", "db", "db-r", peer=2001)
+            await c.wait_pair("p", timeout=30)
+        for i in (1, 2):
+            secondary.cli("pair", "create", f"g{i}", "--pvol", "db-r", "--svol", f"s{i}", "--wait")
+        primary.cli("backup", "schedule", "set", "p", "--every", "3s", "--generations", "g1,g2")
+        async with Client(primary.address) as c:  # both generations hold a backup: the next run resyncs one
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and sum(r[1] == "done" for r in await scheduled_runs(c)) < 2:
+                await asyncio.sleep(0.3)
+        primary.stop()
+        down = time.time()
+        link.delay(0.3)
+        await asyncio.sleep(3.5)  # a slot passes while primaryd is down
+        primary.start()
+        async with Client(primary.address) as c:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                later = [r for r in await scheduled_runs(c) if r[4] >= down]
+                if later:
+                    break
+                await asyncio.sleep(0.3)
+            assert later and later[0][1] == "done", later
+        # At the secondary: the generation was prepared (resynced for the
+        # backup) only once the remote pair's end was DUPLEX again.
+        async with Client(secondary.address) as s:
+            after = [e async for e in s.events() if e.timestamp >= down and e.kind == "status"]
+        prepared = next(i for i, e in enumerate(after) if e.pair in ("g1", "g2") and "backup of pair p" in e.reason)
+        mirror = [e.status for e in after[:prepared] if e.pair == "p"]
+        assert mirror and mirror[-1] == "DUPLEX", after
+    finally:
+        link.close()
+        for site in (primary, secondary):
+            site.kill()
+
+
+async def test_a_clean_stop_lets_a_run_taking_its_backup_finish(sites: tuple[Site, Site], tmp_path: Path) -> None:
+    """SIGTERM while a scheduled run is taking its backup (here: in its
+    pre-hook): the run finishes, is recorded and said before primaryd exits,
+    so the ring goes on from the generation it filled."""
+    primary, secondary = sites
+    started = tmp_path / "hook-started"
+    async with Client(primary.address) as c:
+        await c.create_volume("db", MiB)
+        await c.create_pair("p", "db", "db-r", peer=2001)
+        await c.wait_pair("p", timeout=30)
+        for i in (1, 2):
+            secondary.cli("pair", "create", f"g{i}", "--pvol", "db-r", "--svol", f"s{i}", "--wait")
+        await c.set_schedule(host_pb2.Schedule(pair="p", every_seconds=2, ring=["g1", "g2"],
+                                               pre_hook=f"touch {started}; sleep 1"))
+    wait_for(started.exists, 30, 0.05, "the scheduled run's pre-hook")
+    primary.stop()
+    down = time.time()
+    primary.start()
+    async with Client(primary.address) as c:
+        runs = await scheduled_runs(c)
+        before = [r for r in runs if r[4] < down]
+        assert [r[1:3] for r in before] == [("done", "p:g1")], runs
+        assert {(g.local_pair, bool(g.backup_time)) for g in await c.list_backups("p")} >= {("g1", True)}
 
 
 def test_durations_and_slots() -> None:

@@ -25,7 +25,7 @@ cross the interconnect (resync PVOL from SPVOL) are close to what really changed
 
 from .copy import CopyReport, copy_plan
 from .errors import AgentError
-from .fuse import fuse_problem
+from .fuse import fuse_problem, mount_type
 from .mount import mounted_filesystem
 from .paths import CopyPlan, plan_copy
 
@@ -35,6 +35,7 @@ __all__ = [
     "CopyReport",
     "copy_plan",
     "fuse_problem",
+    "mount_type",
     "mounted_filesystem",
     "plan_copy",
 ]

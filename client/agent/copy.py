@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import AgentError
 from .paths import CopyPlan, child, relative, under
+from .syncfs import sync_filesystem
 
 __all__ = ["CopyReport", "copy_plan"]
 
@@ -59,7 +60,7 @@ async def copy_plan(
     parent that is a symlink or a non-directory is refused before anything is
     written. ``progress(bytes_done, bytes_total)`` is called on the event loop.
     The file I/O runs in a worker thread; on cancellation it stops between
-    chunks. Ends with ``sync``.
+    chunks. Ends with ``syncfs`` of the destination's filesystem.
     """
     if plan.missing:
         raise AgentError(f"not in the backup: {', '.join(plan.missing)}")
@@ -79,7 +80,7 @@ async def copy_plan(
         with contextlib.suppress(BaseException):
             await work
         raise
-    await asyncio.to_thread(os.sync)
+    await asyncio.to_thread(sync_filesystem, Path(dst_root))
     return report
 
 

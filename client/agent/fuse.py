@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import AgentError
 
-__all__ = ["first_line", "fuse_problem", "is_mounted", "reap", "spawn", "unmount", "wait_mounted"]
+__all__ = ["first_line", "fuse_problem", "is_mounted", "mount_type", "reap", "spawn", "unmount", "wait_mounted"]
 
 #: Tools needed for FUSE mounting and the Debian package that ships each.
 _TOOLS: tuple[tuple[str, str], ...] = (
@@ -105,16 +105,23 @@ def _unescape_mountinfo(text: str) -> str:
 def is_mounted(path: Path) -> bool:
     """Whether ``path`` is a mount point. Reads mountinfo: never stats a (maybe hung) FUSE mount."""
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+        return mount_type(path) is not None
     except OSError:
         return os.path.ismount(path)
+
+
+def mount_type(path: Path) -> str | None:
+    """The filesystem type mounted at ``path`` (``ext4``: the kernel; ``fuse.fuse2fs``...), or None."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().splitlines()
     target = str(path)
+    found = None
     for line in lines:
         fields = line.split(" ")
         if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
-            return True
-    return False
+            rest = fields[fields.index("-", 6) + 1:] if "-" in fields[6:] else []
+            found = rest[0] if rest else "unknown"  # the last mount on the path is the one seen
+    return found
 
 
 async def _run(argv: list[str]) -> int:

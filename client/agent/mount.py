@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Coroutine
@@ -22,6 +21,7 @@ from .attach import NbdAttachment
 from .errors import AgentError
 from .fuse import first_line, fuse_problem, is_mounted, reap, spawn, unmount, wait_mounted
 from .kernel import KernelMount, kernel_mount_problem
+from .syncfs import sync_filesystem
 
 __all__ = ["mounted_filesystem"]
 
@@ -117,7 +117,7 @@ class _Mount:
             await self.kernel.stop()
         elif is_mounted(self.fs_dir):
             if self.writable:
-                await asyncio.to_thread(os.sync)
+                await asyncio.to_thread(sync_filesystem, self.fs_dir)
             await unmount(self.fs_dir)
         if self.fuse2fs is not None:
             await reap(self.fuse2fs)

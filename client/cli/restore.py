@@ -35,7 +35,7 @@ from rich.progress import (
 from splitmirror.errors import FailedPrecondition, SplitmirrorError
 from splitmirror.v1 import host_pb2
 
-from ..agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
+from ..agent import AgentError, copy_plan, fuse_problem, mount_type, mounted_filesystem, plan_copy
 from ..library import Client
 from ..render import format_eta, format_rate, percent_text, size_text
 from .output import LineTicker, Output
@@ -167,10 +167,10 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
     problem = fuse_problem()
     if problem:
         raise FailedPrecondition(f"cannot mount volumes on this host: {problem}")
-    stats = await client.stats()
+    stats, listed = await asyncio.gather(client.stats(), client.list_backups(args.name))
     if not stats.nbd_port:
         raise FailedPrecondition(f"the daemon at {args.server} serves no NBD exports (start it with --nbd)")
-    generations = {g.local_pair: g for g in await client.list_backups(args.name)}
+    generations = {g.local_pair: g for g in listed}
     gen = generations.get(args.generation)
     if gen is None:
         raise SplitmirrorError(f"generation {args.generation!r} is not a backup generation of pair {args.name!r} "
@@ -185,45 +185,95 @@ async def restore_files(client: Client, args: argparse.Namespace, as_json: bool)
         phases[name] = round(now - mark, 3)
         mark = now
 
-    async with _workdir() as work:
+    confirm = (f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
+               f"({gen.backup_time}): the PVOL is fenced meanwhile")
+    session: host_pb2.RestoreSession | None = None
+    if args.force:
+        # The daemon checks every track read from the backup against its receipt, unless the
+        # restore began with --force: so a forced restore begins before the backup is mounted.
+        _confirm(args, confirm)
+        session = await client.begin_restore(args.name, args.generation, force=True)
+        lap("fence_and_split")
+    # The backup stays mounted until the copy is done, and is unmounted while the PVOL resyncs.
+    backup = contextlib.AsyncExitStack()
+    try:
+        work = await backup.enter_async_context(_workdir())
         tls = (getattr(args, "tls_dir", None), getattr(args, "identity", "admin"))
         svol_url = _nbd_url(args.server, stats.nbd_port, gen.svol, *tls)
-        async with mounted_filesystem(svol_url, writable=False, workdir=work / "svol") as backup_root:
-            lap("mount_backup")
-            plan = plan_copy(backup_root, list(args.paths))
-            if plan.missing:
-                raise FailedPrecondition(
-                    f"not in the backup of generation {args.generation!r} ({gen.backup_time}): "
-                    f"{', '.join(plan.missing)}; nothing was changed")
-            _confirm(args, f"restore {len(args.paths)} path(s) of pair {args.name} from {args.generation} "
-                           f"({gen.backup_time}): the PVOL is fenced meanwhile")
+        backup_root = await backup.enter_async_context(
+            mounted_filesystem(svol_url, writable=False, workdir=work / "svol"))
+        lap("mount_backup")
+        mounted_by = {"backup": _mounted_by(backup_root)}
+        plan = plan_copy(backup_root, list(args.paths))
+        if plan.missing:
+            raise FailedPrecondition(
+                f"not in the backup of generation {args.generation!r} ({gen.backup_time}): "
+                f"{', '.join(plan.missing)}; nothing was changed")
+        if session is None:
+            _confirm(args, confirm)
             session = await client.begin_restore(args.name, args.generation, force=args.force)
             lap("fence_and_split")
-            try:
-                spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
-                async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
-                    lap("mount_target")
-                    with reporter.step("copy files", float(plan.total_bytes)):
-                        copied = await copy_plan(plan, backup_root, target,
-                                                 lambda done, total: reporter.update(done, total))
-                    lap("copy")
-                lap("sync_and_unmount")
-            except BaseException as exc:
-                await _abort(client, args.name, exc)
-                raise
-    report = await _watch_resync(client, args.name, client.finish_restore(args.name), reporter)
+        spvol_url = _nbd_url(args.server, stats.nbd_port, session.spvol, *tls)
+        async with mounted_filesystem(spvol_url, writable=True, workdir=work / "spvol") as target:
+            lap("mount_target")
+            mounted_by["target"] = _mounted_by(target)
+            with reporter.step("copy files", float(plan.total_bytes)):
+                copied = await copy_plan(plan, backup_root, target,
+                                         lambda done, total: reporter.update(done, total))
+            lap("copy")
+        lap("sync_and_unmount")
+    except BaseException as exc:
+        await backup.__aexit__(type(exc), exc, exc.__traceback__)  # unmounts; the error stays the one raised
+        refusal = await _read_refusal(client, args, gen.read_refusals) if isinstance(exc, Exception) else ""
+        if session is not None:
+            await _abort(client, args.name, exc, refusal)
+        if refusal:
+            raise FailedPrecondition(f"{refusal}; the restore stopped before it began: nothing was changed "
+                                     "(--force restores it anyway)") from None
+        raise
+    unmounting = asyncio.ensure_future(backup.aclose())
+    try:
+        report = await _watch_resync(client, args.name, client.finish_restore(args.name), reporter)
+    finally:
+        await asyncio.shield(unmounting)
     lap("resync_and_unfence")
     result = _report_json(report, restored=[str(p) for p in copied.restored], kind="files")
     result["phase_seconds"] = phases
+    result["mounted_by"] = mounted_by
     return result
 
 
-async def _abort(client: Client, pair: str, cause: BaseException) -> None:
+def _mounted_by(root: Path) -> str:
+    """``kernel`` (ext4 over a loop device) or ``fuse2fs``: how the restore mounted a filesystem."""
+    try:
+        kind = mount_type(root) or "?"
+    except OSError:
+        return "?"
+    return "fuse2fs" if "fuse" in kind else "kernel" if kind.startswith("ext") else kind
+
+
+async def _read_refusal(client: Client, args: argparse.Namespace, before: int) -> str:
+    """Why the daemon refused reads of the backup during this restore (a track that no longer
+    matches the backup's receipt), or "" (the failure was something else)."""
+    try:
+        gens = {g.local_pair: g for g in await client.list_backups(args.name)}
+    except SplitmirrorError:
+        return ""
+    gen = gens.get(args.generation)
+    return gen.read_refusal if gen is not None and gen.read_refusals > before else ""
+
+
+async def _abort(client: Client, pair: str, cause: BaseException, refusal: str = "") -> None:
     try:
         await asyncio.shield(client.abort_restore(pair))
     except Exception as exc:  # the original error is what the user must see
         print(f"splitmirror: warning: aborting the restore of {pair} failed ({exc}); "
               f"the PVOL stays fenced: run 'splitmirror restore abort {pair}'", file=sys.stderr)
+        if refusal:
+            raise FailedPrecondition(f"{refusal}; aborting the restore failed: the PVOL stays fenced") from None
+    if refusal:
+        raise FailedPrecondition(f"{refusal}; the restore was aborted: the PVOL is unfenced and unchanged "
+                                 "(--force restores it anyway)") from None
     if isinstance(cause, AgentError):
         raise FailedPrecondition(f"{cause}; the restore was aborted and the PVOL unfenced") from None
 

@@ -17,13 +17,15 @@ from splitmirror.v1 import host_pb2_grpc
 
 from .errors import ClientError, from_rpc_error
 
-__all__ = ["MAX_MESSAGE", "SERVER_NAME", "Connection"]
+__all__ = ["MAX_IO", "MAX_MESSAGE", "SERVER_NAME", "Connection"]
 
 #: The name every daemon certificate carries: ``splitmirror.tls.SERVER_NAME``,
 #: not imported because that module loads ``cryptography`` for certificate making.
 SERVER_NAME = "splitmirror"
 #: Largest gRPC message either side accepts.
 MAX_MESSAGE = 64 << 20
+#: Largest payload of one Read or Write request the host API accepts.
+MAX_IO = 32 << 20
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")

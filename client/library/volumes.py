@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from splitmirror.v1 import host_pb2
 
-from .connection import MAX_MESSAGE, Connection
+from .connection import MAX_IO, Connection
 from .errors import ClientError
 
 __all__ = ["DEFAULT_CHUNK", "VolumeCalls"]
@@ -110,8 +110,8 @@ class VolumeCalls(Connection):
 
 
 def _check_chunking(chunk: int, depth: int) -> None:
-    if chunk <= 0 or chunk > MAX_MESSAGE - (64 << 10):
-        raise ValueError(f"chunk must be between 1 byte and {MAX_MESSAGE >> 20} MiB minus headers")
+    if chunk <= 0 or chunk > MAX_IO:
+        raise ValueError(f"chunk must be between 1 byte and {MAX_IO >> 20} MiB (the host API's limit per request)")
     if depth <= 0:
         raise ValueError("depth must be at least 1")
 

@@ -31,6 +31,7 @@ from ..procedures.hooks import BackupHooks
 from ..procedures.receipts import Receipts
 from ..procedures.restore import RestoreManager
 from ..procedures.schedule import BackupScheduler
+from ..procedures.verified_reads import VerifiedReads
 from ..replication.link import RECONNECT_OPTIONS, PeerLink, message_options
 from ..storage.files import OPEN_FILES
 from ..tls import TlsFiles
@@ -90,6 +91,8 @@ class Daemon:
         self.backups.on_split = self.receipts.split
         self.backups.before_reuse = self.receipts.settled
         self.restores.receipts = self.receipts
+        # Host reads of backup generations are checked against their receipts, track by track.
+        self.restores.reads = self.system.read_check = VerifiedReads(self.receipts)
         tokens = load_tokens(Path(config.token_file)) if config.token_file else {}
         if tokens and self.tls is None:
             log.warning("bearer tokens configured without --tls-dir: they cross the network in clear text")

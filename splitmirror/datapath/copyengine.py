@@ -39,7 +39,7 @@ import xxhash
 from ..pairstate.pair import CopyProgress, Pair
 from ..status import PairStatus
 from ..storage.bitmap import TrackBitmap
-from ..storage.volume import Volume
+from ..storage.volume import Volume, zero_track_digest
 from .system import StorageSystem
 from .writes import WriteOp
 
@@ -48,6 +48,7 @@ log = logging.getLogger("splitmirror.resync")
 RUN_BYTES = 1 << 20        # tracks read in one hop (and the longest run)
 SPAN_BYTES = 64 << 20      # volume bytes (gaps included) one chunk may span
 WINDOW_BYTES = 16 << 20    # copy bytes in flight
+DIGEST_BYTES = 64 << 20    # tracks whose mirror digests one request asks (8 bytes each)
 _ZEROES = memoryview(bytes(RUN_BYTES))
 
 Run = tuple[int, int]  # (first track, count)
@@ -146,29 +147,39 @@ def plan_chunk(vol: Volume, chunk: list[Run], theirs: bytes | None = None) -> tu
 
     With ``theirs`` (the mirror's digests of the chunk's tracks) a track
     equal to the mirror's is left out; zero tracks are pieces without data.
-    On the I/O pool: one hop for the chunk.
+    Tracks inside holes are not read (nor hashed): they are zeroes.  On the
+    I/O pool: one hop for the chunk.
     """
     ts = vol.track_size
+    zero = zero_track_digest(ts)
     pieces: list[Piece] = []
     same = 0
     index = 0
     for first, count in chunk:
-        data = vol.pread(first * ts, count * ts)
-        if theirs is None and is_zero(data):
+        view, data_runs = vol.sparse_read(first, count)
+        if theirs is None and (not data_runs or is_zero(view)):
             pieces.append(Piece(first, count, b""))
             continue
-        view = memoryview(data)
         kinds = []
+        holding = iter(data_runs)
+        run = next(holding, None)
         for i in range(count):
-            track = view[i * ts:(i + 1) * ts]
+            track = first + i
+            while run is not None and run[0] + run[1] <= track:
+                run = next(holding, None)
             at = 8 * (index + i)
-            if theirs is not None and xxhash.xxh3_64_digest(track) == theirs[at:at + 8]:
+            mirror = theirs[at:at + 8] if theirs is not None else None
+            if run is None or track < run[0]:  # inside a hole: zeroes, unread
+                kinds.append(_SAME if mirror == zero else _ZERO)
+                continue
+            data = view[i * ts:(i + 1) * ts]
+            if mirror is not None and xxhash.xxh3_64_digest(data) == mirror:
                 kinds.append(_SAME)
             else:
-                kinds.append(_ZERO if is_zero(track) else _DATA)
+                kinds.append(_ZERO if is_zero(data) else _DATA)
         index += count
         if kinds.count(_DATA) == count:
-            pieces.append(Piece(first, count, data))
+            pieces.append(Piece(first, count, bytes(view)))
             continue
         pos = 0
         for kind, group in itertools.groupby(kinds):
@@ -179,6 +190,55 @@ def plan_chunk(vol: Volume, chunk: list[Run], theirs: bytes | None = None) -> tu
                 pieces.append(Piece(first + pos, n, bytes(view[pos * ts:(pos + n) * ts]) if kind == _DATA else b""))
             pos += n
     return pieces, same
+
+
+class MirrorAsk:
+    """The mirror's digests of a copy's chunks, asked a group of chunks at a
+    time (up to :data:`DIGEST_BYTES` of tracks in one request), the next
+    group while the current one is read and pushed."""
+
+    def __init__(self, digests: MirrorDigests | None, todo: list[list[Run]], track_size: int) -> None:
+        self._digests = digests
+        self._groups: list[list[Run]] = []  # the runs of each group
+        self._tracks: list[int] = []  # the tracks of each group
+        self._where: list[tuple[int, int]] = []  # chunk -> (group, byte offset of its digests in the group's)
+        most = max(1, DIGEST_BYTES // track_size)
+        for chunk in todo:
+            count = sum(c for _, c in chunk)
+            if not self._tracks or self._tracks[-1] + count > most:
+                self._groups.append([])
+                self._tracks.append(0)
+            self._where.append((len(self._groups) - 1, 8 * self._tracks[-1]))
+            self._groups[-1].extend(chunk)
+            self._tracks[-1] += count
+        self._asked: dict[int, asyncio.Future[bytes]] = {}
+
+    def _ask(self, group: int) -> asyncio.Future[bytes]:
+        if group not in self._asked:
+            assert self._digests is not None
+            self._asked[group] = asyncio.ensure_future(self._digests(self._groups[group]))
+        return self._asked[group]
+
+    async def of(self, chunk: int) -> bytes:
+        """The digests of chunk ``chunk``'s tracks (the whole group's, when they do not match its size)."""
+        group, at = self._where[chunk]
+        fut = self._ask(group)
+        if group + 1 < len(self._groups):
+            self._ask(group + 1)
+        theirs = await fut
+        tracks = self._tracks[group]
+        if len(theirs) != 8 * tracks:
+            return theirs
+        end = self._where[chunk + 1][1] if chunk + 1 < len(self._where) and self._where[chunk + 1][0] == group \
+            else 8 * tracks
+        return theirs[at:end]
+
+    async def cancel(self) -> None:
+        for fut in self._asked.values():
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(BaseException):
+                await fut
 
 
 async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests | None = None,
@@ -233,7 +293,8 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
         system.bytes_sent += sent
 
     todo = list(chunks(runs, ts, chunk_bytes))
-    ahead: asyncio.Future[bytes] | None = None
+    asked = MirrorAsk(digests, todo, ts)
+    pushed = False
     try:
         for index, chunk in enumerate(todo):
             size = sum(c for _, c in chunk) * ts
@@ -246,9 +307,7 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
                 # Asked before the chunk is held: a host write meanwhile is on
                 # the stream after the mirror's state digested, and the read
                 # below sees it, so "equal" still means equal once applied.
-                asked = ahead if ahead is not None else asyncio.ensure_future(digests(chunk))
-                ahead = asyncio.ensure_future(digests(todo[index + 1])) if index + 1 < len(todo) else None
-                theirs = await asked
+                theirs = await asked.of(index)
                 if len(theirs) != 8 * (size // ts):
                     log.warning("pair %s: the mirror sent %d bytes of digests for %d tracks; sending them all",
                                 pair.name, len(theirs), size // ts)
@@ -278,19 +337,18 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
                     else:
                         fut = channel.push(piece.first * ts, zero_length=piece.count * ts, resync=True)
                     inflight.add(fut)
+                    pushed = True
                     fut.add_done_callback(functools.partial(settle, first=piece.first, count=piece.count,
                                                             sent=len(piece.data)))
     finally:
-        if ahead is not None and not ahead.done():
-            ahead.cancel()
-        if ahead is not None:
-            with contextlib.suppress(BaseException):
-                await ahead
+        await asked.cancel()
     if inflight:
         await asyncio.wait(list(inflight))
     if failed or pair.channel is None:
         raise CopyFailed(f"copy of pair {pair.name!r} interrupted")
-    if not await pair.channel.push(0, flush=True):
+    # A remote mirror end flushes its volume when told the copy is done: a
+    # copy that sent nothing (every track equal) needs no stream of its own.
+    if (pushed or not pair.remote) and not await pair.channel.push(0, flush=True):
         raise CopyFailed(f"copy of pair {pair.name!r} interrupted at the final flush")
 
 

@@ -18,7 +18,7 @@ class LocalChannel:
         self.system = system
         self.pair = pair
 
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+    def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None,
              cut: GroupCut | None = None) -> asyncio.Future[bool]:
         # A group cut orders nothing here: a local mirror applies each write
@@ -29,7 +29,7 @@ class LocalChannel:
         # mirror volume's range order on its first step: order is kept.
         return asyncio.ensure_future(self._apply(offset, data, zero_length, flush))
 
-    async def _apply(self, offset: int, data: bytes, zero_length: int, flush: bool) -> bool:
+    async def _apply(self, offset: int, data: bytes | memoryview, zero_length: int, flush: bool) -> bool:
         mirror = self.pair.mirror
         if mirror is None:
             return False

@@ -10,6 +10,7 @@ management lives in :mod:`splitmirror.pairs`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 from pathlib import Path
@@ -51,11 +52,14 @@ class StorageSystem(WritePath):
         self._order = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Interconnect calls received, by (calling peer, method): the metrics show them.
+        self.calls_received: collections.Counter[tuple[int, str]] = collections.Counter()
         self.clean_start = True
         self.nbd_port = 0
         self.metrics_port = 0
         self.async_queue_bytes = 256 << 20
         self.on_overflow = None
+        self.read_check = None
         #: Where status changes, copies, fences... are reported (the daemon's event log).
         self.events: EventSink = DiscardEvents()
 
@@ -224,10 +228,12 @@ class StorageSystem(WritePath):
     # -- copy table -----------------------------------------------------------
     async def save_rows(self, pair: Pair) -> None:
         """Persist status rows, durably: a status change is never lost."""
-        for end in pair.ends:
-            await self.table.save_pair(end.row)
+        await self.save_rows_of([pair])
+
+    async def save_rows_of(self, pairs: list[Pair]) -> None:
+        """Persist the status rows of many pairs: one transaction, one sync."""
+        await self.table.save_pairs([end.row for pair in pairs for end in pair.ends])
         await self.table.sync()
 
     async def save_bitmaps(self, pair: Pair) -> None:
-        for end in pair.ends:
-            await self.table.save_bitmap(end.row.name, end.row.volume, end.bitmap)
+        await asyncio.gather(*(self.table.save_bitmap(end.row.name, end.row.volume, end.bitmap) for end in pair.ends))

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from ..errors import FailedPrecondition
 from ..pairstate.index import PairIndex
@@ -37,12 +38,24 @@ class WriteOp:
     """One write: ``data`` at ``offset``, or ``zero_length`` zero bytes."""
 
     offset: int
-    data: bytes = b""
+    data: bytes | memoryview = b""
     zero_length: int = 0
 
     @property
     def length(self) -> int:
         return self.zero_length or len(self.data)
+
+
+class ReadCheck(Protocol):
+    """Host reads that are checked before hosts see them (a backup generation's SVOL against its receipt)."""
+
+    def covers(self, vol: Volume) -> bool:
+        """Are reads of ``vol`` checked? Asked at every host read: cheap."""
+        ...
+
+    async def read(self, vol: Volume, offset: int, length: int) -> bytes:
+        """The checked range; raises a :class:`~splitmirror.errors.SplitmirrorError` naming what failed."""
+        ...
 
 
 class WritePath(abc.ABC):
@@ -61,6 +74,8 @@ class WritePath(abc.ABC):
     on_overflow: Callable[[Pair], None] | None
     #: Common points of the async consistency groups' write order.
     group_cuts: GroupCuts
+    #: Checks host reads of some volumes (set by the procedures layer), or None.
+    read_check: ReadCheck | None
 
     # The storage system's lookups this pipeline uses.
     @abc.abstractmethod
@@ -83,6 +98,9 @@ class WritePath(abc.ABC):
             raise FailedPrecondition(f"volume {name!r} fenced for restore ({self.fences[name]})")
         # Ordered against writes in flight: a read never sees half a batch.
         async with self._order[name].hold(offset, length):
+            check = self.read_check
+            if check is not None and check.covers(vol):
+                return await check.read(vol, offset, length)
             return await vol.read(offset, length)
 
     async def host_write(self, name: str, offset: int, data: bytes, fua: bool = False) -> None:

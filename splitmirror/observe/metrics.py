@@ -74,6 +74,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "splitmirror_nbd_connections": ("gauge", ("export",), "NBD connections attached to each export."),
     "splitmirror_volume_fenced": ("gauge", ("volume",), "1 while host I/O on the volume is fenced (restore)."),
     "splitmirror_events": ("counter", (), "Events emitted since the daemon started."),
+    "splitmirror_interconnect_calls": ("counter", ("peer", "method"),
+                                       "Interconnect calls received from each peer since the daemon started, by "
+                                       "method (a mass recovery's pair commands travel many to a PairCommands call)."),
+    "splitmirror_copytable_commits": ("counter", (), "Transactions committed to the copy table since the daemon "
+                                                     "started (changes saved at once share one)."),
+    "splitmirror_copytable_syncs": ("counter", (), "Fsyncs of the copy table's write-ahead log since the daemon "
+                                                   "started (callers at once share one)."),
     "splitmirror_event_sequence": ("gauge", (), "Sequence number of the newest event committed."),
 }
 
@@ -121,6 +128,10 @@ class SystemCollector(Collector):
         self._volumes(f)
         f["splitmirror_backup_check_failures"].add_metric([], self.backups.check_failures)
         f["splitmirror_events"].add_metric([], self.events.emitted)
+        for (peer, method), calls in sorted(system.calls_received.items()):
+            f["splitmirror_interconnect_calls"].add_metric([str(peer), method], calls)
+        f["splitmirror_copytable_commits"].add_metric([], system.table.commits)
+        f["splitmirror_copytable_syncs"].add_metric([], system.table.syncs)
         f["splitmirror_event_sequence"].add_metric([], self.events.committed)
         yield from f.values()
 

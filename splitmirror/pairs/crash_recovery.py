@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ..status import MIRRORING, TRACKING, PairOp
@@ -23,6 +24,8 @@ async def recover_write_intent(context: PairContext) -> None:
     """
     system = context.system
     hot = await system.table.load_intent()
+    marked: list[tuple[str, str, list[tuple[int, int]]]] = []  # (pair, volume, runs): saved together
+    suspended = []
     for scope, extents in hot.items():
         volume, replicated = parse_scope(scope)
         vol = system.volumes.get(volume)
@@ -36,11 +39,15 @@ async def recover_write_intent(context: PairContext) -> None:
             for end in ends:
                 for first, count in runs:
                     end.bitmap.add_range(first, first + count)
-                await system.table.add_runs(pair.name, vol.name, runs)
+                marked.append((pair.name, vol.name, runs))
             if pair.primary is not None and pair.primary.volume is vol and pair.status in MIRRORING:
                 context.set_status(pair, PairOp.FAULT, "crash-recovery")
-                await system.save_rows(pair)
+                suspended.append(pair)
             if ends:
                 log.warning("pair %s: unclean stop, %d write-intent extents (%d tracks) of %s marked pending",
                             pair.name, len(extents), sum(c for _, c in runs), vol.name)
+    # A thousand pairs: one commit of their bits and one of their rows, not a thousand each.
+    await asyncio.gather(*(system.table.add_runs(name, volume, runs) for name, volume, runs in marked))
+    if suspended:
+        await system.save_rows_of(suspended)
     await system.table.remove_intent_all()

@@ -82,11 +82,8 @@ class LinkRecovery:
         hit = [p for p in self.context.pairs_with(link.peer_id) if p.status in MIRRORING]
         for pair in hit:
             self.context.set_status(pair, PairOp.FAULT, link.reason or "peer-down")
-        for pair in hit:
-            for end in pair.ends:
-                await self.system.table.save_pair(end.row)
         if hit:
-            await self.system.table.sync()
+            await self.system.save_rows_of(hit)
         for pair in hit:
             if pair.primary is not None and isinstance(pair.channel, RemoteChannel):
                 await pair.channel.stream.close()

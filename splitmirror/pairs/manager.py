@@ -29,6 +29,7 @@ from .copying import Copier
 from .crash_recovery import recover_write_intent
 from .group_rollback import GroupRollback
 from .link_recovery import LinkRecovery
+from .mirror_batch import run_commands
 from .mirror_end import MirrorEnd
 from .primary_end import PrimaryEnd
 from .roles import Roles
@@ -184,6 +185,9 @@ class PairManager:
         if req.op == ic.PAIR_OP_SWAP:
             return await self._swap_command(peer, req)
         return await self.mirror_end.command(peer, req)
+
+    async def mirror_commands(self, peer: int, req: ic.PairCommandsRequest) -> ic.PairCommandsReply:
+        return await run_commands(self.system, self.mirror_command, peer, req)
 
     async def _swap_command(self, peer: int, req: ic.PairCommandRequest) -> ic.MirrorState:
         """A swap asked by the mirror end (epoch 0: drive it here), or the primary

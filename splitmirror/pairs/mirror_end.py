@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
-from ..datapath.copyengine import read_tracks
+from ..datapath.copyengine import DIGEST_BYTES, read_tracks
 from ..datapath.writes import WriteOp
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..names import check_name
@@ -293,7 +293,7 @@ class MirrorEnd:
         """The runs of a track bitmap a peer asks digests of, within the limits."""
         assert pair.mirror is not None
         vol = pair.mirror.volume
-        most = VERIFY_CHUNK // vol.track_size
+        most = DIGEST_BYTES // vol.track_size
         try:
             bitmap = TrackBitmap.from_bytes(vol.tracks, tracks)
         except ValueError as exc:
@@ -301,7 +301,7 @@ class MirrorEnd:
                                   f"({exc})") from None
         if len(bitmap) > most:
             raise InvalidArgument(f"pair {pair.name!r}: digests of {len(bitmap)} tracks of {vol.track_size} bytes "
-                                  f"asked at once; the limit is {most} ({VERIFY_CHUNK} bytes)")
+                                  f"asked at once; the limit is {most} ({DIGEST_BYTES} bytes)")
         runs = list(bitmap.runs())
         if sum(count for _, count in runs) != len(bitmap):  # runs() stops at the last track
             raise InvalidArgument(f"pair {pair.name!r}: the track bitmap from system {peer} goes beyond "

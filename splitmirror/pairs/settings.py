@@ -14,7 +14,8 @@ class Settings:
     #: Copies (initial copies, resyncs) that run at once over one link, and in all:
     #: a mass recovery queues the rest instead of starving keepalives and memory;
     #: the copies of one link share LINK_WINDOW_BYTES in flight (pairs/copying.py).
-    copies_per_link: int = 8
-    copies_at_once: int = 32
-    #: Pairs brought back to agreement at once after a reconnect (commands to the peer).
-    reconciles_at_once: int = 16
+    copies_per_link: int = 32
+    copies_at_once: int = 64
+    #: Pairs brought back to agreement at once after a reconnect: their commands to the
+    #: peer travel together (replication/commands.py), a few calls for them all.
+    reconciles_at_once: int = 1024

@@ -19,7 +19,7 @@ from ..replication.stream import ReplicationStream
 class MirrorChannel(Protocol):
     """How the primary end sends ordered entries to the mirror end."""
 
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+    def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None,
              cut: GroupCut | None = None) -> asyncio.Future[bool]: ...
 
@@ -39,7 +39,7 @@ class RemoteChannel:
     def __init__(self, stream: ReplicationStream) -> None:
         self.stream = stream
 
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+    def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None,
              cut: GroupCut | None = None) -> asyncio.Future[bool]:
         return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker,

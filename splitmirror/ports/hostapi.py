@@ -35,6 +35,7 @@ Rep = TypeVar("Rep")
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Rep]]
 
+#: Largest Read length and Write payload of one request (the NBD server's too).
 MAX_IO = 32 << 20
 #: Checksum and VerifyPair calls one client may have running at once.
 MAX_VERIFY_PER_CLIENT = 2
@@ -108,6 +109,9 @@ class HostApiServicer(pb_grpc.HostApiServicer):
     @refusals
     async def Write(self, request: pb.WriteRequest, context: Context) -> pb.WriteReply:
         data = request.data
+        if len(data) > MAX_IO:  # before the payload is copied anywhere (queued, replicated)
+            raise InvalidArgument(f"volume {request.volume!r}: write of {len(data)} bytes exceeds the limit of "
+                                  f"{MAX_IO} bytes (32 MiB) per request; split it")
         await measured(self.meter, self.system.volumes, request.volume, "write", len(data),
                        self.system.host_write(request.volume, request.offset, data, request.fua))
         return pb.WriteReply(written=len(data))
@@ -115,8 +119,8 @@ class HostApiServicer(pb_grpc.HostApiServicer):
     @refusals
     async def Read(self, request: pb.ReadRequest, context: Context) -> pb.ReadReply:
         if request.length > MAX_IO:
-            raise InvalidArgument(f"volume {request.volume!r}: read of {request.length} bytes exceeds "
-                                  f"the {MAX_IO}-byte limit per request")
+            raise InvalidArgument(f"volume {request.volume!r}: read of {request.length} bytes exceeds the limit of "
+                                  f"{MAX_IO} bytes (32 MiB) per request; split it")
         return pb.ReadReply(data=await measured(self.meter, self.system.volumes, request.volume, "read", -1,
                                                 self.system.host_read(request.volume, request.offset, request.length)))
 

@@ -123,6 +123,7 @@ def peer_call(method: Callable[[Any, Req, Context, int], Awaitable[Rep]]
     async def wrapper(self: InterconnectServicer, request: Req, context: Context) -> Rep:
         async with refusals(context, method.__name__):
             peer = self._peer(context)
+            self._heard(peer, method.__name__)
             check_integers(request)  # type: ignore[arg-type]
             return await method(self, request, context, peer)
 
@@ -145,6 +146,13 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
 
     def _peer(self, context: Context) -> int:
         return peer_id(context, set(self.manager.links), self.system.system_id, self.tls)
+
+    def _heard(self, peer: int, method: str) -> None:
+        """A call from ``peer`` arrived: count it, and it shows the peer alive."""
+        self.system.calls_received[peer, method] += 1
+        link = self.manager.links.get(peer)
+        if link is not None:
+            link.heard_from()
 
     @peer_call
     async def Hello(self, request: ic.HelloRequest, context: Context, peer: int) -> ic.HelloReply:
@@ -175,6 +183,11 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
     async def PairCommand(self, request: ic.PairCommandRequest, context: Context, peer: int) -> ic.MirrorState:
         return await self.manager.mirror_command(peer, request)
 
+    @peer_call
+    async def PairCommands(self, request: ic.PairCommandsRequest, context: Context,
+                           peer: int) -> ic.PairCommandsReply:
+        return await self.manager.mirror_commands(peer, request)
+
     async def Replicate(self, request_iterator: AsyncIterator[ic.ReplicateBatch],
                         context: Context) -> AsyncIterator[ic.ReplicateAck]:
         async with refusals(context, "Replicate"):
@@ -185,6 +198,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                          context: Context) -> AsyncIterator[ic.ReplicateAck]:
         async with refusals(context):
             peer = self._peer(context)
+        self._heard(peer, "Replicate")
         batches: asyncio.Queue[ic.ReplicateBatch | None] = asyncio.Queue(maxsize=8)
 
         async def reader() -> None:
@@ -291,6 +305,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                          context: Context) -> AsyncIterator[ic.TrackData]:
         async with refusals(context, "ReadTracks"):
             peer = self._peer(context)
+            self._heard(peer, "ReadTracks")
             check_integers(request)
             tracks = self.manager.mirror_read_tracks(peer, request.pair, request.tracks)
             async for first, count, data in tracks:

@@ -73,6 +73,8 @@ class BackupManager:
         self.checking: set[str] = set()
         self.checks: dict[str, dict[str, Any]] = {}
         self.check_failures = 0  # since the daemon started (a metric)
+        #: mirror end: host reads of a generation refused against its receipt since the start: (count, newest why).
+        self.read_refusals: dict[str, tuple[int, str]] = {}
         #: mirror end: a generation was split (take its receipt); wait for that before reusing it.
         self.on_split: Callable[[Pair], None] | None = None
         self.before_reuse: Callable[[str], Awaitable[None]] | None = None
@@ -331,11 +333,13 @@ class BackupManager:
             infos = list(reply.generations)
         else:
             raise FailedPrecondition(f"pair {name!r} is a local pair; generations belong to remote pairs")
+        refused = self.read_refusals if pair.mirror is not None else {}
         return pb.GenerationList(generations=[
             pb.Generation(remote_pair=name, local_pair=i.local_pair, svol=i.svol, status=i.status,
                           backup_time=i.backup_time, changed_tracks=i.changed_tracks, sequence=i.sequence,
                           check_verdict=i.check_verdict, check_time=i.check_time, check_seconds=i.check_seconds,
-                          check_reason=i.check_reason)
+                          check_reason=i.check_reason, read_refusals=refused.get(i.local_pair, (0, ""))[0],
+                          read_refusal=refused.get(i.local_pair, (0, ""))[1])
             for i in infos])
 
 

@@ -12,9 +12,11 @@ their 8-byte slots in place, so it costs O(changed tracks), not a full read.
 The mark lives in memory and is kept by a clean stop: the first receipt
 after a crash of the daemon is a full read again.
 
-``verify`` re-reads the generation and names every track that no longer
-matches its receipt (bit rot, tampering, a host that wrote where it should
-not); a restore refuses a generation that fails it unless forced.
+``verify`` (``backup verify``) re-reads the whole generation and names every
+track that no longer matches its receipt (bit rot, tampering, a host that
+wrote where it should not); a volume restore refuses a generation that fails
+it unless forced.  A file restore reads only its files: it checks the tracks
+it reads as it reads them (:mod:`.verified_reads`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,26 @@ class Receipts:
     def _path(self, name: str) -> Path:
         return self.dir / f"{name}.digests"
 
+    def digest_file(self, name: str) -> Path:
+        """Where the per-track digests of generation ``name``'s receipt are kept."""
+        return self._path(name)
+
+    def of_backup(self, gen: Pair) -> dict[str, Any] | None:
+        """The receipt of the backup ``gen`` holds now, or None (none taken, or one of an older backup)."""
+        record = self.records.get(gen.name)
+        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time \
+                or record.get("backup_time") != gen.row.backup_time:
+            return None
+        return record
+
+    def signature_state(self, record: dict[str, Any]) -> str:
+        """``unsigned``, ``valid`` or ``invalid``: does the receipt's signature hold for this system's certificate?"""
+        if "signature" not in record:
+            return "unsigned"
+        valid = self._cert is not None and _verify(self._cert, base64.b64decode(record["signature"]),
+                                                   _signed_text(record))
+        return "valid" if valid else "invalid"
+
     async def take(self, gen: Pair) -> dict[str, Any]:
         assert gen.mirror is not None
         svol = gen.mirror.volume
@@ -158,9 +180,8 @@ class Receipts:
     async def verify(self, name: str) -> pb.VerifyBackupReply:
         gen = self._generation(name)
         await self.settled(name)
-        record = self.records.get(name)
-        if record is None or record.get("sequence") != gen.row.backup_seq or not gen.row.backup_time \
-                or record.get("backup_time") != gen.row.backup_time:
+        record = self.of_backup(gen)
+        if record is None:
             raise FailedPrecondition(f"generation {name!r} has no receipt of the backup it holds (backups split "
                                      "before receipts existed, or none yet)")
         if name in self.backups.checking:
@@ -183,11 +204,7 @@ class Receipts:
             root=record["root"], track_size=record["track_size"], receipt_time=record["time"],
             receipt_changed_tracks=record["changed_tracks"], signer=record.get("signer", ""))
         reply.root_ok = receipt is not None and xxhash.xxh3_128_hexdigest(receipt) == record["root"]
-        reply.signature = "unsigned"
-        if "signature" in record:
-            valid = self._cert is not None and _verify(self._cert, base64.b64decode(record["signature"]),
-                                                       _signed_text(record))
-            reply.signature = "valid" if valid else "invalid"
+        reply.signature = self.signature_state(record)
         current = await self._reread(gen)
         reply.tracks_checked = svol.tracks
         bad = _mismatches(receipt or b"", current) if receipt is not None and len(receipt) == len(current) \

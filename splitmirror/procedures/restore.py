@@ -27,7 +27,7 @@ import time
 
 import grpc
 
-from ..errors import FailedPrecondition, NotFound
+from ..errors import DataLoss, FailedPrecondition, NotFound
 from ..eventsink import RESTORE, Event, caused_by
 from ..pairstate.pair import Pair
 from ..replication.link import relay
@@ -38,6 +38,7 @@ from .backup import BackupManager
 from .hooks import run_hook
 from .operations import PairOperations
 from .receipts import Receipts
+from .verified_reads import VerifiedReads
 
 log = logging.getLogger("splitmirror.restore")
 
@@ -53,6 +54,8 @@ class RestoreManager:
         self._running: set[str] = set()
         #: Backup receipts: a generation failing verification is refused unless forced.
         self.receipts: Receipts | None = None
+        #: Host reads of generations checked track by track (a file restore reads through them).
+        self.reads: VerifiedReads | None = None
 
     # -- shared ---------------------------------------------------------------
     async def _state(self, pair: str) -> dict[str, str] | None:
@@ -124,10 +127,27 @@ class RestoreManager:
         if refusal:
             log.warning("%s; restoring anyway (forced)", refusal)
 
+    async def _readable(self, gen: Pair, force: bool) -> None:
+        """A file restore: the receipt of the backup is intact (its tracks are checked as they are read)."""
+        if self.reads is None:
+            await self._verified(gen.name, force)
+            return
+        try:
+            await self.reads.receipt(gen)
+        except DataLoss as exc:
+            if not force:
+                raise FailedPrecondition(f"{exc.message}; restore refused (--force restores it anyway)") from None
+            log.warning("%s; restoring anyway (forced)", exc.message)
+
+    def _unforce(self, state: dict[str, str] | None) -> None:
+        if self.reads is not None and state is not None:
+            self.reads.forced.discard(state["generation"])
+
     async def begin(self, name: str, generation: str, kind: str = "files", force: bool = False) -> pb.RestoreSession:
         pair = self._remote_mirror(name)
         gen = self._generation(pair, generation)
-        await self._verified(generation, force)
+        if kind == "files":  # (a volume restore verified the whole generation before it began)
+            await self._readable(gen, force)
         state = await self._state(name)
         if state is not None and state["generation"] != generation:
             raise FailedPrecondition(
@@ -147,6 +167,10 @@ class RestoreManager:
         finally:
             self._running.discard(name)
         assert pair.mirror is not None and gen.mirror is not None
+        if force and kind == "files" and self.reads is not None:
+            self.reads.forced.add(generation)  # its reads go unchecked until the restore ends
+            log.warning("restore of pair %s from generation %s forced: its tracks are read unchecked", name,
+                        generation)
         log.info("restore of pair %s from generation %s: PVOL fenced, SPVOL %s writable%s", name, generation,
                  pair.mirror.volume.name, " (resumed)" if resumed else "")
         self._step(pair, "fenced", generation, f"PVOL fenced, SPVOL {pair.mirror.volume.name} writable")
@@ -166,6 +190,7 @@ class RestoreManager:
             moved = await self._control(pair, ic.RESTORE_OP_RESYNC_REVERSE)
             done = await self._control(pair, ic.RESTORE_OP_UNFENCE)
             await self._save_state(name, None)
+            self._unforce(state)
             self._step(pair, "done", state["generation"], done.warning, moved.tracks, moved.bytes)
         finally:
             self._running.discard(name)
@@ -188,6 +213,7 @@ class RestoreManager:
         try:
             reply = await self._control(pair, ic.RESTORE_OP_ABORT)
             await self._save_state(name, None)
+            self._unforce(state)
             self._step(pair, "aborted", (state or {}).get("generation", ""), reply.warning)
         finally:
             self._running.discard(name)

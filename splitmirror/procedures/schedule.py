@@ -11,8 +11,11 @@ of the day the schedule was set, or the time it was set.  The next slot is
 kept in the copy table, so a restart keeps the timetable; a slot missed
 while the daemon was down runs once at start (however many were missed), and
 the next one is the first slot after that run.  Runs are one at a time, in
-slot order; a run waits (bounded) for its pairs to be DUPLEX with the link
-up, as after a restart, and records a failure when they are not.
+slot order; a run waits (bounded) for its pairs to be in step with their
+peer (DUPLEX at both ends, link up, not being reconciled: right after a start
+the copy table still says DUPLEX before the peer was asked), and records a
+failure when they are not.  A clean stop lets a run that is taking its
+backup finish (bounded), so the run is recorded and the ring goes on from it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from ..clock import iso_time
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, SplitmirrorError
 from ..eventsink import BACKUP, Event
 from ..names import check_name
+from ..pairstate.pair import Pair
+from ..status import PairStatus
 from ..v1 import host_pb2 as pb
 from ..v1 import interconnect_pb2 as ic
 from .backup import BackupManager, check_ring
@@ -43,8 +48,11 @@ MIN_EVERY = 1.0
 MAX_EVERY = 366 * 86400.0
 MAX_COMMAND = 4096
 MAX_HOOK_TIMEOUT = 3600.0
-#: Longest a due run waits for its pairs to be ready (DUPLEX, link up).
+#: Longest a due run waits for its pairs to be ready (DUPLEX, link up); also
+#: how long after the daemon's start a run may wait for the pairs' recovery.
 MAX_READY_WAIT = 60.0
+#: How long a clean stop waits for a run that is taking its backup.
+STOP_GRACE = 5.0
 #: Longest a scheduled check may take at the secondary.
 CHECK_TIMEOUT = 3600.0
 _AT = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -142,6 +150,12 @@ class BackupScheduler:
         self._task: asyncio.Task[None] | None = None
         #: Checks of new backups (schedules with --check) in progress.
         self._checks: set[asyncio.Task[None]] = set()
+        #: When the scheduler started (slots before it were missed while the daemon was down).
+        self._up_since = 0.0
+        self._stopping = False
+        #: Set while no run is taking a backup (a clean stop waits for it, bounded).
+        self._settled = asyncio.Event()
+        self._settled.set()
 
     async def load(self) -> None:
         saved = await self.system.table.meta_items(KEY)
@@ -155,12 +169,16 @@ class BackupScheduler:
             self.schedules[schedule.name] = schedule
 
     def start(self) -> None:
+        self._up_since = self.clock()
         self._task = asyncio.create_task(self._loop(), name="backup-scheduler")
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in list(self._checks):
             task.cancel()
         if self._task is not None:
+            with contextlib.suppress(TimeoutError):  # a backup under way: let it finish and be recorded
+                await asyncio.wait_for(self._settled.wait(), STOP_GRACE)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -240,6 +258,8 @@ class BackupScheduler:
             now = self.clock()
             due = sorted((s for s in self.schedules.values() if s.next_run <= now), key=lambda s: s.next_run)
             for schedule in due:
+                if self._stopping:
+                    return
                 if self.schedules.get(schedule.name) is schedule:
                     try:
                         await self._run(schedule)
@@ -255,11 +275,16 @@ class BackupScheduler:
                 await asyncio.wait_for(self._wake.wait(), min(max(delay, 0.01), 3600.0))
 
     async def _ready(self, schedule: Schedule) -> None:
-        """Wait (bounded) until the schedule's pairs can be backed up."""
-        deadline = time.monotonic() + min(max(schedule.every, 5.0), MAX_READY_WAIT)
+        """Wait (bounded) until the schedule's pairs can be backed up: up to its period (5 s to a
+        minute), or until the daemon has been up a minute (its pairs' recovery after a start)."""
+        wait = min(max(schedule.every, 5.0), MAX_READY_WAIT)
+        wait = max(wait, self._up_since + MAX_READY_WAIT - self.clock())
+        deadline = time.monotonic() + wait
         while True:
             try:
-                self.backups.check_ready(self.backups.targets(schedule.pair, schedule.group))
+                pairs = self.backups.targets(schedule.pair, schedule.group)
+                self.backups.check_ready(pairs)
+                in_step(pairs)
                 return
             except SplitmirrorError:
                 if time.monotonic() >= deadline:
@@ -270,21 +295,44 @@ class BackupScheduler:
         started = self.clock()
         slot = schedule.next_run
         missed = 1 + max(0, math.floor((started - schedule.next_run) / schedule.every))
+        # Slots before this process started passed while the daemon was down;
+        # later ones while earlier runs (of this or another schedule) took the time.
+        why = "while down" if slot < self._up_since else "while earlier runs ran"
         if missed > 1:
-            log.warning("schedule %s: %d slots passed while the daemon was down; running once now",
-                        schedule.name, missed)
+            log.warning("schedule %s: %d slots passed %s; running once now", schedule.name, missed, why)
         result, error, generations = "done", "", ""
         reply: pb.BackupReply | None = None
         try:
-            await self._ready(schedule)
-            hooks = self.backups.hooks.over(schedule.pre_hook, schedule.post_hook, schedule.hook_timeout)
-            reply = await self.backups.backup(schedule.pair, schedule.group, "", True, schedule.ring, hooks,
-                                              schedule.name)
-            generations = ",".join(f"{b.pair}:{b.generation}" for b in reply.backups)
-            if reply.warning:
-                error = reply.warning
-        except SplitmirrorError as exc:
-            result, error = getattr(exc, "result", "failed"), exc.message
+            try:
+                await self._ready(schedule)
+                if self._stopping:  # nothing taken: the slot stays due and runs at the next start
+                    return
+                hooks = self.backups.hooks.over(schedule.pre_hook, schedule.post_hook, schedule.hook_timeout)
+                self._settled.clear()  # from here a clean stop waits (bounded) for the run to be recorded
+                reply = await self.backups.backup(schedule.pair, schedule.group, "", True, schedule.ring, hooks,
+                                                  schedule.name)
+                generations = ",".join(f"{b.pair}:{b.generation}" for b in reply.backups)
+                if reply.warning:
+                    error = reply.warning
+            except SplitmirrorError as exc:
+                result, error = getattr(exc, "result", "failed"), exc.message
+            except asyncio.CancelledError:
+                if not self._settled.is_set():  # stopped past the grace while taking the backup: say so
+                    await self._record(schedule, started, slot, missed, why, "interrupted",
+                                       "primaryd stopped before the backup finished; 'splitmirror backups' "
+                                       "shows what the generations hold", "")
+                raise
+            await self._record(schedule, started, slot, missed, why, result, error, generations)
+        finally:
+            self._settled.set()
+        if reply is not None and schedule.check:
+            task = asyncio.create_task(self._check(schedule, reply), name=f"check-{schedule.name}")
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _record(self, schedule: Schedule, started: float, slot: float, missed: int, why: str, result: str,
+                      error: str, generations: str) -> None:
+        """Keep a run's outcome with its schedule, and say it (an event, a log line)."""
         schedule.runs += 1
         schedule.last_run = started
         schedule.last_result, schedule.last_error = result, error
@@ -296,14 +344,10 @@ class BackupScheduler:
         detail = (f"schedule {schedule.name}: {result}" + (f" into {generations}" if generations else "")
                   + f" for slot {iso_time(slot)}")
         if missed > 1:
-            detail += f" (ran once for {missed} slots missed while down)"
+            detail += f" (ran once for {missed} slots missed {why})"
         self.system.events.emit(Event(BACKUP, pair=schedule.pair, generation=generations, op="scheduled",
                                       reason=error or result, detail=detail))
-        log.info("%s; next at %s", detail, iso_time(schedule.next_run))
-        if reply is not None and schedule.check:
-            task = asyncio.create_task(self._check(schedule, reply), name=f"check-{schedule.name}")
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
+        log.info("%s%s; next at %s", detail, f": {error}" if error else "", iso_time(schedule.next_run))
 
     async def _check(self, schedule: Schedule, reply: pb.BackupReply) -> None:
         """Check each generation the run filled, at the secondary; keep the verdict with the schedule."""
@@ -323,3 +367,18 @@ class BackupScheduler:
         schedule.last_check = "; ".join(verdicts)
         if self.schedules.get(schedule.name) is schedule:
             await self._save(schedule)
+
+
+def in_step(pairs: list[Pair]) -> None:
+    """Refuse pairs not yet in step with their peer: being reconciled (as just
+    after a start or a reconnect), or not DUPLEX at the peer by its last
+    keepalive answer (right after a start the copy table says DUPLEX here
+    before the peer was asked)."""
+    for pair in pairs:
+        if pair.reconciling:
+            raise FailedPrecondition(f"pair {pair.name!r} is being reconciled with system {pair.peer_id}")
+        assert pair.link is not None
+        theirs = next((s.status for s in pair.link.peer_roles if s.pair == pair.name), "")
+        if theirs != PairStatus.DUPLEX.value:
+            raise FailedPrecondition(f"pair {pair.name!r} is {theirs or 'not known yet'} at system {pair.peer_id}; "
+                                     "a backup needs it DUPLEX at both ends")

@@ -47,7 +47,7 @@ class Frame:
 
     seq: int
     offset: int
-    data: bytes
+    data: bytes | memoryview
     zero_length: int = 0
     flush: bool = False
     resync: bool = False
@@ -65,7 +65,7 @@ def encoded_size(entry: Entry) -> int:
 
 def encode(entries: Iterable[Entry]) -> bytes:
     """Pack entries (none a backup marker) into one buffer, in order."""
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     pack = HEADER.pack
     for e in entries:
         if e.marker is not None:
@@ -80,14 +80,16 @@ def encode(entries: Iterable[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def decode(buf: bytes, max_entries: int) -> list[Frame]:
+def decode(buf: bytes | memoryview, max_entries: int) -> list[Frame]:
     """The entries of a packed batch, in order.
 
-    Raises :class:`FramingError` for a truncated header or payload, unknown
-    flags, an entry with both data and a zero run, or more than
-    ``max_entries`` entries.
+    The payloads are views of ``buf`` (no copy).  Raises
+    :class:`FramingError` for a truncated header or payload, unknown flags,
+    an entry with both data and a zero run, or more than ``max_entries``
+    entries.
     """
     frames: list[Frame] = []
+    buf = memoryview(buf)
     pos = 0
     end = len(buf)
     size = HEADER.size

@@ -22,6 +22,7 @@ from ..errors import SplitmirrorError, Unavailable, from_status
 from ..tls import TlsFiles, system_host_name
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
+from .commands import CommandBatcher
 
 log = logging.getLogger("splitmirror.link")
 
@@ -71,6 +72,8 @@ class PeerLink:
         self.keepalive_channel = self._channel(address, tls, max_message, [("grpc.use_local_subchannel_pool", 1)])
         self.keepalive_stub = ic_grpc.InterconnectStub(self.keepalive_channel)
         self.stub = ic_grpc.InterconnectStub(self.channel)
+        #: Pair commands to the peer, many in one call (a mass recovery).
+        self.commands = CommandBatcher(self.stub, self.metadata, timeout, peer_id)
         self.up: bool | None = None  # None: not known yet
         self.reason = ""
         self._on_up = on_up
@@ -109,6 +112,7 @@ class PeerLink:
                 await self._task
         for task in list(self._callbacks):
             task.cancel()
+        await self.commands.close()
         await self.channel.close(grace=None)
         await self.keepalive_channel.close(grace=None)
 
@@ -133,6 +137,16 @@ class PeerLink:
             log.info("peer %d at %s stopped cleanly (it said goodbye); its pairs wait for it to return",
                      self.peer_id, self.address)
             self._notify(self._on_down)
+
+    def heard_from(self) -> None:
+        """The peer called us: it is alive, whatever our keepalive's channel
+        to it says.  A peer restarted within the link timeout drives its
+        recovery while our keepalive reconnects to its new process; without
+        this, the timeout ran out in the middle of that recovery and every
+        pair with the peer was suspended again.  A link already lost comes
+        back only by a keepalive answer (which runs the reconnect handling)."""
+        if self.up is not False:
+            self._last_ok = max(self._last_ok, time.monotonic())
 
     def suspect(self, reason: str) -> None:
         """A stream to this peer broke: treat it as lost until a keepalive
@@ -183,9 +197,10 @@ class PeerLink:
             self.peer_roles_digest = b""  # not the list we hold: ask for it in full next time
 
     async def command(self, request: ic.PairCommandRequest) -> ic.MirrorState:
-        reply: ic.MirrorState = await self.stub.PairCommand(request, metadata=self.metadata,
-                                                            timeout=self.timeout)
-        return reply
+        """The peer's answer to a pair command, sent with the others issued at
+        the same moment (raises AioRpcError for the call, SplitmirrorError for
+        the peer's refusal of this command)."""
+        return await self.commands.command(request)
 
     def read_tracks(self, pair: str, tracks: bytes) -> AsyncIterator[ic.TrackData]:
         call = self.stub.ReadTracks(ic.ReadTracksRequest(pair=pair, tracks=tracks), metadata=self.metadata)

@@ -42,7 +42,7 @@ class GroupCut:
 class Entry:
     seq: int
     offset: int
-    data: bytes
+    data: bytes | memoryview
     zero_length: int = 0
     flush: bool = False
     resync: bool = False
@@ -73,7 +73,7 @@ class ReplicationQueue:
         self._inflight: collections.deque[Entry] = collections.deque()
         self.queued_bytes = 0  # unacknowledged payload bytes (unsent + in flight)
 
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+    def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None, cut: GroupCut | None = None) -> Entry:
         entry = Entry(self.next_seq, offset, data, zero_length, flush, resync, time.monotonic(), marker, cut)
         self.next_seq += 1

@@ -55,7 +55,7 @@ class ReplicationStream:
         self._flush_again = False
 
     # -- producer side ------------------------------------------------------
-    def push(self, offset: int, data: bytes = b"", *, zero_length: int = 0, flush: bool = False,
+    def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
              resync: bool = False, marker: BackupMarker | None = None,
              cut: GroupCut | None = None) -> asyncio.Future[bool]:
         """Queue one entry now (its sequence number is taken here).
@@ -129,7 +129,9 @@ class ReplicationStream:
                     reason = "link error: stream ended by peer"
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
-                    if not isinstance(exc, TimeoutError):
+                    if isinstance(exc, ConnectionError):  # the peer ended the call: a link event, not a bug here
+                        log.warning("pair %s: %s", self.pair, reason)
+                    elif not isinstance(exc, TimeoutError):
                         log.error("pair %s: replication stream error", self.pair, exc_info=exc)
         finally:
             for task in (sender, receiver, watchdog):

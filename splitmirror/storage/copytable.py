@@ -4,8 +4,10 @@ One row per pair per volume end held by this storage system, the volumes
 themselves, the pending bitmaps (a compacted blob plus appended runs so that
 newly set bits are durable with one small insert), and the write-intent
 extents.  All calls run on one dedicated thread so that SQLite never stalls
-the event loop; concurrent callers of :meth:`add_runs` share one
-transaction (group commit).
+the event loop (:mod:`splitmirror.storage.sqlthread`); rows, bitmaps and
+events saved at once share one transaction, concurrent callers of
+:meth:`add_runs` share one too, and callers of ``sync`` at once share one
+fsync (group commit).
 
 Durability follows the volumes' own contract.  Commits go to the WAL with
 ``synchronous=NORMAL``: they survive a crash of the daemon (``kill -9``) at
@@ -18,21 +20,16 @@ flush on the write path.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
-import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TypeVar
 
-from ..eventsink import Event
 from ..status import PairStatus
 from .bitmap import TrackBitmap
+from .eventrows import EventRows
 from .scopes import intent_scopes
-
-T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -157,81 +154,6 @@ class PairRow:
         return (self.name, self.volume)
 
 
-# -- events ------------------------------------------------------------------------
-#: Event fields kept in the row's JSON body (the others have their own columns).
-_EVENT_BODY = tuple(f.name for f in dataclasses.fields(Event) if f.name not in ("seq", "timestamp", "kind", "pair"))
-
-
-def _event_row(e: Event) -> tuple[int, float, str, str, str]:
-    body = {name: getattr(e, name) for name in _EVENT_BODY if getattr(e, name)}
-    return (e.seq, e.timestamp, e.kind, e.pair, json.dumps(body, separators=(",", ":")))
-
-
-def _event(row: tuple[int, float, str, str, str]) -> Event:
-    body = json.loads(row[4])
-    return Event(seq=row[0], timestamp=row[1], kind=row[2], pair=row[3],
-                 **{k: v for k, v in body.items() if k in _EVENT_BODY})
-
-
-class EventRows:
-    """The event history in the copy table (mixed into :class:`CopyTable`)."""
-
-    _executor: concurrent.futures.ThreadPoolExecutor
-    _loop: asyncio.AbstractEventLoop | None
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        raise NotImplementedError
-
-    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        raise NotImplementedError
-
-    def submit_events(self, events: list[Event]) -> asyncio.Future[None]:
-        """Queue the insert now, without an await: it commits before any call
-        made after this one (one SQLite thread, first come first served)."""
-        rows = [_event_row(e) for e in events]
-        assert self._loop is not None, "copy table not open"
-        return self._loop.run_in_executor(self._executor, self._run, lambda db: db.executemany(
-            "INSERT OR REPLACE INTO events(seq, timestamp, kind, pair, body) VALUES (?, ?, ?, ?, ?)", rows))
-
-    async def last_event_seq(self) -> int:
-        def q(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT MAX(seq) FROM events").fetchone()
-            return int(row[0] or 0)
-
-        return await self._call(q)
-
-    async def first_event_seq(self) -> int:
-        def q(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT MIN(seq) FROM events").fetchone()
-            return int(row[0] or 0)
-
-        return await self._call(q)
-
-    async def events_after(self, seq: int, limit: int) -> list[Event]:
-        def q(db: sqlite3.Connection) -> list[Event]:
-            rows = db.execute("SELECT seq, timestamp, kind, pair, body FROM events WHERE seq > ? ORDER BY seq"
-                              " LIMIT ?", (seq, limit))
-            return [_event(r) for r in rows]
-
-        return await self._call(q)
-
-    async def latest_events(self, kinds: tuple[str, ...]) -> list[Event]:
-        """The newest event of each pair among ``kinds``."""
-        marks = ", ".join("?" * len(kinds))
-
-        def q(db: sqlite3.Connection) -> list[Event]:
-            rows = db.execute(
-                "SELECT seq, timestamp, kind, pair, body FROM events WHERE seq IN (SELECT MAX(seq) FROM events"
-                f" WHERE kind IN ({marks}) AND pair != '' GROUP BY pair) ORDER BY seq", kinds)
-            return [_event(r) for r in rows]
-
-        return await self._call(q)
-
-    async def trim_events(self, keep_after: int) -> None:
-        """Forget the events up to ``keep_after`` (the history is bounded)."""
-        await self._call(lambda db: db.execute("DELETE FROM events WHERE seq <= ?", (keep_after,)))
-
-
 def _add_columns(db: sqlite3.Connection) -> None:
     """Columns newer than a copy table made by an earlier release."""
     have = {str(r[1]) for r in db.execute("PRAGMA table_info(pairs)")}
@@ -245,88 +167,18 @@ class CopyTable(EventRows):
     """Asynchronous front of the SQLite database ``DATA_DIR/copytable.sqlite``."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="copytable")
-        self._db: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(path, "copytable")
         self._pending_runs: list[tuple[str, str, int, int]] = []
         self._commit_future: asyncio.Future[None] | None = None  # the commit writers join
         self._pending_intent: list[tuple[str, int]] = []
         self._intent_future: asyncio.Future[None] | None = None  # the intent commit writers join
-        self._changes = 0  # rows changed by the commits so far
-        self._synced = -1  # ... when the WAL was last made durable
-
-    @property
-    def is_open(self) -> bool:
-        return self._db is not None and self._loop is not None
-
-    # -- plumbing ---------------------------------------------------------
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, fn)
-
-    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._db is None:
-            raise RuntimeError(f"copy table {self.path} is closed")
-        with self._db:
-            result = fn(self._db)
-        self._changes = self._db.total_changes  # committed: sync() has work to do
-        if isinstance(result, sqlite3.Cursor):
-            # Never let a cursor reach the event loop thread: finalizing its
-            # statement there races with this thread (SQLITE_MISUSE).
-            result.close()
-            return None  # type: ignore[return-value]
-        return result
 
     async def open(self) -> None:
-        def connect() -> sqlite3.Connection:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level="DEFERRED")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+        def schema(db: sqlite3.Connection) -> None:
             db.executescript(SCHEMA)
             _add_columns(db)
-            return db
 
-        loop = asyncio.get_running_loop()
-        self._db = await loop.run_in_executor(self._executor, connect)
-        self._loop = loop
-        self._changes, self._synced = 0, -1
-
-    async def sync(self) -> None:
-        """Make every commit so far durable against power loss (fsync the WAL)."""
-
-        def fsync_wal() -> None:
-            wal = Path(f"{self.path}-wal")
-            try:
-                fd = os.open(wal, os.O_RDONLY)
-            except FileNotFoundError:
-                return  # checkpointed and truncated: the database file is synced
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        # Nothing committed since the last sync: the WAL is durable already
-        # (a host FLUSH with no new pair or bitmap change costs no fsync).
-        changes = self._changes
-        if changes == self._synced:
-            return
-        # Not on the SQLite thread: commits made meanwhile need not wait for
-        # the disk, and everything committed before this call is in the WAL.
-        await asyncio.to_thread(fsync_wal)
-        self._synced = max(self._synced, changes)
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self._db is not None:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._db.close()
-                self._db = None
-
-        self._loop = None
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)
+        await self._connect(schema)
 
     # -- meta ---------------------------------------------------------------
     async def get_meta(self, key: str) -> str | None:
@@ -388,13 +240,13 @@ class CopyTable(EventRows):
     async def save_pair(self, row: PairRow) -> None:
         await self.save_pairs([row])
 
-    async def save_pairs(self, rows: list[PairRow]) -> None:
-        """Save rows in one transaction."""
+    async def save_pairs(self, rows: Iterable[PairRow]) -> None:
+        """Save pair rows (in the group commit of the moment)."""
         values = [(row.name, row.volume, row.copy_type, row.pair_system_id, row.mirror_volume,
                    int(row.primary), row.status.value, row.mode, row.group, row.split_time, row.reason,
                    row.direction, row.backup_time, row.backup_seq, row.epoch, row.role.to_json(), row.applied_seq)
                   for row in rows]
-        await self._call(lambda db: db.executemany(
+        await self._grouped(lambda db: db.executemany(
             "INSERT OR REPLACE INTO pairs(name, volume, copy_type, pair_system_id, mirror_volume,"
             " is_primary, status, mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role,"
             " applied_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
@@ -428,7 +280,7 @@ class CopyTable(EventRows):
                        (pair, volume, blob))
             db.execute("DELETE FROM bitmap_runs WHERE pair=? AND volume=?", (pair, volume))
 
-        await self._call(q)
+        await self._grouped(q)
 
     async def add_runs(self, pair: str, volume: str, runs: Iterable[tuple[int, int]]) -> None:
         """Durably add set bits; returns once they are committed.
@@ -479,7 +331,10 @@ class CopyTable(EventRows):
             "INSERT OR IGNORE INTO intent(volume, extent) VALUES (?, ?)", batch))
 
     async def remove_intent(self, volume: str, extents: Iterable[int]) -> None:
-        rows = [(volume, e) for e in extents]
+        await self.remove_intents([(volume, e) for e in extents])
+
+    async def remove_intents(self, rows: list[tuple[str, int]]) -> None:
+        """Forget ``(volume scope, extent)`` records, in one transaction."""
         await self._call(lambda db: db.executemany(
             "DELETE FROM intent WHERE volume=? AND extent=?", rows))
 

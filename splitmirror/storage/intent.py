@@ -131,20 +131,20 @@ class IntentLog:
         """Forget extents idle for ``idle_seconds``; returns how many."""
         limit = self.idle_seconds if idle_seconds is None else idle_seconds
         now = time.monotonic()
-        cleared = 0
         if self.before_clear is not None and any(
                 s.inflight == 0 and now - s.last_use >= limit and s.recorded.done()
                 for hot in self._hot.values() for s in hot.values()):
             await self.before_clear()
+        rows = []
         for volume, hot in list(self._hot.items()):
             cold = [e for e, s in hot.items()
                     if s.inflight == 0 and now - s.last_use >= limit and s.recorded.done()]
-            if cold:
-                for e in cold:
-                    del hot[e]
-                await self.table.remove_intent(volume, cold)
-                cleared += len(cold)
-        return cleared
+            for e in cold:
+                del hot[e]
+                rows.append((volume, e))
+        if rows:
+            await self.table.remove_intents(rows)  # every volume's in one commit
+        return len(rows)
 
     async def _cool(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,6 +86,12 @@ def validate_geometry(name: str, size: int, track_size: int) -> None:
     if size % track_size:
         raise InvalidArgument(
             f"volume {name!r}: size {size} is not a multiple of the track size {track_size}")
+
+
+@functools.cache
+def zero_track_digest(track_size: int) -> bytes:
+    """xxh3-64 of a track of zeroes (a track inside a hole)."""
+    return xxhash.xxh3_64_digest(bytes(track_size))
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -242,16 +249,46 @@ class Volume:
             out += await loop.run_in_executor(VERIFY_POOL, self.track_digests, start, n)
         return bytes(out)
 
-    def track_digests(self, first: int, count: int) -> bytes:
-        """xxh3-64 of each track, 8 bytes big endian each (online verify)."""
+    def data_runs(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The runs ``(first, count)`` of tracks ``first..first+count-1`` that
+        hold data: a track wholly inside a hole is all zeroes, unread."""
         ts = self.track_size
-        out = bytearray()
+        runs: list[tuple[int, int]] = []
+        for offset, length in self.allocated_ranges(first * ts, (first + count) * ts):
+            start, stop = offset // ts, -(-(offset + length) // ts)
+            if runs and runs[-1][0] + runs[-1][1] >= start:
+                start = runs[-1][0]
+                runs.pop()
+            runs.append((start, min(stop, first + count) - start))
+        return runs
+
+    def sparse_read(self, first: int, count: int) -> tuple[memoryview, list[tuple[int, int]]]:
+        """Tracks ``first..first+count-1``, reading only those that hold data
+        (:meth:`data_runs`, also returned); holes come back as zeroes."""
+        ts = self.track_size
+        runs = self.data_runs(first, count)
+        buf = bytearray(count * ts)
+        view = memoryview(buf)
+        for start, n in runs:
+            data = self.pread(start * ts, n * ts)
+            view[(start - first) * ts:(start - first + n) * ts] = data
+        return view, runs
+
+    def track_digests(self, first: int, count: int) -> bytes:
+        """xxh3-64 of each track, 8 bytes big endian each (online verify, resync).
+
+        Tracks inside holes are not read: their digest is the zero track's."""
+        ts = self.track_size
+        zero = zero_track_digest(ts)
+        out = bytearray(zero * count)
         per_read = max(1, (4 << 20) // ts)
-        for start in range(first, first + count, per_read):
-            n = min(per_read, first + count - start)
-            data = memoryview(self.pread(start * ts, n * ts))
-            for i in range(n):
-                out += xxhash.xxh3_64_digest(data[i * ts:(i + 1) * ts])
+        for start, n in self.data_runs(first, count):
+            for at in range(start, start + n, per_read):
+                k = min(per_read, start + n - at)
+                data = memoryview(self.pread(at * ts, k * ts))
+                for i in range(k):
+                    pos = 8 * (at - first + i)
+                    out[pos:pos + 8] = xxhash.xxh3_64_digest(data[i * ts:(i + 1) * ts])
         return bytes(out)
 
     # -- asynchronous front ---------------------------------------------------
@@ -292,7 +329,7 @@ class Volume:
     async def flush(self) -> None:
         await self.run(self.fdatasync)
 
-    async def apply(self, entries: Sequence[tuple[int, bytes, int]]) -> None:
+    async def apply(self, entries: Sequence[tuple[int, bytes | memoryview, int]]) -> None:
         """Apply ``(offset, data, zero_length)`` entries in order, in one hop."""
 
         def apply_all() -> None:

@@ -759,6 +759,8 @@ class Generation(_message.Message):
     CHECK_TIME_FIELD_NUMBER: _builtins.int
     CHECK_SECONDS_FIELD_NUMBER: _builtins.int
     CHECK_REASON_FIELD_NUMBER: _builtins.int
+    READ_REFUSALS_FIELD_NUMBER: _builtins.int
+    READ_REFUSAL_FIELD_NUMBER: _builtins.int
     remote_pair: _builtins.str
     local_pair: _builtins.str
     svol: _builtins.str
@@ -775,6 +777,12 @@ class Generation(_message.Message):
     check_time: _builtins.str
     check_seconds: _builtins.float
     check_reason: _builtins.str
+    read_refusals: _builtins.int
+    """Host reads of its SVOL refused because a track no longer matched the
+    backup's receipt, since the daemon started (at the secondary), and the
+    newest refusal (it names the generation, the track and the SVOL).
+    """
+    read_refusal: _builtins.str
     def __init__(
         self,
         *,
@@ -789,10 +797,12 @@ class Generation(_message.Message):
         check_time: _builtins.str = ...,
         check_seconds: _builtins.float = ...,
         check_reason: _builtins.str = ...,
+        read_refusals: _builtins.int = ...,
+        read_refusal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "check_reason", b"check_reason", "check_seconds", b"check_seconds", "check_time", b"check_time", "check_verdict", b"check_verdict", "local_pair", b"local_pair", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_time", b"backup_time", "changed_tracks", b"changed_tracks", "check_reason", b"check_reason", "check_seconds", b"check_seconds", "check_time", b"check_time", "check_verdict", b"check_verdict", "local_pair", b"local_pair", "read_refusal", b"read_refusal", "read_refusals", b"read_refusals", "remote_pair", b"remote_pair", "sequence", b"sequence", "status", b"status", "svol", b"svol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -618,6 +618,85 @@ class PairCommandRequest(_message.Message):
 Global___PairCommandRequest: _TypeAlias = PairCommandRequest  # noqa: Y015
 
 @_typing.final
+class PairCommandsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairCommandRequest]:
+        """at most 4096; a pair's commands run in this order"""
+
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___PairCommandRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCommandsRequest: _TypeAlias = PairCommandsRequest  # noqa: Y015
+
+@_typing.final
+class PairCommandResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NOT_RUN_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code of this command (0: OK)"""
+    error: _builtins.str
+    not_run: _builtins.bool
+    """The command was not run: the reply would have grown beyond its bound
+    (pending bitmaps); send it again.
+    """
+    @_builtins.property
+    def state(self) -> Global___MirrorState:
+        """when code is 0"""
+
+    def __init__(
+        self,
+        *,
+        state: Global___MirrorState | None = ...,
+        code: _builtins.int = ...,
+        error: _builtins.str = ...,
+        not_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "not_run", b"not_run", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCommandResult: _TypeAlias = PairCommandResult  # noqa: Y015
+
+@_typing.final
+class PairCommandsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairCommandResult]:
+        """one per command, in order"""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PairCommandResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairCommandsReply: _TypeAlias = PairCommandsReply  # noqa: Y015
+
+@_typing.final
 class MirrorState(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

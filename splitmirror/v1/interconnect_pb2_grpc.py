@@ -49,6 +49,11 @@ class InterconnectStub:
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.PairCommandRequest.SerializeToString,
                 response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.MirrorState.FromString,
                 _registered_method=True)
+        self.PairCommands = channel.unary_unary(
+                '/splitmirror.v1.Interconnect/PairCommands',
+                request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.PairCommandsRequest.SerializeToString,
+                response_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.PairCommandsReply.FromString,
+                _registered_method=True)
         self.Replicate = channel.stream_stream(
                 '/splitmirror.v1.Interconnect/Replicate',
                 request_serializer=splitmirror_dot_v1_dot_interconnect__pb2.ReplicateBatch.SerializeToString,
@@ -111,6 +116,14 @@ class InterconnectServicer:
     def PairCommand(self, request, context):
         """Status commands from the primary end: split, suspend, resync begin/end,
         delete, bitmap exchange.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PairCommands(self, request, context):
+        """Many pair commands in one call (a mass recovery: a thousand pairs
+        reconciled, resynced, done): each answered on its own, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +201,11 @@ def add_InterconnectServicer_to_server(servicer, server):
                     servicer.PairCommand,
                     request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.PairCommandRequest.FromString,
                     response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.MirrorState.SerializeToString,
+            ),
+            'PairCommands': grpc.unary_unary_rpc_method_handler(
+                    servicer.PairCommands,
+                    request_deserializer=splitmirror_dot_v1_dot_interconnect__pb2.PairCommandsRequest.FromString,
+                    response_serializer=splitmirror_dot_v1_dot_interconnect__pb2.PairCommandsReply.SerializeToString,
             ),
             'Replicate': grpc.stream_stream_rpc_method_handler(
                     servicer.Replicate,
@@ -311,6 +329,33 @@ class Interconnect:
             '/splitmirror.v1.Interconnect/PairCommand',
             splitmirror_dot_v1_dot_interconnect__pb2.PairCommandRequest.SerializeToString,
             splitmirror_dot_v1_dot_interconnect__pb2.MirrorState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PairCommands(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitmirror.v1.Interconnect/PairCommands',
+            splitmirror_dot_v1_dot_interconnect__pb2.PairCommandsRequest.SerializeToString,
+            splitmirror_dot_v1_dot_interconnect__pb2.PairCommandsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class InterconnectStub:
     """Status commands from the primary end: split, suspend, resync begin/end,
     delete, bitmap exchange.
     """
+    PairCommands: _grpc.UnaryUnaryMultiCallable[_interconnect_pb2.PairCommandsRequest, _interconnect_pb2.PairCommandsReply]
+    """Many pair commands in one call (a mass recovery: a thousand pairs
+    reconciled, resynced, done): each answered on its own, in order.
+    """
     Replicate: _grpc.StreamStreamMultiCallable[_interconnect_pb2.ReplicateBatch, _interconnect_pb2.ReplicateAck]
     """Ordered write stream: host writes, flushes and resync tracks, each with
     a sequence number; acknowledged in order.
@@ -70,6 +74,10 @@ class InterconnectAsyncStub(InterconnectStub):
     PairCommand: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.PairCommandRequest, _interconnect_pb2.MirrorState]  # type: ignore[assignment]
     """Status commands from the primary end: split, suspend, resync begin/end,
     delete, bitmap exchange.
+    """
+    PairCommands: _aio.UnaryUnaryMultiCallable[_interconnect_pb2.PairCommandsRequest, _interconnect_pb2.PairCommandsReply]  # type: ignore[assignment]
+    """Many pair commands in one call (a mass recovery: a thousand pairs
+    reconciled, resynced, done): each answered on its own, in order.
     """
     Replicate: _aio.StreamStreamMultiCallable[_interconnect_pb2.ReplicateBatch, _interconnect_pb2.ReplicateAck]  # type: ignore[assignment]
     """Ordered write stream: host writes, flushes and resync tracks, each with
@@ -113,6 +121,16 @@ class InterconnectServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_interconnect_pb2.MirrorState, _abc.Awaitable[_interconnect_pb2.MirrorState]]:
         """Status commands from the primary end: split, suspend, resync begin/end,
         delete, bitmap exchange.
+        """
+
+    @_abc_1.abstractmethod
+    def PairCommands(
+        self,
+        request: _interconnect_pb2.PairCommandsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_interconnect_pb2.PairCommandsReply, _abc.Awaitable[_interconnect_pb2.PairCommandsReply]]:
+        """Many pair commands in one call (a mass recovery: a thousand pairs
+        reconciled, resynced, done): each answered on its own, in order.
         """
 
     @_abc_1.abstractmethod
