@@ -20,7 +20,7 @@ from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
 from ..errors import InvalidArgument, NotFound
 from ..pairstate.pair import MODES, EndRole, Pair
-from ..replication.framing import SequenceCheck
+from ..replication.framing import Frame, SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
@@ -203,6 +203,13 @@ class PairManager:
 
     async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
         return await self.mirror_end.apply(pair, batch, sequence)
+
+    async def mirror_apply_frames(self, pair: Pair, frames: list[Frame], sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply_frames(pair, frames, sequence)
+
+    async def mirror_refuse_stream(self, pair: Pair, why: str) -> None:
+        self.mirror_end.check_mirroring(pair)
+        await self.mirror_end.refuse_stream(pair, why)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)

@@ -165,6 +165,14 @@ class MirrorEnd:
         or reach outside the volume, suspends the pair here: what came
         before the break is applied, nothing after it.
         """
+        self.check_mirroring(pair)
+        try:
+            frames = frames_of(batch, MAX_BATCH_ENTRIES)
+        except FramingError as exc:
+            await self.refuse_stream(pair, f"malformed batch ({exc})")
+        return await self.apply_frames(pair, frames, sequence)
+
+    def check_mirroring(self, pair: Pair) -> None:
         if pair.mirror is None:  # taken over meanwhile
             raise FailedPrecondition(f"pair {pair.name!r} has no mirror end on system {self.system.system_id} any "
                                      "more; replicated writes are not accepted")
@@ -173,11 +181,12 @@ class MirrorEnd:
             # end suspended itself: applying it would fake host writes here.
             raise FailedPrecondition(f"pair {pair.name!r} is {pair.status.value} on system "
                                      f"{self.system.system_id}; replicated writes are not accepted")
+
+    async def apply_frames(self, pair: Pair, frames: list[Frame], sequence: SequenceCheck) -> int:
+        """:meth:`apply` for entries already decoded (the data connection's batches)."""
+        self.check_mirroring(pair)
+        assert pair.mirror is not None
         vol = pair.mirror.volume
-        try:
-            frames = frames_of(batch, MAX_BATCH_ENTRIES)
-        except FramingError as exc:
-            await self._refuse_stream(pair, f"malformed batch ({exc})")
         good, why = len(frames), ""
         for i, f in enumerate(frames):
             why = sequence.accept(f.seq)
@@ -193,10 +202,10 @@ class MirrorEnd:
         if good:
             pair.applied_seq = frames[good - 1].seq
         if why:
-            await self._refuse_stream(pair, why)
+            await self.refuse_stream(pair, why)
         return frames[-1].seq if frames else 0
 
-    async def _refuse_stream(self, pair: Pair, why: str) -> NoReturn:
+    async def refuse_stream(self, pair: Pair, why: str) -> NoReturn:
         """Suspend the pair here and end the stream: nothing more is applied."""
         self.context.set_status(pair, PairOp.FAULT, "stream-refused")
         await self.system.save_rows(pair)
