@@ -63,18 +63,21 @@ def encoded_size(entry: Entry) -> int:
     return HEADER.size + len(entry.data)
 
 
+def entry_header(e: Entry) -> bytes:
+    """The packed header of one entry (its payload follows it); every packer uses this one."""
+    if e.cut is not None:
+        return HEADER.pack(e.seq, e.cut.cut, 0, e.cut.members, CUT)
+    flags = (FLUSH if e.flush else 0) | (RESYNC if e.resync else 0)
+    return HEADER.pack(e.seq, e.offset, len(e.data), e.zero_length, flags)
+
+
 def encode(entries: Iterable[Entry]) -> bytes:
     """Pack entries (none a backup marker) into one buffer, in order."""
     parts: list[bytes | memoryview] = []
-    pack = HEADER.pack
     for e in entries:
         if e.marker is not None:
             raise ValueError(f"entry {e.seq} is a backup marker; markers are not packed")
-        if e.cut is not None:
-            parts.append(pack(e.seq, e.cut.cut, 0, e.cut.members, CUT))
-            continue
-        flags = (FLUSH if e.flush else 0) | (RESYNC if e.resync else 0)
-        parts.append(pack(e.seq, e.offset, len(e.data), e.zero_length, flags))
+        parts.append(entry_header(e))
         if e.data:
             parts.append(e.data)
     return b"".join(parts)
