@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
+from typing import TypeVar
 
 from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2
@@ -17,7 +18,9 @@ from .output import Output, WaitReporter, progress_interval
 
 __all__ = ["backup", "backups", "check", "schedule", "verify"]
 
-#: Seconds between looks at a running backup verify's progress.
+_T = TypeVar("_T")
+
+#: Seconds between looks at a running backup verify's or check's progress.
 VERIFY_POLL = 0.5
 
 
@@ -78,13 +81,15 @@ def _generation_row(gen: host_pb2.Generation, track_size: int,
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:
-    listing = await client.backup_listing(args.name)
+    if bool(args.name) == bool(args.group):
+        raise SplitmirrorError("backups: name a remote pair or give --group, not both")
+    listing = await (client.group_backup_listing(args.group) if args.group else client.backup_listing(args.name))
     gens = list(listing.generations)
     if out.as_json:
         # A list of generations; schedules (at the primary) in their own command's JSON.
         out.json([generation_json(g) for g in gens])
         return
-    out.show(generations_table(gens))
+    out.show(generations_table(gens, with_pair=bool(args.group)))
     if listing.schedules:
         out.text("")
         out.show(schedules_table(listing.schedules))
@@ -122,9 +127,26 @@ async def schedule(client: Client, args: argparse.Namespace, out: Output) -> Non
         out.show(schedules_table(found))
 
 
+async def _watch_generation(client: Client, generation: str, what: str, out: Output, work: Awaitable[_T]) -> _T:
+    """Run ``work`` while showing the generation's activity (a verify, or a check's step):
+    a bar on a terminal, a line every few seconds otherwise, progress objects with --json."""
+    task = asyncio.ensure_future(work)
+    with WaitReporter(out, f"{what} {generation}") as reporter:
+        while not task.done():
+            await asyncio.wait({task}, timeout=VERIFY_POLL)
+            if task.done():
+                break
+            with contextlib.suppress(ClientError):  # progress is a courtesy: the command's answer decides
+                for row in await client.display_pairs(generation):
+                    if row.activity:
+                        reporter(row)
+    return task.result()
+
+
 async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup check GENERATION``: a failed verdict exits with status 1."""
-    report = await client.check_backup(args.generation, args.probe, args.probe_timeout)
+    report = await _watch_generation(client, args.generation, "check", out,
+                                     client.check_backup(args.generation, args.probe, args.probe_timeout))
     if out.as_json:
         out.json(check_json(report))
     else:
@@ -139,17 +161,7 @@ async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup verify GENERATION``: a mismatch exits with status 1."""
-    task = asyncio.ensure_future(client.verify_backup(args.generation))
-    with WaitReporter(out, f"verify {args.generation}") as reporter:
-        while not task.done():
-            await asyncio.wait({task}, timeout=VERIFY_POLL)
-            if task.done():
-                break
-            with contextlib.suppress(ClientError):  # progress is a courtesy: the verify's answer decides
-                for row in await client.display_pairs(args.generation):
-                    if row.activity == "verify":
-                        reporter(row)
-    r = task.result()
+    r = await _watch_generation(client, args.generation, "verify", out, client.verify_backup(args.generation))
     if out.as_json:
         out.json({"generation": r.generation, "svol": r.svol, "sequence": int(r.sequence),
                   "backup_time": r.backup_time, "root": r.root, "root_ok": r.root_ok, "signature": r.signature,

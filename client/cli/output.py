@@ -131,7 +131,7 @@ class WaitReporter:
     def __init__(self, out: Output, name: str) -> None:
         self.out = out
         self.name = name
-        self._last: tuple[str, float | None] | None = None
+        self._last: tuple[str, str, float | None] | None = None
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._lines: LineTicker | None = None
@@ -177,7 +177,7 @@ class WaitReporter:
         elif self._lines is not None:
             self._lines((row.status, row.activity), progress_text(row))
         elif self.out.as_json:
-            key = (row.status, round(row.progress, 1) if row.has_progress else None)
+            key = (row.status, row.activity, round(row.progress, 1) if row.has_progress else None)
             if key != self._last:
                 self._last = key
                 self.out.stderr.write(json.dumps(progress_json(row)) + "\n")
