@@ -25,7 +25,7 @@ from ..v1 import interconnect_pb2 as ic
 from .datalink import LinkError
 from .framing import encode
 from .link import Counters, PeerLink
-from .queue import BackupMarker, Entry, ReplicationQueue
+from .queue import BackupMarker, Entry, GroupCut, ReplicationQueue
 
 log = logging.getLogger("splitmirror.link")
 
@@ -59,7 +59,8 @@ class ReplicationStream:
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
+             resync: bool = False, marker: BackupMarker | None = None,
+             cut: GroupCut | None = None) -> asyncio.Future[bool]:
         """Queue one entry now (its sequence number is taken here).
 
         The future resolves True once the peer applied it, False when the
@@ -74,7 +75,8 @@ class ReplicationStream:
             waiter = self._waiters.get(last.seq)
             if waiter is not None:
                 return waiter
-        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
+        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker,
+                                cut=cut)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
         self._wakeup.set()
