@@ -223,6 +223,16 @@ async def test_group_schedule_backs_up_every_pair_at_one_point(sites: tuple[Site
                                             "v1-pair:v1-g1,v2-pair:v2-g1"]
         listing = await c.backup_listing("v2-pair")
         assert [s.group for s in listing.schedules] == ["db"] and listing.schedules[0].last_result == "done"
+        # backups --group: the generations of every pair of the group, and the group's schedule once.
+        gens = primary.cli_json("backups", "--group", "db")
+        assert sorted((g["remote_pair"], g["local_pair"]) for g in gens) == [
+            ("v1-pair", "v1-g1"), ("v1-pair", "v1-g2"), ("v2-pair", "v2-g1"), ("v2-pair", "v2-g2")]
+        text = primary.cli("backups", "--group", "db").stdout
+        assert "PAIR" in text and "v1-pair" in text and "v2-g2" in text and text.count("db-every-2s") == 1, text
+        nope = primary.cli("backups", "--group", "nope", check=False)
+        assert nope.returncode == 1 and "consistency group 'nope' has no remote pair" in nope.stderr, nope.stderr
+        both = primary.cli("backups", "v1-pair", "--group", "db", check=False)
+        assert both.returncode != 0 and "not both" in both.stderr, both.stderr
         await c.delete_schedule(group="db")
         for _ in range(20):  # a run in flight when the schedule was deleted may still finish
             times = [sorted(g.backup_time for g in await c.list_backups(p)) for p in ("v1-pair", "v2-pair")]

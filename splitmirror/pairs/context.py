@@ -17,6 +17,7 @@ from ..errors import NotFound
 from ..pairstate.pair import Pair
 from ..replication.link import PeerLink
 from ..status import PairOp
+from .group_point import GroupPoints
 from .settings import Settings
 from .transitions import apply_transition
 
@@ -33,6 +34,8 @@ class PairContext:
         self.links = links
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Mirror ends of async group pairs: pre-images since the group's last complete cut.
+        self.group_points = GroupPoints()
 
     # -- background tasks -------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -27,6 +27,7 @@ from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
 from .copying import Copier
 from .crash_recovery import recover_write_intent
+from .group_rollback import GroupRollback
 from .link_recovery import LinkRecovery
 from .mirror_batch import run_commands
 from .mirror_end import MirrorEnd
@@ -64,7 +65,9 @@ class PairManager:
         self.recovery = LinkRecovery(self.context, self.copying, self.resync, self.roles)
         self.primary_end = PrimaryEnd(self.context, self.copying, Verifier(self.context, self.resync),
                                       self.recovery.on_stream_failure)
-        self.mirror_end = MirrorEnd(self.context)
+        rollback = GroupRollback(self.context)
+        self.roles.roll_back = rollback.roll_back
+        self.mirror_end = MirrorEnd(self.context, rollback)
         self.swapping = Swap(self.context, self.roles, lambda pair, link: self.primary_end.attach_remote(pair, link))
         self._ends: dict[EndRole, EndCommands] = {EndRole.PRIMARY: self.primary_end,
                                                   EndRole.MIRROR: self.mirror_end}
@@ -108,6 +111,10 @@ class PairManager:
         for pair in self.system.pairs.values():
             if pair.channel is not None:
                 await pair.channel.close()
+        # The last sequence each mirror end applied: a takeover after the restart names it.
+        mirrors = [p.mirror.row for p in self.system.pairs.values() if p.mirror is not None and p.remote]
+        if mirrors:
+            await self.system.table.save_pairs(mirrors)
         await self.system.intent.stop()
         await self.system.intent.clear_idle(0)
 

@@ -25,7 +25,7 @@ from ..v1 import interconnect_pb2 as ic
 from .datalink import LinkError
 from .framing import encode
 from .link import Counters, PeerLink
-from .queue import BackupMarker, Entry, ReplicationQueue
+from .queue import BackupMarker, Entry, GroupCut, ReplicationQueue
 
 log = logging.getLogger("splitmirror.link")
 
@@ -59,7 +59,8 @@ class ReplicationStream:
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
+             resync: bool = False, marker: BackupMarker | None = None,
+             cut: GroupCut | None = None) -> asyncio.Future[bool]:
         """Queue one entry now (its sequence number is taken here).
 
         The future resolves True once the peer applied it, False when the
@@ -74,7 +75,8 @@ class ReplicationStream:
             waiter = self._waiters.get(last.seq)
             if waiter is not None:
                 return waiter
-        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
+        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker,
+                                cut=cut)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
         self._wakeup.set()
@@ -146,7 +148,7 @@ class ReplicationStream:
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
                     broken = isinstance(exc, TimeoutError)
-                    if isinstance(exc, ConnectionError):  # the peer ended the call: a link event, not a bug here
+                    if isinstance(exc, ConnectionError):  # the peer ended the call or the data channel: a link event
                         log.warning("pair %s: %s", self.pair, reason)
                     elif not isinstance(exc, TimeoutError):
                         log.error("pair %s: replication stream error", self.pair, exc_info=exc)

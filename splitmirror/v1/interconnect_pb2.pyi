@@ -157,9 +157,14 @@ class PrepareBackupRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     RING_FIELD_NUMBER: _builtins.int
+    CHOOSE_ONLY_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     generation: _builtins.str
     """empty: the ring's oldest"""
+    choose_only: _builtins.bool
+    """Only pick the generation (and refuse one being checked): nothing is resynced,
+    so a pre-backup hook that then fails leaves every generation as it was.
+    """
     @_builtins.property
     def ring(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """with no generation: only these local pairs (those of this pair)"""
@@ -170,10 +175,11 @@ class PrepareBackupRequest(_message.Message):
         pair: _builtins.str = ...,
         generation: _builtins.str = ...,
         ring: _abc.Iterable[_builtins.str] | None = ...,
+        choose_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "ring", b"ring"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choose_only", b"choose_only", "generation", b"generation", "pair", b"pair", "ring", b"ring"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
