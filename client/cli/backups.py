@@ -7,21 +7,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
 
 from splitmirror.errors import SplitmirrorError
 from splitmirror.v1 import host_pb2
 
 from ..library import Client, ClientError
 from ..render import backup_json, check_json, generation_json, generations_table, schedule_json, schedules_table
-from .output import Output, WaitReporter, progress_interval
+from .output import Output, WaitReporter, progress_interval, watch_activity
 
 __all__ = ["backup", "backups", "check", "schedule", "verify"]
 
-_T = TypeVar("_T")
-
-#: Seconds between looks at a running backup verify's or check's progress.
-VERIFY_POLL = 0.5
 
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -127,26 +122,10 @@ async def schedule(client: Client, args: argparse.Namespace, out: Output) -> Non
         out.show(schedules_table(found))
 
 
-async def _watch_generation(client: Client, generation: str, what: str, out: Output, work: Awaitable[_T]) -> _T:
-    """Run ``work`` while showing the generation's activity (a verify, or a check's step):
-    a bar on a terminal, a line every few seconds otherwise, progress objects with --json."""
-    task = asyncio.ensure_future(work)
-    with WaitReporter(out, f"{what} {generation}") as reporter:
-        while not task.done():
-            await asyncio.wait({task}, timeout=VERIFY_POLL)
-            if task.done():
-                break
-            with contextlib.suppress(ClientError):  # progress is a courtesy: the command's answer decides
-                for row in await client.display_pairs(generation):
-                    if row.activity:
-                        reporter(row)
-    return task.result()
-
-
 async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup check GENERATION``: a failed verdict exits with status 1."""
-    report = await _watch_generation(client, args.generation, "check", out,
-                                     client.check_backup(args.generation, args.probe, args.probe_timeout))
+    report = await watch_activity(client, args.generation, "check", out,
+                                 client.check_backup(args.generation, args.probe, args.probe_timeout))
     if out.as_json:
         out.json(check_json(report))
     else:
@@ -161,7 +140,7 @@ async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup verify GENERATION``: a mismatch exits with status 1."""
-    r = await _watch_generation(client, args.generation, "verify", out, client.verify_backup(args.generation))
+    r = await watch_activity(client, args.generation, "verify", out, client.verify_backup(args.generation))
     if out.as_json:
         out.json({"generation": r.generation, "svol": r.svol, "sequence": int(r.sequence),
                   "backup_time": r.backup_time, "root": r.root, "root_ok": r.root_ok, "signature": r.signature,

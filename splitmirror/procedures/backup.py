@@ -354,6 +354,7 @@ async def _fix_point(mgr: BackupManager, pairs: list[Pair], group: str, generati
     in sync after it passed: a failing pre-hook leaves every generation (and
     the backup it holds) as it was."""
     prepared = await _prepare(mgr, pairs, generation, ring, choose_only=bool(hooks.pre))
+    prepare_seconds = time.monotonic() - started
     env["SPLITMIRROR_GENERATION"] = ",".join(prep.generation for prep in prepared)
     env["SPLITMIRROR_SVOL"] = ",".join(prep.svol for prep in prepared)
     mgr.check_ready(pairs)
@@ -367,10 +368,11 @@ async def _fix_point(mgr: BackupManager, pairs: list[Pair], group: str, generati
             raise BackupCancelled(f"backup of {(group and f'group {group!r}') or f'pair {pairs[0].name!r}'} "
                                   f"cancelled: {problem}; no backup point was fixed and no generation changed")
         chosen = [prep.generation for prep in prepared]
+        synced = time.monotonic()
         prepared = [(await _prepare(mgr, [pair], gen, (), choose_only=False))[0]
                     for pair, gen in zip(pairs, chosen, strict=True)]
+        prepare_seconds += time.monotonic() - synced  # the time to bring them in sync, not the hook's
         mgr.check_ready(pairs)
-    prepare_seconds = time.monotonic() - started
     # One step of the event loop, no await: one point of the write order.
     backup_time = utc_now()
     markers = [BackupMarker(uuid.uuid4().hex, prep.generation, backup_time) for prep in prepared]

@@ -148,7 +148,7 @@ class ReplicationStream:
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
                     broken = isinstance(exc, TimeoutError)
-                    if isinstance(exc, ConnectionError):  # the peer ended the call: a link event, not a bug here
+                    if isinstance(exc, ConnectionError):  # the peer ended the call or the data channel: a link event
                         log.warning("pair %s: %s", self.pair, reason)
                     elif not isinstance(exc, TimeoutError):
                         log.error("pair %s: replication stream error", self.pair, exc_info=exc)
