@@ -94,11 +94,14 @@ def rotated(items: Sequence[Kind], r: int) -> list[Kind]:
 class Daemons:
     """primaryd + secondaryd with NBD, and the volumes of :data:`KINDS`."""
 
-    def __init__(self, base: Path, size: int, kinds: Sequence[Kind] = KINDS, link_timeout: float = 5.0) -> None:
+    def __init__(self, base: Path, size: int, kinds: Sequence[Kind] = KINDS, link_timeout: float = 5.0,
+                 grpc_stream: bool = False) -> None:
         self.size = size
         self.kinds = list(kinds)
         self.primary = Site("primary", 1001, base, link_timeout=link_timeout, nbd=True)
         self.secondary = Site("secondary", 2001, base, link_timeout=link_timeout, nbd=True)
+        if grpc_stream:
+            self.secondary.data_port = 0  # --data off: the write streams go over the gRPC Replicate call
         self.primary.peer_with(self.secondary)
 
     def start(self) -> None:
@@ -349,6 +352,7 @@ STAGES = (
     "stream decode (framing)",
     "stream decode (protobuf)",
     "Replicate handler, acks (mirror)",
+    "data connection (datalink, dataport)",
     "apply at the secondary",
     "ack handling",
     "write path (other)",
@@ -379,7 +383,8 @@ _SOURCE_RULES: tuple[tuple[str, str, str | None], ...] = (
     ("asyncio/streams.py", "", "NBD socket I/O (streams, uvloop)"),
     ("splitmirror/storage/ordering.py", "", "write ordering (RangeOrder)"),
     ("splitmirror/storage/intent.py", "", "write-intent log"),
-    ("splitmirror/storage/copytable.py", r"^sync$|fsync", "flush (fdatasync, WAL fsync)"),
+    ("splitmirror/storage/sqlthread.py", r"^sync$|fsync", "flush (fdatasync, WAL fsync)"),
+    ("splitmirror/storage/sqlthread.py", "", "copy table (SQLite)"),
     ("splitmirror/storage/copytable.py", "", "copy table (SQLite)"),
     ("splitmirror/storage/volume.py", r"fdatasync|^flush$", "flush (fdatasync, WAL fsync)"),
     ("splitmirror/storage/volume.py", r"^run$", "thread pool hop (executor)"),
@@ -400,13 +405,18 @@ _SOURCE_RULES: tuple[tuple[str, str, str | None], ...] = (
     ("splitmirror/replication/framing.py", "", "stream encode (framing)"),
     ("splitmirror/replication/stream.py", r"^push$", "stream enqueue (push, seq)"),
     ("splitmirror/replication/stream.py", r"^(_send|messages)$", "stream encode (framing)"),
-    ("splitmirror/replication/stream.py", r"^_receive$", "ack handling"),
+    ("splitmirror/replication/stream.py", r"^_acked_to$|^run$", "ack handling"),
+    ("splitmirror/replication/dataproto.py", r"^(batch|marker|ack|open_channel|hello|error)$",
+     "stream encode (framing)"),
+    ("splitmirror/replication/dataproto.py", "", "stream decode (framing)"),
+    ("splitmirror/replication/datalink.py", "", "data connection (datalink, dataport)"),
+    ("splitmirror/ports/dataport.py", "", "data connection (datalink, dataport)"),
     ("/splitmirror/replication/", "", "host API, keepalive, background"),
     ("splitmirror/pairstate/channel.py", r"^push$", "stream enqueue (push, seq)"),
     ("splitmirror/pairstate/pair.py", "", "write checks, pair lookups"),
     ("splitmirror/pairstate/index.py", "", "write checks, pair lookups"),
-    ("splitmirror/ports/interconnect.py", r"^_?[Rr]eplicate$", "Replicate handler, acks (mirror)"),
-    ("splitmirror/pairs/manager.py", r"^mirror_apply$", "apply at the secondary"),
+    ("splitmirror/ports/interconnect.py", r"^_?[Rr]eplicate$|^reader$", "Replicate handler, acks (mirror)"),
+    ("splitmirror/pairs/manager.py", r"^mirror_apply", "apply at the secondary"),
     ("splitmirror/pairs/mirror_end.py", r"apply|_backup_point", "apply at the secondary"),
     ("splitmirror/datapath/local_channel.py", "", "apply at the secondary"),  # SPVOL -> SVOL (a generation)
     ("splitmirror/datapath/writes.py", r"flush", "flush (fdatasync, WAL fsync)"),
@@ -596,6 +606,9 @@ def merge_costs(parts: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 def add_profile_args(parser: argparse.ArgumentParser, seconds: float) -> None:
+    parser.add_argument("--grpc-stream", action="store_true",
+                        help="the secondary offers no data port: write streams over the gRPC Replicate call "
+                             "(the path before the data port, for a before/after comparison)")
     group = parser.add_argument_group("profiling (after the measured rounds, not counted in the figures)")
     group.add_argument("--profile", metavar="DIR", type=Path,
                        help="profile both daemons with py-spy for each kind and print CPU us per request "

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import random
 import statistics
 import sys
 import tempfile
@@ -23,60 +21,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _backup_rig import GiB, pair_with_generations, qd1_writes, two_sites
+
 from client import Client
 from splitmirror.testing import Site
-
-MiB = 1 << 20
-GiB = 1 << 30
-
-
-class LatencyLog:
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []  # (start, duration)
-
-    def worst_between(self, start: float, end: float) -> float:
-        return max((d for s, d in self.samples if s + d >= start and s <= end), default=0.0)
-
-    def p99_outside(self, windows: list[tuple[float, float]]) -> float:
-        outside = [d for s, d in self.samples if not any(a <= s + d and s <= b for a, b in windows)]
-        return sorted(outside)[int(len(outside) * 0.99)] if outside else 0.0
-
-
-async def writer(c: Client, volume: str, size: int, stop: asyncio.Event, log: LatencyLog) -> None:
-    rng = random.Random(5)
-    payload = os.urandom(8192)
-    while not stop.is_set():
-        offset = rng.randrange(size // 8192) * 8192
-        started = time.monotonic()
-        await c.write(volume, offset, payload)
-        log.samples.append((started, time.monotonic() - started))
 
 
 async def measure(primary: Site, secondary: Site, label: str, size: int, rounds: int) -> dict[str, float]:
     name = f"vol{label}"
     async with Client(primary.address) as c:
-        await c.create_volume(name, size)
-        await c.write(name, 0, os.urandom(8 * MiB))
-        await c.create_pair(f"{name}-p", name, f"{name}-r", peer=2001)
-        await c.wait_pair(f"{name}-p", timeout=120)
-        for i in range(1, 4):
-            secondary.cli("pair", "create", f"{name}-g{i}", "--pvol", f"{name}-r", "--svol", f"{name}-s{i}", "--wait")
-        log = LatencyLog()
-        stop = asyncio.Event()
-        task = asyncio.create_task(writer(c, name, size, stop, log))
-        await asyncio.sleep(1.0)
-        latencies, prepares, stalls, windows = [], [], [], []
-        for _ in range(rounds):
-            started = time.monotonic()
-            reply = await c.backup(f"{name}-p", wait=True)
-            ended = time.monotonic()
-            windows.append((started, ended))
-            latencies.append(reply.latency_seconds)
-            prepares.append(reply.prepare_seconds)
-            stalls.append(log.worst_between(started, ended))
-            await asyncio.sleep(0.5)
-        stop.set()
-        await task
+        await pair_with_generations(c, secondary, name, size, generations=3)
+        async with qd1_writes(c, name, size) as log:
+            latencies, prepares, stalls, windows = [], [], [], []
+            for _ in range(rounds):
+                started = time.monotonic()
+                reply = await c.backup(f"{name}-p", wait=True)
+                ended = time.monotonic()
+                windows.append((started, ended))
+                latencies.append(reply.latency_seconds)
+                prepares.append(reply.prepare_seconds)
+                stalls.append(log.worst(started, ended))
+                await asyncio.sleep(0.5)
         return {
             "latency_p50": statistics.median(latencies),
             "latency_max": max(latencies),
@@ -87,17 +52,9 @@ async def measure(primary: Site, secondary: Site, label: str, size: int, rounds:
 
 
 async def bench(base: Path, rounds: int) -> int:
-    primary = Site("primary", 1001, base, link_timeout=5.0)
-    secondary = Site("secondary", 2001, base, link_timeout=5.0)
-    primary.peer_with(secondary)
-    secondary.start()
-    primary.start()
-    try:
+    with two_sites(base) as (primary, secondary):
         results = {label: await measure(primary, secondary, label, size, rounds)
                    for label, size in (("1G", GiB), ("64G", 64 * GiB))}
-    finally:
-        primary.stop()
-        secondary.stop()
     ms = 1000.0
     print(f"{'volume':<7} {'latency p50':>12} {'max':>8} {'split part p50':>15} {'worst write':>12} "
           f"{'write p99 (no backup)':>22}")

@@ -168,7 +168,7 @@ def write_flush(conn: RawNbd, offsets: list[int], payload: bytes, out: Samples |
 def bench(base: Path, args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     slots = args.size // BLOCK
-    daemons = Daemons(base, args.size)
+    daemons = Daemons(base, args.size, grpc_stream=args.grpc_stream)
     conns: dict[str, RawNbd] = {}
     try:
         daemons.start()

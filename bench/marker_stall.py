@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -26,65 +25,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _backup_rig import GiB, pair_with_generations, qd1_writes, two_sites
+
 from client import Client
-from splitmirror.testing import Site
-
-MiB = 1 << 20
-GiB = 1 << 30
-
-
-class Log:
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []  # (start, duration)
-
-    def worst(self, start: float, end: float) -> float:
-        return max((d for s, d in self.samples if s + d >= start and s <= end), default=0.0)
-
-
-async def writer(c: Client, volume: str, size: int, stop: asyncio.Event, log: Log) -> None:
-    rng = random.Random(5)
-    payload = os.urandom(8192)
-    while not stop.is_set():
-        offset = rng.randrange(size // 8192) * 8192
-        started = time.monotonic()
-        await c.write(volume, offset, payload)
-        log.samples.append((started, time.monotonic() - started))
 
 
 async def bench(base: Path, rounds: int, gap: float) -> int:
-    primary = Site("primary", 1001, base, link_timeout=5.0)
-    secondary = Site("secondary", 2001, base, link_timeout=5.0)
-    primary.peer_with(secondary)
-    secondary.start()
-    primary.start()
     ms = 1000.0
-    try:
+    with two_sites(base) as (primary, secondary):
         async with Client(primary.address) as c:
-            await c.create_volume("vol", GiB)
-            await c.write("vol", 0, os.urandom(8 * MiB))
-            await c.create_pair("vol-p", "vol", "vol-r", peer=2001)
-            await c.wait_pair("vol-p", timeout=120)
-            secondary.cli("pair", "create", "vol-g1", "--pvol", "vol-r", "--svol", "vol-s1", "--wait")
-            log = Log()
-            stop = asyncio.Event()
-            task = asyncio.create_task(writer(c, "vol", GiB, stop, log))
-            await asyncio.sleep(1.0)
-            rows = []
-            for _ in range(rounds):
-                started = time.monotonic()
-                reply = await c.backup("vol-p", generation="vol-g1", wait=True)
-                ended = time.monotonic()
-                marked = started + reply.prepare_seconds
-                await asyncio.sleep(gap)
-                # Control: a window as long as the marker phase, no backup running.
-                quiet = time.monotonic() - gap / 2
-                rows.append((reply.prepare_seconds, ended - marked, log.worst(started, marked),
-                             log.worst(marked, ended), log.worst(quiet, quiet + (ended - marked))))
-            stop.set()
-            await task
-    finally:
-        primary.stop()
-        secondary.stop()
+            await pair_with_generations(c, secondary, "vol", GiB, generations=1)
+            async with qd1_writes(c, "vol", GiB) as log:
+                rows = []
+                for _ in range(rounds):
+                    started = time.monotonic()
+                    reply = await c.backup("vol-p", generation="vol-g1", wait=True)
+                    ended = time.monotonic()
+                    marked = started + reply.prepare_seconds
+                    await asyncio.sleep(gap)
+                    # Control: a window as long as the marker phase, no backup running.
+                    quiet = time.monotonic() - gap / 2
+                    rows.append((reply.prepare_seconds, ended - marked, log.worst(started, marked),
+                                 log.worst(marked, ended), log.worst(quiet, quiet + (ended - marked))))
     durations = sorted(d for _, d in log.samples)
     print(f"{len(log.samples)} host writes, median {statistics.median(durations) * ms:.2f} ms, "
           f"p99 {durations[int(len(durations) * 0.99)] * ms:.2f} ms; load {os.getloadavg()[0]:.1f}")

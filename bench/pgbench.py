@@ -266,7 +266,7 @@ def report(results: dict[str, Rounds], args: argparse.Namespace) -> None:
 
 def bench(base: Path, args: argparse.Namespace) -> int:
     base.chmod(0o755)  # the postgres user reaches its data directory through here
-    daemons = Daemons(base, args.size)
+    daemons = Daemons(base, args.size, grpc_stream=args.grpc_stream)
     with contextlib.ExitStack() as outer:
         outer.callback(daemons.stop)
         daemons.start()

@@ -105,7 +105,7 @@ def bench(base: Path, args: argparse.Namespace) -> int:
     port = free_port()
     nbdkit = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port),
                                "file", str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    daemons = Daemons(base, size)
+    daemons = Daemons(base, size, grpc_stream=args.grpc_stream)
     try:
         wait_listening(port, nbdkit)
         daemons.start()

@@ -324,16 +324,18 @@ def generation_json(g: host_pb2.Generation) -> JsonObject:
             "read_refusals": int(g.read_refusals), "read_refusal": g.read_refusal or None}
 
 
-def generations_table(gens: Sequence[host_pb2.Generation]) -> Table:
-    table = _table("GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#", "CHANGED SINCE", "LAST CHECK",
-                   right=("#", "CHANGED SINCE"))
+def generations_table(gens: Sequence[host_pb2.Generation], with_pair: bool = False) -> Table:
+    """The generations (``with_pair``: of several remote pairs, each row naming its pair)."""
+    table = _table(*(("PAIR",) if with_pair else ()), "GENERATION", "SVOL", "STATUS", "BACKUP TIME", "#",
+                   "CHANGED SINCE", "LAST CHECK", right=("#", "CHANGED SINCE"))
     for g in gens:
         check = "-"
         if g.check_verdict:
             check = f"{g.check_verdict} {g.check_time} ({g.check_seconds:.1f}s)"
             if g.check_reason:
                 check += f": {g.check_reason}"
-        table.add_row(g.local_pair, g.svol, g.status, g.backup_time or "-", str(g.sequence) if g.sequence else "-",
+        table.add_row(*((g.remote_pair,) if with_pair else ()), g.local_pair, g.svol, g.status, g.backup_time or "-",
+                      str(g.sequence) if g.sequence else "-",
                       f"{g.changed_tracks} tracks" if g.backup_time else "-", check)
     return table
 

@@ -36,6 +36,8 @@ class Site:
         self.data_dir = base / f"{role}-{system_id}"
         self.listen_port = free_port()
         self.peer_port = free_port()
+        #: The replication data port (0: --data off, peers replicate over gRPC).
+        self.data_port = free_port()
         self.nbd_port = free_port() if nbd else 0
         #: Prometheus metrics at http(s)://127.0.0.1:PORT/metrics (0: off).
         self.metrics_port = free_port() if metrics else 0
@@ -50,6 +52,8 @@ class Site:
         self.peers: dict[int, int] = {}
         #: Where this site reaches each peer (a fault-injection proxy may sit between).
         self.peer_addresses: dict[int, str] = {}
+        #: Where this site reaches each peer's data port (a proxy), when not at the peer's own.
+        self.peer_data_addresses: dict[int, str] = {}
         self.log_path = base / f"{role}-{system_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -60,6 +64,10 @@ class Site:
     @property
     def interconnect(self) -> str:
         return f"127.0.0.1:{self.peer_port}"
+
+    @property
+    def data_address(self) -> str:
+        return f"127.0.0.1:{self.data_port}"
 
     def peer_with(self, other: Site) -> None:
         self.peers[other.system_id] = other.peer_port
@@ -72,6 +80,9 @@ class Site:
                 "--auto-resync", "on" if self.auto_resync else "off"]
         for sid, port in sorted(self.peers.items()):
             argv += ["--peer", f"{sid}={self.peer_addresses.get(sid, f'127.0.0.1:{port}')}"]
+        for sid, address in sorted(self.peer_data_addresses.items()):
+            argv += ["--peer-data", f"{sid}={address}"]
+        argv += ["--data", self.data_address if self.data_port else "off"]
         if self.async_queue:
             argv += ["--async-queue", self.async_queue]
         if self.tls_dir is not None:

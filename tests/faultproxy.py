@@ -314,20 +314,57 @@ class FaultProxy:
                 dst.write_eof()
 
 
+class Direction:
+    """The proxies of one direction: the interconnect's and the replication
+    data port's (when the far site serves one), faulted together."""
+
+    def __init__(self, far: Any, near: Any, name: str) -> None:
+        self.interconnect = FaultProxy(far.interconnect, name=name).start()
+        self.proxies = [self.interconnect]
+        near.peer_addresses[far.system_id] = self.interconnect.address
+        if far.data_port:
+            data = FaultProxy(far.data_address, name=f"{name} data").start()
+            self.proxies.append(data)
+            near.peer_data_addresses[far.system_id] = data.address
+
+    @property
+    def address(self) -> str:
+        return self.interconnect.address
+
+    def cut(self) -> None:
+        for p in self.proxies:
+            p.cut()
+
+    def blackhole(self) -> None:
+        for p in self.proxies:
+            p.blackhole()
+
+    def delay(self, seconds: float) -> None:
+        for p in self.proxies:
+            p.delay(seconds)
+
+    def heal(self, reset: bool = True) -> None:
+        for p in self.proxies:
+            p.heal(reset)
+
+    def close(self) -> None:
+        for p in self.proxies:
+            p.close()
+
+    def describe(self) -> str:
+        return "; ".join(p.describe() for p in self.proxies)
+
+
 class ProxyPair:
     """One proxy per direction between a primary and a secondary Site, so
     that every fault is symmetric.  Configure before the sites start."""
 
     def __init__(self, primary: Any, secondary: Any) -> None:
-        self.to_secondary = FaultProxy(secondary.interconnect, name="primary->secondary")
-        self.to_primary = FaultProxy(primary.interconnect, name="secondary->primary")
-        self.to_secondary.start()
-        self.to_primary.start()
-        primary.peer_addresses[secondary.system_id] = self.to_secondary.address
-        secondary.peer_addresses[primary.system_id] = self.to_primary.address
+        self.to_secondary = Direction(secondary, primary, "primary->secondary")
+        self.to_primary = Direction(primary, secondary, "secondary->primary")
 
     def __iter__(self) -> Iterator[FaultProxy]:
-        return iter((self.to_secondary, self.to_primary))
+        return iter((*self.to_secondary.proxies, *self.to_primary.proxies))
 
     def _each(self, fn: Callable[[FaultProxy], None]) -> None:
         for proxy in self:

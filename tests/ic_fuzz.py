@@ -7,7 +7,8 @@ garbage metadata) and sends generated hostile messages to every interconnect
 method: boundary and random integers, names that are invalid, too long,
 traversing or nearly valid, bitmaps valid and corrupt, write entries inside,
 across and far beyond volumes, open enums, streams of batches, and message
-bytes that are mutated or not a message at all.  It never names the guard
+bytes that are mutated or not a message at all; and sessions of frames to the
+replication data port (most in the real peer's name).  It never names the guard
 pair: a peer may legitimately command its own pairs, so what is checked is
 that nothing it sends to *other* names disturbs the guard.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -35,7 +37,9 @@ import grpc
 from google.protobuf import descriptor as _d
 from google.protobuf.message import DecodeError, Message
 
+from splitmirror.replication import dataproto as dp
 from splitmirror.replication.link import SYSTEM_ID_KEY
+from splitmirror.replication.queue import BackupMarker, Entry
 from splitmirror.storage.bitmap import TrackBitmap
 from splitmirror.testing import Site, wait_status
 from splitmirror.v1 import host_pb2, host_pb2_grpc, interconnect_pb2
@@ -46,6 +50,8 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 LEAKS = ("Traceback", "Unexpected <class", "Errno", "Error:", "Exception")
+#: The replication data port, fuzzed like one more method (a session of frames per input).
+DATA_PORT = "DataPort"
 GUARD = "guard"
 GUARD_BYTES = 4 << 20
 #: Names: a few the fuzzer creates and reuses (so that what it creates stays
@@ -195,6 +201,49 @@ class Generator:
                               ((SYSTEM_ID_KEY, "-1"),), ((SYSTEM_ID_KEY, str(1 << 70)),)])
 
 
+def data_session(gen: Generator, peer: int) -> tuple[bytes, set[int]]:
+    """A hostile session on the replication data port: a HELLO (usually the
+    real peer's), then frames well formed or not, often mutated."""
+    r = gen.r
+    claim = peer if r.random() < 0.85 else r.choice([0, 7, 1001, 2001, (1 << 64) - 1])
+    out = [dp.hello(claim, r.choice([4096, 1 << 20, (1 << 32) - 1])) if r.random() < 0.95 else r.randbytes(22)]
+    channel = 0
+    opened: set[int] = set()
+    for _ in range(r.randint(0, 8)):
+        roll = r.random()
+        if roll < 0.25 or not channel:
+            channel = channel + 1 if r.random() < 0.9 else r.choice([0, channel, 1 << 31])
+            opened.add(channel)
+            name = gen.name("pair").encode()[:255]
+            out.append(dp.HEAD.pack(5 + len(name), dp.Kind.OPEN) + channel.to_bytes(4, "little")
+                       + bytes([len(name)]) + name)
+        elif roll < 0.6:
+            entries = [Entry(r.choice([1, 2, r.randint(1, 1 << 20), gen.u64()]), gen.u64() % (1 << 64),
+                             gen.data() if r.random() < 0.6 else b"",
+                             zero_length=r.choice([0, 0, 4096, gen.u64() % (1 << 64)]) if r.random() < 0.3 else 0,
+                             flush=r.random() < 0.2, resync=r.random() < 0.1)
+                       for _ in range(r.randint(1, 5))]
+            for e in entries:
+                if e.data and e.zero_length:
+                    e.zero_length = 0
+            out.append(b"".join(bytes(p) for p in dp.batch(channel, entries)))
+        elif roll < 0.7:
+            marker = BackupMarker(gen.name("volume"), gen.name("volume"), r.choice(["", "2026-01-01T00:00:00Z"]))
+            out.append(dp.marker(channel, Entry(r.randint(1, 4), 0, b"", marker=marker)))
+        elif roll < 0.8:
+            out.append(dp.close(channel))
+        elif roll < 0.9:
+            out.append(r.choice([dp.ack(channel, 1), dp.error(channel, dp.Code.INTERNAL, "x"),
+                                 dp.HEAD.pack(r.choice([1 << 30, (1 << 32) - 1]), dp.Kind.BATCH)]))
+        else:
+            out.append(r.randbytes(r.randint(1, 64)))
+    blob = bytearray(b"".join(out))
+    if r.random() < 0.3 and blob:
+        for _ in range(r.randint(1, 4)):
+            blob[r.randrange(len(blob))] = r.randrange(256)
+    return bytes(blob), opened
+
+
 def _without_goodbye(request: bytes) -> bytes:
     """A Hello in the real peer's name never says goodbye: that stops every pair
     with the peer, the guard's too, as the real peer may (open mode trusts the
@@ -269,15 +318,19 @@ class Campaign:
         channels = [grpc.insecure_channel(site.interconnect) for site, _ in targets]
         try:
             calls = [_calls(ch) for ch in channels]
-            methods = list(SERVICE.methods)
+            methods: list[_d.MethodDescriptor | None] = [*SERVICE.methods, None]  # None: the data port
             for i in range(inputs):
                 which = self.gen.r.randrange(2)
                 site, peer = targets[which]
                 self.gen.target(site.role)
                 method = self.gen.r.choice(methods)
-                self._one(calls[which][method.name], method, peer, site)
+                if method is None:
+                    self._data(site, peer)
+                else:
+                    self._one(calls[which][method.name], method, peer, site)
+                name = DATA_PORT if method is None else method.name
                 self.figures.inputs += 1
-                self.figures.by_method[method.name] = self.figures.by_method.get(method.name, 0) + 1
+                self.figures.by_method[name] = self.figures.by_method.get(name, 0) + 1
                 if (i + 1) % check_every == 0 or i + 1 == inputs:
                     self.check()
                     self.figures.seconds = time.monotonic() - started
@@ -314,6 +367,40 @@ class Campaign:
         if code not in ALLOWED or any(leak in details for leak in LEAKS):
             raise AssertionError(f"{site.role}d: {method.name} answered {code.name}: {details!r} "
                                  f"(input {self.figures.inputs})\n{site.log()[-4000:]}")
+
+    def _data(self, site: Site, peer: int) -> None:
+        """One session on ``site``'s data port: every answer a HELLO or a precise ERROR."""
+        session, opened = data_session(self.gen, peer)
+        proto = dp.DataProtocol("source", dp.SMALL_FRAME)
+        for channel in opened:  # the daemon may acknowledge what it applied on them
+            proto.opened(channel)
+        with socket.create_connection(("127.0.0.1", site.data_port), timeout=10) as sock:
+            pos = 0
+            while pos < len(session):
+                step = self.gen.r.randint(1, 4096)
+                try:
+                    sock.sendall(session[pos:pos + step])
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # the daemon ended the connection (a refused session)
+                pos += step
+            received = b""
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                while chunk := sock.recv(65536):
+                    received += chunk
+            except OSError:  # reset, or already ended by the daemon
+                pass
+        try:
+            events = proto.feed(received)
+        except dp.ProtocolError as exc:
+            raise AssertionError(f"{site.role}d answered the data port with a broken frame: {exc.message}") from None
+        for event in events:
+            if isinstance(event, dp.Error):
+                key = f"data {event.code.name}"
+                self.figures.by_code[key] = self.figures.by_code.get(key, 0) + 1
+                if event.code in (dp.Code.INTERNAL, dp.Code.UNKNOWN) or any(x in event.message for x in LEAKS):
+                    raise AssertionError(f"{site.role}d: data port answered {event.code.name}: {event.message!r} "
+                                         f"(input {self.figures.inputs})\n{site.log()[-4000:]}")
 
     def check(self) -> None:
         """Both alive, RSS bounded, no traceback, the guard DUPLEX with its data."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -84,7 +85,8 @@ async def check_events(secondary: Site) -> list[tuple[str, str]]:
         return [(e.generation, e.op) async for e in s.events() if e.kind == "backup" and e.op.startswith("check")]
 
 
-def test_check_passes_fails_on_corruption_and_never_writes(check_sites: tuple[Site, Site], tmp_path: Path) -> None:
+def test_check_passes_fails_on_corruption_and_never_writes(check_sites: tuple[Site, Site], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     primary, secondary = check_sites
     image = ext4_image(tmp_path)
     svol1, svol2 = asyncio.run(take_backups(primary, secondary, image.read_bytes()))
@@ -100,6 +102,15 @@ def test_check_passes_fails_on_corruption_and_never_writes(check_sites: tuple[Si
     assert listing["g1"]["check"]["verdict"] == "passed" and listing["g2"]["check"] is None
     # The primary shows it too.
     assert {g["local_pair"]: g for g in primary.cli_json("backups", "p")}["g1"]["check"]["verdict"] == "passed"
+
+    # Progress: the check's steps as lines on stderr (not a terminal), as objects with --json.
+    monkeypatch.setenv("SPLITMIRROR_PROGRESS_INTERVAL", "0")
+    lines = secondary.cli("backup", "check", "g1", "--probe", "sleep 1").stderr.splitlines()
+    assert "pair g1: check: running the probe -" in lines, lines
+    objects = [json.loads(line) for line in
+               secondary.cli("--json", "backup", "check", "g1", "--probe", "sleep 1").stderr.splitlines()]
+    assert {"pair": "g1", "progress": None, "rate_bytes_per_s": 0.0, "eta_seconds": 0.0,
+            "activity": "check: running the probe"} in objects, objects
 
     # A probe that fails fails the check.
     bad_probe = secondary.cli("backup", "check", "g1", "--probe", "test -e no-such-file", check=False)

@@ -78,7 +78,13 @@ async def test_hooks_order_failures_and_timeouts(hook_sites: tuple[Site, Site, P
         assert hook_log(tmp) == [f"pre pair=p gen={b.generation} phase=pre-backup result= sched=",
                                  f"post pair=p gen={b.generation} phase=post-backup result=point-fixed sched="]
 
+        second = (await c.backup("p", wait=True)).backups[0]  # both generations hold a backup now
+        assert second.state == "done" and second.generation != b.generation
+        ring = {g.local_pair: (g.status, g.backup_time, g.sequence) for g in await s.list_backups("p")}
+
         # A failing pre-hook cancels the backup with a clear error and an event; the post-hook runs.
+        # The ring's next generation (the oldest, b's) keeps its backup: it is brought in sync only
+        # once the pre-hook passed.
         (tmp / "ctl").write_text("fail")
         (tmp / "log").unlink()
         since = [e async for e in c.events()][-1].seq
@@ -86,11 +92,14 @@ async def test_hooks_order_failures_and_timeouts(hook_sites: tuple[Site, Site, P
             await c.backup("p", wait=True)
         assert err.value.code == "FAILED_PRECONDITION"
         assert err.value.message == ("backup of pair 'p' cancelled: pre-backup hook exited with 3: cannot freeze "
-                                     "/mnt/db; no backup point was fixed")
+                                     "/mnt/db; no backup point was fixed and no generation changed")
         assert [line.split()[0] for line in hook_log(tmp)] == ["pre", "post"]
         assert "result=cancelled" in hook_log(tmp)[1]
         events = [e async for e in c.events(since) if e.kind == "backup"]
         assert [e.op for e in events] == ["cancelled"] and "exited with 3" in events[0].reason  # no point
+        assert events[0].generation == b.generation
+        assert {g.local_pair: (g.status, g.backup_time, g.sequence) for g in await s.list_backups("p")} == ring
+        assert await s.read(b.svol, 8192, 8192) == bytes(8192)  # not resynced: the post-hook's write is not in it
 
         # A schedule's own hooks win over the daemon's; a pre-hook that hangs
         # is killed (with its children) at the schedule's timeout.

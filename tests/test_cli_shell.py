@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,43 @@ def test_bash_completion_from_the_parser() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["volume", "create", "--track-size", "display", "--mode",
                                           "--help -h bash zsh"]
+
+
+BACKUP_WORDS = """
+eval "$(splitmirror completion bash)"
+c() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _splitmirror_complete; echo "${{COMPREPLY[*]}}"; }}
+c splitmirror backup ""
+c splitmirror backu
+c splitmirror backup s
+c splitmirror backup schedule ""
+c splitmirror backup schedule set --gen
+c splitmirror backup check --pro
+c splitmirror backup verify ""
+"""
+
+
+def test_completion_offers_the_commands_as_typed_not_the_parsers_internal_names() -> None:
+    """``backup schedule|check|verify`` are parsed as ``backup-ACTION``: completion, the
+    command list of --help, usages and usage errors show them as users type them."""
+    result = subprocess.run(["bash", "-c", BACKUP_WORDS.format()], env=ENV, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "--generation --group --help --wait -h check schedule verify", lines
+    assert lines[1] == "backup backups", lines
+    assert lines[2] == "schedule", lines
+    assert lines[3] == "--help -h delete list set", lines
+    assert lines[4] == "--generations", lines
+    assert lines[5] == "--probe --probe-timeout", lines
+    assert lines[6] == "--help -h", lines
+    script = run("completion", "bash").stdout
+    internal = re.compile(r"backup-(schedule|check|verify)")
+    assert not internal.search(script), [line for line in script.splitlines() if internal.search(line)]
+    helptext = run("--help").stdout
+    assert "backup schedule" in helptext and not internal.search(helptext), helptext
+    assert run("backup", "check", "--help").stdout.startswith("usage: splitmirror backup check ")
+    wrong = run("no-such-command")
+    assert wrong.returncode == 2 and "'backup schedule'" in wrong.stderr and not internal.search(wrong.stderr)
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def test_flags_only() -> None:
         link_timeout=2.5,
         auto_resync=False,
         log_level="WARNING",
+        data="0.0.0.0:0",
     )
 
 
@@ -92,6 +94,7 @@ def test_file_only(tmp_path: Path) -> None:
         link_timeout=7.0,
         auto_resync=False,
         log_level="DEBUG",
+        data="10.0.0.2:0",
     )
     assert isinstance(cfg.link_timeout, float)
 
@@ -506,3 +509,41 @@ async def test_failed_intent_record_is_retried(table: CopyTable) -> None:
             assert await flaky.load_intent() == {"v": {0}}
     finally:
         await flaky.close()
+
+
+def test_data_port_settings_and_their_defaults(tmp_path: Path) -> None:
+    cfg = load_config("primary", BASE_FLAGS)
+    assert cfg.data == "0.0.0.0:0"  # auto: the interconnect's host, a port the system picks
+    assert (cfg.data_max_connections, cfg.data_max_per_peer, cfg.data_handshake_timeout) == (64, 4, 10.0)
+    assert (cfg.data_max_frame, cfg.data_inflight, cfg.data_pair_inflight) == (64 << 20, 256 << 20, 128 << 20)
+    assert load_config("primary", [*BASE_FLAGS, "--data", "off"]).data == ""
+    assert load_config("primary", [*BASE_FLAGS, "--data", "7103"]).data == "0.0.0.0:7103"
+    cfg = load_config("primary", [*BASE_FLAGS, "--data", "10.1.1.1:7103", "--peer-data", "2001=10.2.2.2:9000",
+                                  "--data-max-frame", "1M", "--data-pair-inflight", "2M"])
+    assert cfg.data == "10.1.1.1:7103" and cfg.peer_data == {2001: "10.2.2.2:9000"}
+    assert (cfg.data_max_frame, cfg.data_pair_inflight) == (1 << 20, 2 << 20)
+    path = write(tmp_path, 'data = "7203"\ndata_max_per_peer = 2\n[peer_data]\n2001 = "h:1"\n')
+    cfg = load_config("primary", [*BASE_FLAGS, "--config", path])
+    assert (cfg.data, cfg.data_max_per_peer, cfg.peer_data) == ("0.0.0.0:7203", 2, {2001: "h:1"})
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--data", "nowhere"], "data: 'nowhere' is not HOST:PORT"),
+    (["--data-max-per-peer", "0"], "limits must be positive"),
+    (["--data-max-frame", "1K"], "'data_max_frame': must be between 4K"),
+    (["--data-max-frame", "8M", "--data-pair-inflight", "4M"], "must hold at least one frame"),
+], ids=["address", "zero", "tiny-frame", "pair-below-frame"])
+def test_data_port_settings_refused(flags: list[str], words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        load_config("primary", [*BASE_FLAGS, *flags])
+
+
+def test_token_mode_keeps_the_data_port_on_loopback(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ops admin 0123456789abcdef0123\n")
+    tokens.chmod(0o600)
+    flags = ["--system-id", "1", "--data-dir", "/x", "--listen", "127.0.0.1:1", "--interconnect", "127.0.0.1:2",
+             "--token-file", str(tokens)]
+    assert load_config("primary", flags).data == "127.0.0.1:0"
+    with pytest.raises(InvalidArgument, match=re.escape("setting 'data': 0.0.0.0:7 is not a loopback address")):
+        load_config("primary", [*flags, "--data", "0.0.0.0:7"])

@@ -8,7 +8,7 @@ import pytest
 
 from splitmirror.replication import dataproto as dp
 from splitmirror.replication.framing import HEADER as ENTRY_HEADER
-from splitmirror.replication.queue import BackupMarker, Entry
+from splitmirror.replication.queue import BackupMarker, Entry, GroupCut
 
 
 def joined(parts: list[bytes | memoryview]) -> bytes:
@@ -217,3 +217,12 @@ def test_an_error_message_is_cut_to_its_limit() -> None:
 def test_markers_do_not_go_in_batches() -> None:
     with pytest.raises(ValueError, match="MARKER frame"):
         dp.batch(1, [Entry(1, 0, b"", marker=BackupMarker("m", "g", "t"))])
+
+
+def test_a_group_cut_crosses_the_data_connection() -> None:
+    cut = GroupCut(1_764_000_000_000_000_007, 3)
+    proto = mirror_ready()
+    wire = dp.open_channel(1, "p") + joined(dp.batch(1, [Entry(1, 0, b"a" * 512), Entry(2, 0, b"", cut=cut)]))
+    _, batch = proto.feed(wire)
+    assert isinstance(batch, dp.Batch)
+    assert [(f.seq, f.cut) for f in batch.frames] == [(1, None), (2, cut)]

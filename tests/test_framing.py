@@ -8,7 +8,9 @@ import struct
 import pytest
 
 from splitmirror.replication.framing import (
+    CUT,
     HEADER,
+    MAX_CUT_MEMBERS,
     Frame,
     FramingError,
     SequenceCheck,
@@ -16,7 +18,7 @@ from splitmirror.replication.framing import (
     encode,
     frames_of,
 )
-from splitmirror.replication.queue import BackupMarker, ReplicationQueue
+from splitmirror.replication.queue import BackupMarker, GroupCut, ReplicationQueue
 from splitmirror.replication.stream import messages
 from splitmirror.v1 import interconnect_pb2 as ic
 
@@ -127,3 +129,23 @@ def test_frame_length() -> None:
     assert Frame(1, 0, b"abc").length == 3
     assert Frame(1, 0, b"", zero_length=4096).length == 4096
     assert struct.calcsize("<QQIQB") == HEADER.size
+
+
+def test_group_cuts_round_trip_packed_and_hostile_ones_are_refused() -> None:
+    q = ReplicationQueue()
+    q.push(0, b"a" * 512)
+    q.push(0, cut=GroupCut(1_700_000_000_000_000_001, 2))
+    q.push(512, b"b" * 512)
+    msgs = messages(q.take_batch())
+    assert len(msgs) == 1 and msgs[0].packed  # a cut travels packed with the writes
+    frames = frames_of(msgs[0], 10)
+    assert [(f.seq, f.cut, f.length) for f in frames] == [
+        (1, None, 512), (2, GroupCut(1_700_000_000_000_000_001, 2), 0), (3, None, 512)]
+    with pytest.raises(FramingError, match="group cut 7 names 0 streams"):
+        decode(HEADER.pack(1, 7, 0, 0, CUT), 10)
+    with pytest.raises(FramingError, match=f"names {MAX_CUT_MEMBERS + 1} streams"):
+        decode(HEADER.pack(1, 7, 0, MAX_CUT_MEMBERS + 1, CUT), 10)
+    with pytest.raises(FramingError, match="is a group cut with flags 0x5"):
+        decode(HEADER.pack(1, 7, 0, 2, CUT | 1), 10)
+    with pytest.raises(FramingError, match="and 4 payload bytes"):
+        decode(HEADER.pack(1, 7, 4, 0, CUT) + b"abcd", 10)

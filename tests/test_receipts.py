@@ -93,6 +93,14 @@ async def test_receipts_are_incremental_signed_and_catch_a_flipped_byte(
         assert ops[-1] == "verify-failed"
         assert (await s.verify_backup("g2")).ok  # the other generation is intact
 
+        # Host reads of the generation are checked track by track: the flipped track is never served.
+        assert await s.read("s1", 416 * TRACK, TRACK) == (bytes(range(256)) * (TRACK // 256))
+        with pytest.raises(ClientError) as err:
+            await s.read("s1", 417 * TRACK + 4096, 100)
+        assert err.value.code == "DATA_LOSS"
+        assert err.value.message.startswith("generation 'g1' (backup #2 of ")
+        assert "fails verification against its receipt: track 417 of SVOL 's1' differs" in err.value.message
+
         # Restore refuses the generation unless forced.
         with pytest.raises(ClientError) as err:
             await s.restore_volume("p", "g1")
@@ -120,6 +128,15 @@ async def test_receipts_are_incremental_signed_and_catch_a_flipped_byte(
     async with client(secondary, tls_dir) as s:
         forged = await s.verify_backup("g2")
         assert not forged.ok and forged.signature == "invalid" and not forged.root_ok
+        # A file restore (which checks tracks as it reads them) refuses it before fencing anything.
+        with pytest.raises(ClientError) as err:
+            await s.begin_restore("p", "g2")
+        assert err.value.code == "FAILED_PRECONDITION"
+        assert ("the receipt is damaged (its digests do not hash to its root; its signature is invalid); reads "
+                "of SVOL 's2' refused; restore refused (--force restores it anyway)") in err.value.message
+        with pytest.raises(ClientError) as err:
+            await s.read("s2", 0, 4096)
+        assert err.value.code == "DATA_LOSS" and "the receipt is damaged" in err.value.message
 
     # A deleted generation's receipt goes too (at the next start).
     assert (secondary.data_dir / "receipts" / "g2.digests").exists()

@@ -13,12 +13,10 @@ from splitmirror.v1 import host_pb2
 
 from ..library import Client, ClientError
 from ..render import backup_json, check_json, generation_json, generations_table, schedule_json, schedules_table
-from .output import Output, WaitReporter, progress_interval
+from .output import Output, WaitReporter, progress_interval, watch_activity
 
 __all__ = ["backup", "backups", "check", "schedule", "verify"]
 
-#: Seconds between looks at a running backup verify's progress.
-VERIFY_POLL = 0.5
 
 
 async def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -78,13 +76,15 @@ def _generation_row(gen: host_pb2.Generation, track_size: int,
 
 
 async def backups(client: Client, args: argparse.Namespace, out: Output) -> None:
-    listing = await client.backup_listing(args.name)
+    if bool(args.name) == bool(args.group):
+        raise SplitmirrorError("backups: name a remote pair or give --group, not both")
+    listing = await (client.group_backup_listing(args.group) if args.group else client.backup_listing(args.name))
     gens = list(listing.generations)
     if out.as_json:
         # A list of generations; schedules (at the primary) in their own command's JSON.
         out.json([generation_json(g) for g in gens])
         return
-    out.show(generations_table(gens))
+    out.show(generations_table(gens, with_pair=bool(args.group)))
     if listing.schedules:
         out.text("")
         out.show(schedules_table(listing.schedules))
@@ -124,7 +124,8 @@ async def schedule(client: Client, args: argparse.Namespace, out: Output) -> Non
 
 async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup check GENERATION``: a failed verdict exits with status 1."""
-    report = await client.check_backup(args.generation, args.probe, args.probe_timeout)
+    report = await watch_activity(client, args.generation, "check", out,
+                                 client.check_backup(args.generation, args.probe, args.probe_timeout))
     if out.as_json:
         out.json(check_json(report))
     else:
@@ -139,17 +140,7 @@ async def check(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
     """``backup verify GENERATION``: a mismatch exits with status 1."""
-    task = asyncio.ensure_future(client.verify_backup(args.generation))
-    with WaitReporter(out, f"verify {args.generation}") as reporter:
-        while not task.done():
-            await asyncio.wait({task}, timeout=VERIFY_POLL)
-            if task.done():
-                break
-            with contextlib.suppress(ClientError):  # progress is a courtesy: the verify's answer decides
-                for row in await client.display_pairs(args.generation):
-                    if row.activity == "verify":
-                        reporter(row)
-    r = task.result()
+    r = await watch_activity(client, args.generation, "verify", out, client.verify_backup(args.generation))
     if out.as_json:
         out.json({"generation": r.generation, "svol": r.svol, "sequence": int(r.sequence),
                   "backup_time": r.backup_time, "root": r.root, "root_ok": r.root_ok, "signature": r.signature,

@@ -11,9 +11,9 @@ import argparse
 import shlex
 
 from .output import Output
-from .parser import PROG, build_parser
+from .parser import BACKUP_ACTIONS, PROG, build_parser
 
-__all__ = ["command_words", "completion", "completion_script"]
+__all__ = ["command_words", "completion", "completion_script", "user_words"]
 
 
 def command_words(parser: argparse.ArgumentParser, path: str = "") -> dict[str, list[str]]:
@@ -33,8 +33,21 @@ def command_words(parser: argparse.ArgumentParser, path: str = "") -> dict[str, 
     return table
 
 
+def user_words(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """:func:`command_words` as a user types the commands: the parser's internal
+    ``backup-ACTION`` commands are ``backup ACTION`` (see ``parser._backup_action``)."""
+    table = command_words(parser)
+    for action in BACKUP_ACTIONS:
+        internal = f"backup-{action}"
+        table[""].remove(internal)
+        table["backup"] = sorted([*table["backup"], action])
+        for path in [p for p in table if p == internal or p.startswith(internal + " ")]:
+            table[f"backup {action}{path.removeprefix(internal)}"] = table.pop(path)
+    return table
+
+
 def completion_script(shell: str) -> str:
-    table = command_words(build_parser())
+    table = user_words(build_parser())
     func = f"_{PROG}_complete"
     paths = " ".join(shlex.quote(p) for p in sorted(table) if p)
     cases = "\n".join(f"        {shlex.quote(path)}) words={shlex.quote(' '.join(w))} ;;"

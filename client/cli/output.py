@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from splitmirror.v1 import host_pb2
 
+from ..library import Client, ClientError
 from ..render import (
     format_age,
     format_eta,
@@ -26,7 +29,12 @@ from ..render import (
     progress_json,
 )
 
-__all__ = ["ENV_PROGRESS_INTERVAL", "LineTicker", "Output", "WaitReporter", "progress_text"]
+__all__ = ["ENV_PROGRESS_INTERVAL", "LineTicker", "Output", "WaitReporter", "progress_text", "watch_activity"]
+
+_T = TypeVar("_T")
+
+#: Seconds between looks at a running verify's or check's progress.
+ACTIVITY_POLL = 0.5
 
 
 class Output:
@@ -131,7 +139,7 @@ class WaitReporter:
     def __init__(self, out: Output, name: str) -> None:
         self.out = out
         self.name = name
-        self._last: tuple[str, float | None] | None = None
+        self._last: tuple[str, str, float | None] | None = None
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._lines: LineTicker | None = None
@@ -177,8 +185,25 @@ class WaitReporter:
         elif self._lines is not None:
             self._lines((row.status, row.activity), progress_text(row))
         elif self.out.as_json:
-            key = (row.status, round(row.progress, 1) if row.has_progress else None)
+            key = (row.status, row.activity, round(row.progress, 1) if row.has_progress else None)
             if key != self._last:
                 self._last = key
                 self.out.stderr.write(json.dumps(progress_json(row)) + "\n")
                 self.out.stderr.flush()
+
+
+async def watch_activity(client: Client, name: str, what: str, out: Output, work: Awaitable[_T]) -> _T:
+    """Run ``work`` while showing the activity of pair ``name`` as ``pair display`` reports it
+    (a verify, or a backup check's step): a bar on a terminal, a line every few seconds
+    otherwise, progress objects with --json."""
+    task = asyncio.ensure_future(work)
+    with WaitReporter(out, f"{what} {name}") as reporter:
+        while not task.done():
+            await asyncio.wait({task}, timeout=ACTIVITY_POLL)
+            if task.done():
+                break
+            with contextlib.suppress(ClientError):  # progress is a courtesy: the command's answer decides
+                for row in await client.display_pairs(name):
+                    if row.activity:
+                        reporter(row)
+    return task.result()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 
-from ..library import Client, ClientError
+from ..library import Client
 from . import roles
-from .output import Output, WaitReporter
+from .output import Output, WaitReporter, watch_activity
 
 __all__ = ["pair", "verify"]
 
@@ -50,22 +48,8 @@ async def pair(client: Client, args: argparse.Namespace, out: Output) -> None:
             out.text(f"pair {args.name} deleted")
 
 
-#: Seconds between looks at a running verify's progress.
-VERIFY_POLL = 0.5
-
-
 async def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
-    task = asyncio.ensure_future(client.verify_pair(args.name, repair=args.repair))
-    with WaitReporter(out, f"verify {args.name}") as reporter:
-        while not task.done():
-            await asyncio.wait({task}, timeout=VERIFY_POLL)
-            if task.done():
-                break
-            with contextlib.suppress(ClientError):  # progress is a courtesy: the verify's answer decides
-                for row in await client.display_pairs(args.name):
-                    if row.activity == "verify":
-                        reporter(row)
-    reply = task.result()
+    reply = await watch_activity(client, args.name, "verify", out, client.verify_pair(args.name, repair=args.repair))
     if out.as_json:
         out.json({"pair": reply.pair, "tracks_checked": int(reply.tracks_checked),
                   "mismatches": [int(t) for t in reply.mismatches], "repaired": bool(reply.repaired),

@@ -41,6 +41,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors of every sub-command end in ``splitmirror: error: ...``."""
 
     def error(self, message: str) -> NoReturn:
+        for action in BACKUP_ACTIONS:  # the commands as users type them (see _backup_action)
+            message = message.replace(f"'backup-{action}'", f"'backup {action}'")
         self.print_usage(sys.stderr)
         self.exit(2, f"{PROG}: error: {message}\n")
 
@@ -153,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="return once the generation is split (default: once the backup point is fixed)")
     p = commands.add_parser("backups", parents=[common],
-                            help="list the backup generations of a remote pair, its schedules and checks")
-    p.add_argument("name", metavar="REMOTE_PAIR")
+                            help="list the backup generations of a remote pair (or a consistency group), "
+                                 "its schedules and checks")
+    p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
+    p.add_argument("--group", default="", help="every remote pair of this consistency group")
     _backup_schedule(commands, common)
 
     restore = commands.add_parser("restore", help="restore files or a whole volume from a backup generation "
@@ -212,8 +216,8 @@ _GLOBAL_VALUED = ("--server", "--tls-dir", "--identity", "--token-file")
 
 def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
     """``backup schedule set|list|delete`` (parsed as the command ``backup-schedule``)."""
-    sched = commands.add_parser("backup-schedule", help="backup schedule set|list|delete: backups that run "
-                                                        "themselves (kept and run by the primary)")
+    sched = _backup_parser(commands, "schedule", help="set|list|delete: backups that run themselves (kept and "
+                                                      "run by the primary)")
     cmds = sched.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = cmds.add_parser("set", parents=[common], help="back up a remote pair or group on a schedule")
     p.add_argument("name", metavar="REMOTE_PAIR", nargs="?", default="")
@@ -239,17 +243,25 @@ def _backup_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
     p = cmds.add_parser("delete", parents=[common], help="delete a schedule (or every schedule of a pair or group)")
     p.add_argument("name", metavar="NAME|REMOTE_PAIR", nargs="?", default="")
     p.add_argument("--group", default="")
-    p = commands.add_parser("backup-check", parents=[common],
-                            help="backup check GENERATION: prove a backup restorable (at the secondary)")
+    p = _backup_parser(commands, "check", parents=[common],
+                       help="GENERATION: prove a backup restorable (at the secondary)")
     p.add_argument("generation", metavar="GENERATION")
     p.add_argument("--probe", default="", metavar="COMMAND",
                    help="shell command run in the mounted copy ($SPLITMIRROR_MOUNT), e.g. start a database on it")
     p.add_argument("--probe-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="seconds the probe may run (default 600)")
-    p = commands.add_parser("backup-verify", parents=[common],
-                            help="backup verify GENERATION: re-read it and name every track that no longer "
-                                 "matches its receipt (at the secondary)")
+    p = _backup_parser(commands, "verify", parents=[common],
+                       help="GENERATION: re-read it and name every track that no longer matches its receipt "
+                            "(at the secondary)")
     p.add_argument("generation", metavar="GENERATION")
+
+
+def _backup_parser(commands: Any, action: str, **kw: Any) -> argparse.ArgumentParser:
+    """The command ``backup-ACTION`` that ``backup ACTION`` is parsed as, shown to users
+    (help, usage) as ``backup ACTION``."""
+    parser: argparse.ArgumentParser = commands.add_parser(f"backup-{action}", prog=f"{PROG} backup {action}", **kw)
+    commands._choices_actions[-1].metavar = f"backup {action}"  # the line of the command list in --help
+    return parser
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

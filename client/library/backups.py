@@ -5,6 +5,7 @@ from __future__ import annotations
 from splitmirror.v1 import host_pb2
 
 from .connection import Connection
+from .errors import ClientError
 
 __all__ = ["BackupRestoreCalls"]
 
@@ -26,6 +27,21 @@ class BackupRestoreCalls(Connection):
         """The generations of a remote pair and (at the primary) its schedules."""
         reply: host_pb2.GenerationList = await self._call(lambda s: s.ListBackups, host_pb2.PairRef(name=pair))
         return reply
+
+    async def group_backup_listing(self, group: str) -> host_pb2.GenerationList:
+        """The generations of every remote pair of consistency group ``group``
+        held here, and (at the primary) the schedules of those pairs and of the group."""
+        rows = (await self._call(lambda s: s.DisplayPairs, host_pb2.DisplayPairsRequest())).rows
+        pairs = sorted({r.pair for r in rows if r.group == group and r.copy_type == "REMOTE"})
+        if not pairs:
+            raise ClientError("NOT_FOUND", f"consistency group {group!r} has no remote pair on {self.server}")
+        listing = host_pb2.GenerationList()
+        for pair in pairs:
+            part = await self.backup_listing(pair)
+            listing.generations.extend(part.generations)
+            known = {s.name for s in listing.schedules}
+            listing.schedules.extend(s for s in part.schedules if s.name not in known)
+        return listing
 
     async def check_backup(self, generation: str, probe: str = "",
                            probe_timeout: float = 0.0) -> host_pb2.BackupCheck:

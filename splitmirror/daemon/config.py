@@ -58,6 +58,18 @@ class DaemonConfig:
     nbd_handshake_timeout: float = 10.0
     #: HOST:PORT of the Prometheus metrics (HTTP; HTTPS with --tls-dir); "" serves none.
     metrics: str = ""
+    #: HOST:PORT of the replication data port (peers' write streams); "" serves none.
+    data: str = ""
+    #: Where a peer's data port is reached when not at its interconnect host and advertised port (NAT, proxies).
+    peer_data: dict[int, str] = dataclasses.field(default_factory=dict)
+    #: Data port limits: connections in all and per peer, seconds to finish the handshake,
+    #: largest frame, bytes received and not yet applied per connection and per pair.
+    data_max_connections: int = 64
+    data_max_per_peer: int = 4
+    data_handshake_timeout: float = 10.0
+    data_max_frame: int = 64 << 20
+    data_inflight: int = 256 << 20
+    data_pair_inflight: int = 128 << 20
 
 
 def parse_nbd_address(value: str) -> str:
@@ -72,6 +84,20 @@ def parse_metrics_address(value: str) -> str:
     if value.isdecimal():
         value = f"127.0.0.1:{value}"
     return parse_address("metrics", value)
+
+
+def parse_data_address(value: str, interconnect: str) -> str:
+    """``off``: no data port; ``auto`` (the default): the interconnect's host, a
+    port the system picks (peers learn it from the keepalive); ``PORT`` or
+    ``HOST:PORT``: that one (what a firewall or a container must open)."""
+    host = interconnect.rpartition(":")[0]
+    if value == "off":
+        return ""
+    if value == "auto":
+        return f"{host}:0"
+    if value.isdecimal():
+        value = f"{host}:{value}"
+    return parse_address("data", value)
 
 
 def _named_list(setting: str, value: str, item: str) -> tuple[str, list[str]]:
@@ -119,14 +145,14 @@ def parse_peer(value: str) -> tuple[int, str]:
     return int(sid), parse_address("--peer", address.strip())
 
 
-def refuse_open_ports_in_token_mode(interconnect: str, nbd: str, peers: dict[int, str]) -> None:
+def refuse_open_ports_in_token_mode(interconnect: str, nbd: str, peers: dict[int, str], data: str = "") -> None:
     """Token mode (a token file, no TLS) authenticates host API callers only:
     NBD clients and peers prove nothing.  So NBD, the interconnect and the
     peers it talks to must stay on this host (loopback), where only local
     users reach them; anything wider needs --tls-dir (mutual TLS)."""
     why = ("with --token-file and no --tls-dir, NBD and the interconnect authenticate nobody; "
            "listen on loopback (127.0.0.1) or add --tls-dir")
-    for setting, address in (("interconnect", interconnect), ("nbd", nbd),
+    for setting, address in (("interconnect", interconnect), ("nbd", nbd), ("data", data),
                              *((f"peer {sid}", a) for sid, a in sorted(peers.items()))):
         if address and not is_loopback(address):
             raise InvalidArgument(f"setting {setting!r}: {address} is not a loopback address: {why}")
@@ -179,6 +205,25 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="NBD connections served at once per client address (default 64)")
     parser.add_argument("--nbd-handshake-timeout", type=float, metavar="SECONDS",
                         help="seconds an NBD client has to finish its handshake, TLS included (default 10)")
+    parser.add_argument("--data", metavar="HOST:PORT|PORT|auto|off",
+                        help="replication data port: peers' write streams on one TCP (TLS) connection per peer "
+                             "(default auto: the interconnect's host, a free port advertised to peers; off: "
+                             "peers replicate over the gRPC interconnect)")
+    parser.add_argument("--peer-data", action="append", default=[], metavar="ID=HOST:PORT",
+                        help="where a peer's data port is reached, when not at its interconnect host and "
+                             "advertised port (NAT, a proxy; repeatable)")
+    parser.add_argument("--data-max-connections", type=int, metavar="N",
+                        help="data connections served at once (default 64)")
+    parser.add_argument("--data-max-per-peer", type=int, metavar="N",
+                        help="data connections one peer system may hold at once (default 4)")
+    parser.add_argument("--data-handshake-timeout", type=float, metavar="SECONDS",
+                        help="seconds a data connection has to finish TLS and HELLO (default 10)")
+    parser.add_argument("--data-max-frame", metavar="SIZE", help="largest data frame accepted (default 64M)")
+    parser.add_argument("--data-inflight", metavar="SIZE",
+                        help="bytes received and not yet applied per data connection before it stops being "
+                             "read (default 256M)")
+    parser.add_argument("--data-pair-inflight", metavar="SIZE",
+                        help="bytes received and not yet applied per pair (default 128M)")
     parser.add_argument("--host-volumes", action="append", default=[], metavar="NAME=PATTERN[,PATTERN]",
                         help="volumes a host identity may do I/O on (repeatable)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -229,6 +274,11 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
     else:
         raise InvalidArgument(f"setting 'peers': expected a table of ID = \"HOST:PORT\", got {raw_peers!r}")
     peers.update(parse_peer(p) for p in args.peer)
+    raw_data = file.get("peer_data", {})
+    if not isinstance(raw_data, dict):
+        raise InvalidArgument(f"setting 'peer_data': expected a table of ID = \"HOST:PORT\", got {raw_data!r}")
+    peer_data = dict(parse_peer(f"{sid}={address}") for sid, address in raw_data.items())
+    peer_data.update(parse_peer(p) for p in args.peer_data)
 
     system_id = pick("system_id", args.system_id, int)
     if system_id <= 0:
@@ -273,8 +323,10 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
             raise InvalidArgument(f"--token-file {token_file}: {exc.message}") from None
     nbd = parse_nbd_address(nbd) if nbd else ""
     interconnect = parse_address("interconnect", pick("interconnect", args.interconnect, str))
+    data = parse_data_address(pick("data", args.data, str, "auto"), interconnect)
     if token_file and not tls_dir:
-        refuse_open_ports_in_token_mode(interconnect, nbd, peers)
+        refuse_open_ports_in_token_mode(interconnect, nbd, peers, data)
+    data_limits = _data_limits(args, pick)
     nbd_allow = _table("nbd_allow", file.get("nbd_allow", {}), parse_networks)
     nbd_allow.update(parse_networks("--nbd-allow", v) for v in args.nbd_allow)
     nbd_limits = (pick("nbd_max_connections", args.nbd_max_connections, int, 512),
@@ -314,4 +366,28 @@ def load_config(role: str, argv: list[str] | None = None) -> DaemonConfig:
         nbd_max_connections=nbd_limits[0],
         nbd_max_per_client=nbd_limits[1],
         nbd_handshake_timeout=nbd_limits[2],
+        data=data,
+        peer_data=peer_data,
+        **data_limits,
     )
+
+
+def _data_limits(args: argparse.Namespace, pick: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "data_max_connections": pick("data_max_connections", args.data_max_connections, int, 64),
+        "data_max_per_peer": pick("data_max_per_peer", args.data_max_per_peer, int, 4),
+        "data_handshake_timeout": pick("data_handshake_timeout", args.data_handshake_timeout, float, 10.0),
+    }
+    for name, flag, default in (("data_max_frame", args.data_max_frame, "64M"),
+                                ("data_inflight", args.data_inflight, "256M"),
+                                ("data_pair_inflight", args.data_pair_inflight, "128M")):
+        out[name] = parse_size(pick(name, flag, str, default))
+    if min(out.values()) <= 0:
+        raise InvalidArgument("settings 'data_*': limits must be positive, got "
+                              + ", ".join(f"{k}={v:g}" for k, v in out.items()))
+    if not 4096 <= out["data_max_frame"] <= (1 << 32) - 1:
+        raise InvalidArgument(f"setting 'data_max_frame': must be between 4K and 4G-1, got {out['data_max_frame']}")
+    if out["data_pair_inflight"] < out["data_max_frame"]:
+        raise InvalidArgument("setting 'data_pair_inflight': must hold at least one frame of 'data_max_frame' "
+                              f"({out['data_max_frame']} bytes), got {out['data_pair_inflight']}")
+    return out

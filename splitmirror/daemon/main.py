@@ -103,6 +103,7 @@ class Daemon:
         self.peer_server = grpc.aio.server(options=[*options, *peer_keepalive(config.link_timeout)],
                                            interceptors=[MalformedRequests()])
         self.nbd: object | None = None
+        self.data: object | None = None
         self.interconnect: InterconnectServicer | None = None
         #: The soft open-file limit, raised to the hard one at start.
         self.nofile = raise_nofile()
@@ -128,7 +129,7 @@ class Daemon:
             recovery = self.manager.recovery
             self.links[peer] = PeerLink(cfg.system_id, cfg.role, peer, address, cfg.link_timeout,
                                         recovery.on_peer_up, recovery.on_peer_down, tls=self.tls,
-                                        max_message=cfg.max_message_bytes)
+                                        max_message=cfg.max_message_bytes, data_address=cfg.peer_data.get(peer, ""))
             self.links[peer].on_hello = recovery.on_hello
         await self.manager.start()
 
@@ -157,6 +158,7 @@ class Daemon:
             listen_port = self.host_server.add_secure_port(cfg.listen, host_creds)
             peer_port = self.peer_server.add_secure_port(cfg.interconnect, peer_creds)
         await self.peer_server.start()
+        data_text = await self._start_data() if cfg.data else ""
         await self.host_server.start()
         for port in self.ports:
             await port.set(serving=True)
@@ -168,8 +170,8 @@ class Daemon:
         for link in self.links.values():
             link.start()
         self.schedules.start()
-        log.info("%sd system %d ready: host API port %d, interconnect port %d%s, peers %s, %s", cfg.role,
-                 cfg.system_id, listen_port, peer_port, nbd_text,
+        log.info("%sd system %d ready: host API port %d, interconnect port %d%s%s, peers %s, %s", cfg.role,
+                 cfg.system_id, listen_port, peer_port, data_text, nbd_text,
                  ", ".join(f"{p}={a}" for p, a in sorted(cfg.peers.items())) or "none",
                  f"mutual TLS from {cfg.tls_dir}" if self.tls else "no TLS")
         self.started = True
@@ -178,7 +180,7 @@ class Daemon:
         """Undo a start that failed part way: no port left open, the data closed as it was found."""
         with contextlib.suppress(Exception):
             await self.schedules.stop()
-        for server in (self.metrics, self.nbd):
+        for server in (self.metrics, self.nbd, self.data):
             if server is not None:
                 with contextlib.suppress(Exception):
                     await server.close()  # type: ignore[attr-defined]
@@ -208,6 +210,19 @@ class Daemon:
         self.nbd = server
         self.system.nbd_port = port
         return f", NBD port {port}"
+
+    async def _start_data(self) -> str:
+        from ..ports.dataport import DataLimits, DataServer
+
+        cfg = self.config
+        assert self.interconnect is not None
+        limits = DataLimits(cfg.data_max_connections, cfg.data_max_per_peer, cfg.data_handshake_timeout,
+                            cfg.data_max_frame, cfg.data_inflight, cfg.data_pair_inflight)
+        server = DataServer(self.interconnect, lambda: set(self.links), limits, self.tls, cfg.link_timeout)
+        port = await server.start(cfg.data)
+        self.data = server
+        self.interconnect.data_port = port
+        return f", data port {port}"
 
     async def _start_metrics(self) -> str:
         from prometheus_client import GCCollector, ProcessCollector
@@ -245,6 +260,8 @@ class Daemon:
             self.interconnect.stopping = True
             await asyncio.gather(*(link.goodbye() for link in self.links.values()))
         await self.manager.stop()
+        if self.data is not None:
+            await self.data.close()  # type: ignore[attr-defined]
         await self.peer_server.stop(grace=2)
         for link in self.links.values():
             await link.close()

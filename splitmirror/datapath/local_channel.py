@@ -6,7 +6,7 @@ import asyncio
 
 from ..errors import FailedPrecondition
 from ..pairstate.pair import Pair
-from ..replication.queue import BackupMarker
+from ..replication.queue import BackupMarker, GroupCut
 from .system import StorageSystem
 from .writes import WriteOp
 
@@ -19,7 +19,10 @@ class LocalChannel:
         self.pair = pair
 
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
+             resync: bool = False, marker: BackupMarker | None = None,
+             cut: GroupCut | None = None) -> asyncio.Future[bool]:
+        # A group cut orders nothing here: a local mirror applies each write
+        # before it is acknowledged (it is a barrier like any other).
         if marker is not None:
             raise FailedPrecondition(f"pair {self.pair.name!r} is a local pair; backups are taken of remote pairs")
         # Tasks start in creation order, and write_ops takes its place in the

@@ -26,6 +26,7 @@ from ..storage.copytable import CopyTable, VolumeRow
 from ..storage.intent import IntentLog
 from ..storage.ordering import RangeOrder
 from ..storage.volume import DEFAULT_TRACK_SIZE, Volume, validate_geometry
+from .groupcuts import GroupCuts
 from .writes import WritePath
 
 log = logging.getLogger("splitmirror.system")
@@ -46,6 +47,7 @@ class StorageSystem(WritePath):
         #: Pair name -> pair, indexed by volume and by peer (lookups per write cost
         #: the pairs of the volume written, not every pair of the system).
         self.pairs = PairIndex()
+        self.group_cuts = GroupCuts(self.pairs)
         self.fences = {}
         self._order = {}
         self.bytes_sent = 0

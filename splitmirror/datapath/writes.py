@@ -30,6 +30,7 @@ from ..storage.intent import IntentLog
 from ..storage.ordering import RangeOrder
 from ..storage.scopes import replicated_scope
 from ..storage.volume import Volume
+from .groupcuts import GroupCuts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ class WritePath(abc.ABC):
     async_queue_bytes: int
     #: Called (synchronously) when an async pair's queue would overflow.
     on_overflow: Callable[[Pair], None] | None
+    #: Common points of the async consistency groups' write order.
+    group_cuts: GroupCuts
     #: Checks host reads of some volumes (set by the procedures layer), or None.
     read_check: ReadCheck | None
 
@@ -184,6 +187,8 @@ class WritePath(abc.ABC):
                         # recorded until the mirror has applied the write.
                         release = self.intent.pin(scope, start, length)
                         futs[-1].add_done_callback(functools.partial(_call_release, release))
+                        if pair.row.group:
+                            self.group_cuts.touch(pair.row.group)
                     else:
                         waits.extend(futs)
                 await vol.apply([(op.offset, op.data, op.zero_length) for op in ops])

@@ -18,6 +18,7 @@ from ..pairstate.pair import Pair
 from ..replication.link import PeerLink
 from ..status import PairOp
 from ..v1 import interconnect_pb2 as ic
+from .group_point import GroupPoints
 from .settings import Settings
 from .transitions import apply_transition
 
@@ -35,6 +36,8 @@ class PairContext:
         self.links = links
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Mirror ends of async group pairs: pre-images since the group's last complete cut.
+        self.group_points = GroupPoints()
 
     # -- background tasks -------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -151,6 +151,11 @@ class LinkRecovery:
         """After a reconnect: bring both ends back to agreement."""
         state = await command(pair, ic.PAIR_OP_STATUS)
         remote = PairStatus(state.status)
+        if isinstance(pair.channel, RemoteChannel) and not pair.channel.stream.queue.unacked:
+            # Number on from what the mirror applied (after a restart here the
+            # stream would start at 1 again): a takeover's point stays readable.
+            queue = pair.channel.stream.queue
+            queue.next_seq = max(queue.next_seq, state.applied_seq + 1)
         if pair.status is PairStatus.DUPLEX and remote is PairStatus.DUPLEX:
             return
         if pair.status is PairStatus.COPY:

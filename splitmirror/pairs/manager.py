@@ -20,13 +20,14 @@ from ..datapath.local_channel import LocalChannel
 from ..datapath.system import StorageSystem
 from ..errors import InvalidArgument, NotFound
 from ..pairstate.pair import MODES, EndRole, Pair
-from ..replication.framing import SequenceCheck
+from ..replication.framing import Frame, SequenceCheck
 from ..replication.link import PeerLink
 from ..status import PairOp, PairStatus
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
 from .copying import Copier
 from .crash_recovery import recover_write_intent
+from .group_rollback import GroupRollback
 from .link_recovery import LinkRecovery
 from .mirror_batch import run_commands
 from .mirror_end import MirrorEnd
@@ -65,7 +66,9 @@ class PairManager:
         self.recovery = LinkRecovery(self.context, self.copying, self.resync, self.roles)
         self.primary_end = PrimaryEnd(self.context, self.copying, Verifier(self.context, self.resync),
                                       self.recovery.on_stream_failure)
-        self.mirror_end = MirrorEnd(self.context)
+        rollback = GroupRollback(self.context)
+        self.roles.roll_back = rollback.roll_back
+        self.mirror_end = MirrorEnd(self.context, rollback)
         self.swapping = Swap(self.context, self.roles, lambda pair, link: self.primary_end.attach_remote(pair, link))
         self._ends: dict[EndRole, EndCommands] = {EndRole.PRIMARY: self.primary_end,
                                                   EndRole.MIRROR: self.mirror_end}
@@ -109,6 +112,10 @@ class PairManager:
         for pair in self.system.pairs.values():
             if pair.channel is not None:
                 await pair.channel.close()
+        # The last sequence each mirror end applied: a takeover after the restart names it.
+        mirrors = [p.mirror.row for p in self.system.pairs.values() if p.mirror is not None and p.remote]
+        if mirrors:
+            await self.system.table.save_pairs(mirrors)
         await self.system.intent.stop()
         await self.system.intent.clear_idle(0)
 
@@ -199,6 +206,13 @@ class PairManager:
 
     async def mirror_apply(self, pair: Pair, batch: ic.ReplicateBatch, sequence: SequenceCheck) -> int:
         return await self.mirror_end.apply(pair, batch, sequence)
+
+    async def mirror_apply_frames(self, pair: Pair, frames: list[Frame], sequence: SequenceCheck) -> int:
+        return await self.mirror_end.apply_frames(pair, frames, sequence)
+
+    async def mirror_refuse_stream(self, pair: Pair, why: str) -> None:
+        self.mirror_end.check_mirroring(pair)
+        await self.mirror_end.refuse_stream(pair, why)
 
     def mirror_read_tracks(self, peer: int, name: str, tracks: bytes) -> AsyncIterator[tuple[int, int, bytes]]:
         return self.mirror_end.read_tracks(peer, name, tracks)

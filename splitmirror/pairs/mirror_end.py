@@ -26,6 +26,7 @@ from ..storage.copytable import PairRow
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
 from .divergent import save_divergent
+from .group_rollback import GroupRollback
 from .membership import check_new_mirror, forget, initial_bitmap
 from .verify import VERIFY_CHUNK
 
@@ -36,14 +37,22 @@ MAX_BATCH_ENTRIES = 1 << 18
 MarkerHandler = Callable[[Pair, BackupMarker], Awaitable[None]]
 
 
+def keeps_pre_images(pair: Pair) -> bool:
+    """A mirror end whose writes a takeover may roll back to its group's common point."""
+    row = pair.row
+    return (pair.mirror is not None and row.mode == "async" and bool(row.group) and row.copy_type == "REMOTE"
+            and row.status is PairStatus.DUPLEX)
+
+
 class MirrorEnd:
     """The handlers of the pairs whose mirror end is here."""
 
     role = EndRole.MIRROR
 
-    def __init__(self, context: PairContext) -> None:
+    def __init__(self, context: PairContext, rollback: GroupRollback) -> None:
         self.context = context
         self.system = context.system
+        self.rollback = rollback
         #: Set by the daemon's wiring to the backup procedure; without it a
         #: batch that carries a backup marker is refused.
         self.marker_handler: MarkerHandler | None = None
@@ -103,6 +112,10 @@ class MirrorEnd:
         op = req.op
         if op == ic.PAIR_OP_STATUS:
             return self.state(pair)
+        if op in (ic.PAIR_OP_SPLIT, ic.PAIR_OP_RESYNC_BEGIN, ic.PAIR_OP_RESYNC_DONE, ic.PAIR_OP_DELETE,
+                  ic.PAIR_OP_SET_MODE):
+            # Out of (or back into) the group's order: nothing before this is to be rolled back.
+            self.context.group_points.forget(pair.name)
         if op == ic.PAIR_OP_SPLIT:
             self.context.set_status(pair, PairOp.SPLIT)
             pair.mirror.row.split_time = req.split_time or pair.mirror.row.split_time
@@ -152,17 +165,28 @@ class MirrorEnd:
         or reach outside the volume, suspends the pair here: what came
         before the break is applied, nothing after it.
         """
-        assert pair.mirror is not None
+        self.check_mirroring(pair)
+        try:
+            frames = frames_of(batch, MAX_BATCH_ENTRIES)
+        except FramingError as exc:
+            await self.refuse_stream(pair, f"malformed batch ({exc})")
+        return await self.apply_frames(pair, frames, sequence)
+
+    def check_mirroring(self, pair: Pair) -> None:
+        if pair.mirror is None:  # taken over meanwhile
+            raise FailedPrecondition(f"pair {pair.name!r} has no mirror end on system {self.system.system_id} any "
+                                     "more; replicated writes are not accepted")
         if pair.status not in MIRRORING:
             # E.g. a batch delayed by a healed partition, arriving after this
             # end suspended itself: applying it would fake host writes here.
             raise FailedPrecondition(f"pair {pair.name!r} is {pair.status.value} on system "
                                      f"{self.system.system_id}; replicated writes are not accepted")
+
+    async def apply_frames(self, pair: Pair, frames: list[Frame], sequence: SequenceCheck) -> int:
+        """:meth:`apply` for entries already decoded (the data connection's batches)."""
+        self.check_mirroring(pair)
+        assert pair.mirror is not None
         vol = pair.mirror.volume
-        try:
-            frames = frames_of(batch, MAX_BATCH_ENTRIES)
-        except FramingError as exc:
-            await self._refuse_stream(pair, f"malformed batch ({exc})")
         good, why = len(frames), ""
         for i, f in enumerate(frames):
             why = sequence.accept(f.seq)
@@ -173,14 +197,15 @@ class MirrorEnd:
             if why:
                 good = i
                 break
-        await self._apply_frames(pair, frames[:good])
+        async with self.rollback.batch(pair):
+            await self._apply_frames(pair, frames[:good])
         if good:
             pair.applied_seq = frames[good - 1].seq
         if why:
-            await self._refuse_stream(pair, why)
+            await self.refuse_stream(pair, why)
         return frames[-1].seq if frames else 0
 
-    async def _refuse_stream(self, pair: Pair, why: str) -> NoReturn:
+    async def refuse_stream(self, pair: Pair, why: str) -> NoReturn:
         """Suspend the pair here and end the stream: nothing more is applied."""
         self.context.set_status(pair, PairOp.FAULT, "stream-refused")
         await self.system.save_rows(pair)
@@ -190,17 +215,26 @@ class MirrorEnd:
     async def _apply_frames(self, pair: Pair, frames: list[Frame]) -> None:
         assert pair.mirror is not None
         vol = pair.mirror.volume
+        group = pair.row.group
+        keeping = keeps_pre_images(pair)
         ops: list[WriteOp] = []
         for e in frames:
+            if e.cut is not None:
+                if ops:
+                    await self._write(pair, ops, keeping)
+                    ops = []
+                if group:
+                    self.context.group_points.applied_cut(pair.name, group, e.cut, e.seq)
+                continue
             if e.marker is not None:
                 if ops:
-                    await self.system.write_ops(vol, ops, replicated=True)
+                    await self._write(pair, ops, keeping)
                     ops = []
                 await self._backup_point(pair, e.marker)
                 continue
             if e.flush:
                 if ops:
-                    await self.system.write_ops(vol, ops, replicated=True)
+                    await self._write(pair, ops, keeping)
                     ops = []
                 await self.system.flush_volume(vol)
                 continue
@@ -217,7 +251,18 @@ class MirrorEnd:
                 pair.counters.replicated_writes += 1
                 pair.counters.replicated_bytes += len(data)
         if ops:
-            await self.system.write_ops(vol, ops, replicated=True)
+            await self._write(pair, ops, keeping)
+
+    async def _write(self, pair: Pair, ops: list[WriteOp], keeping: bool) -> None:
+        """Apply replicated writes; an async group pair keeps what they replace first."""
+        assert pair.mirror is not None
+        vol = pair.mirror.volume
+        points = self.context.group_points
+        if keeping and points.room(pair.name, pair.row.group, sum(op.length for op in ops)):
+            before = await vol.run(lambda: [vol.pread(op.offset, op.length) for op in ops])
+            for op, image in zip(ops, before, strict=True):
+                points.keep(pair.name, op.offset, image)
+        await self.system.write_ops(vol, ops, replicated=True)
 
     async def _backup_point(self, pair: Pair, marker: BackupMarker) -> None:
         """Every write before the marker is applied: hand it to the backup procedure."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from ..replication.queue import BackupMarker
+from ..replication.queue import BackupMarker, GroupCut
 from ..replication.stream import ReplicationStream
 
 
@@ -20,7 +20,8 @@ class MirrorChannel(Protocol):
     """How the primary end sends ordered entries to the mirror end."""
 
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]: ...
+             resync: bool = False, marker: BackupMarker | None = None,
+             cut: GroupCut | None = None) -> asyncio.Future[bool]: ...
 
     def flush_later(self) -> None:
         """Make the mirror end durable up to here; no one waits for it."""
@@ -39,8 +40,10 @@ class RemoteChannel:
         self.stream = stream
 
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
-        return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
+             resync: bool = False, marker: BackupMarker | None = None,
+             cut: GroupCut | None = None) -> asyncio.Future[bool]:
+        return self.stream.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker,
+                                cut=cut)
 
     def flush_later(self) -> None:
         self.stream.flush_later()

@@ -6,7 +6,8 @@ that lookup must cost what that volume's pairs cost, not what the whole
 system holds: a daemon with a thousand pairs writes as fast as one with
 one.  :class:`PairIndex` is the mapping of pair names to pairs that the
 storage system keeps, with two indexes kept in step with it: the pairs
-holding an end on each volume, and the remote pairs with each peer.
+holding an end on each volume, the remote pairs with each peer, and the
+pairs of each consistency group.
 
 A pair's ends may be set after it entered the index (a copy-table load
 fills them row by row, a takeover moves its end to the other role): the
@@ -27,8 +28,9 @@ class PairIndex(MutableMapping[str, Pair]):
         self._pairs: dict[str, Pair] = {}
         self._by_volume: dict[str, dict[str, Pair]] = {}
         self._by_peer: dict[int, dict[str, Pair]] = {}
-        #: Where each pair is indexed now (volume names, peer or None).
-        self._keys: dict[str, tuple[frozenset[str], int | None]] = {}
+        self._by_group: dict[str, dict[str, Pair]] = {}
+        #: Where each pair is indexed now (volume names, peer or None, group or "").
+        self._keys: dict[str, tuple[frozenset[str], int | None, str]] = {}
         #: Times every pair was walked (iteration over the whole mapping):
         #: the write path must never add to it (a test pins this).
         self.full_scans = 0
@@ -70,23 +72,30 @@ class PairIndex(MutableMapping[str, Pair]):
         """The remote pairs whose other end is on system ``peer``."""
         return list(self._by_peer.get(peer, {}).values())
 
+    def in_group(self, group: str) -> list[Pair]:
+        """The pairs of consistency group ``group`` with an end here."""
+        return list(self._by_group.get(group, {}).values()) if group else []
+
     def _reindex(self, pair: Pair) -> None:
         if self._pairs.get(pair.name) is not pair:
             return  # no longer (or not yet) in this index
         ends = pair.ends
         volumes = frozenset(e.volume.name for e in ends)
         peer = ends[0].row.pair_system_id if ends and ends[0].row.copy_type == "REMOTE" else None
-        if self._keys.get(pair.name) == (volumes, peer):
+        group = ends[0].row.group if ends else ""
+        if self._keys.get(pair.name) == (volumes, peer, group):
             return
         self._unindex(pair)
         for volume in volumes:
             self._by_volume.setdefault(volume, {})[pair.name] = pair
         if peer is not None:
             self._by_peer.setdefault(peer, {})[pair.name] = pair
-        self._keys[pair.name] = (volumes, peer)
+        if group:
+            self._by_group.setdefault(group, {})[pair.name] = pair
+        self._keys[pair.name] = (volumes, peer, group)
 
     def _unindex(self, pair: Pair) -> None:
-        volumes, peer = self._keys.pop(pair.name, (frozenset(), None))
+        volumes, peer, group = self._keys.pop(pair.name, (frozenset(), None, ""))
         for volume in volumes:
             held = self._by_volume.get(volume)
             if held is not None and held.get(pair.name) is pair:
@@ -99,3 +108,8 @@ class PairIndex(MutableMapping[str, Pair]):
                 del held[pair.name]
                 if not held:
                     del self._by_peer[peer]
+        held = self._by_group.get(group) if group else None
+        if held is not None and held.get(pair.name) is pair:
+            del held[pair.name]
+            if not held:
+                del self._by_group[group]

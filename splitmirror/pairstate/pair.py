@@ -113,8 +113,6 @@ class Pair:
         #: Primary end: why host writes wait for a role decision (its first
         #: contact after a start, a swap draining), empty when they need not.
         self.hold_writes = ""
-        #: Mirror end: the last sequence of the write stream applied here.
-        self.applied_seq = 0
 
     @property
     def primary(self) -> PairEnd | None:
@@ -150,6 +148,15 @@ class Pair:
         if end is None:
             raise IndexError(f"pair {self.name!r} holds no end")
         return end.row
+
+    @property
+    def applied_seq(self) -> int:
+        """Mirror end: the last sequence of the write stream applied here (kept in its row)."""
+        return self.row.applied_seq
+
+    @applied_seq.setter
+    def applied_seq(self, seq: int) -> None:
+        self.row.applied_seq = seq
 
     @property
     def status(self) -> PairStatus:

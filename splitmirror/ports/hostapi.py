@@ -175,7 +175,8 @@ class HostApiServicer(pb_grpc.HostApiServicer):
             msg.copy_done_tracks = progress.done_tracks
         elif row.primary and pair.verify_progress is not None:
             verify = pair.verify_progress
-            msg.activity, msg.has_progress, msg.progress = "verify", True, verify.percent
+            # a verify, or a backup check's current step (a percentage only where it reads the SVOL)
+            msg.activity, msg.has_progress, msg.progress = verify.direction, verify.total_tracks > 0, verify.percent
             msg.rate_bytes_per_s, msg.eta_seconds = verify.rate, verify.eta
         return msg
 

@@ -84,10 +84,11 @@ TAKEOVER_GRACE = 2.0  # seconds an older Replicate stream has to finish its batc
 
 
 @dataclasses.dataclass(eq=False)
-class _Stream:
-    """One Replicate stream being served for a pair."""
+class ServedStream:
+    """One write stream being served for a pair (a Replicate call or a data channel)."""
 
-    reader: asyncio.Task[None]
+    #: Stops taking its messages in (the Replicate call's reader task is cancelled).
+    stop: Callable[[], object]
     handler: asyncio.Task[Any] | None
     superseded: bool = False
 
@@ -140,7 +141,9 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         self.tls = tls
         self.system = manager.system
         self.role = role
-        self._streams: dict[str, _Stream] = {}  # pair -> the stream allowed to apply
+        self._streams: dict[str, ServedStream] = {}  # pair -> the stream allowed to apply
+        #: The port of the replication data connection advertised to peers (0: none).
+        self.data_port = 0
         #: Set once this system said goodbye to its peers: keepalives are refused from then on.
         self.stopping = False
 
@@ -163,7 +166,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             if link is not None:
                 link.peer_left()
             return ic.HelloReply(system_id=self.system.system_id, role=self.role)
-        reply = ic.HelloReply(system_id=self.system.system_id, role=self.role)
+        reply = ic.HelloReply(system_id=self.system.system_id, role=self.role, data_port=self.data_port)
         for pair in self.manager.pairs_with(peer):
             # Only the mirror ends that stopped mirroring: what the primary
             # acts on (a keepalive's size does not follow the pair count).
@@ -209,7 +212,8 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
             finally:
                 await batches.put(None)
 
-        stream = _Stream(asyncio.create_task(reader()), asyncio.current_task())
+        reading = asyncio.create_task(reader())
+        stream = ServedStream(reading.cancel, asyncio.current_task())
         ending = False  # by an exception (an abort, say): a bad message read meanwhile must not replace it
         try:
             first = await batches.get()
@@ -217,7 +221,7 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                 return
             async with refusals(context):
                 pair = self.manager.mirror_pair(peer, first.pair)
-            await self._take_over(pair.name, stream, pair.apply_lock)
+            await self.take_over(pair.name, stream, pair.apply_lock)
             try:
                 batch: ic.ReplicateBatch | None = first
                 sequence = SequenceCheck()
@@ -236,22 +240,20 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
                         yield ic.ReplicateAck(seq=applied)
                     batch = await batches.get()
             finally:
-                pair.apply_lock.release()
-                if self._streams.get(pair.name) is stream:
-                    del self._streams[pair.name]
+                self.release(pair.name, stream, pair.apply_lock)
         except BaseException:
             ending = True
             raise
         finally:
-            stream.reader.cancel()
+            reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 try:
-                    await stream.reader
+                    await reading
                 except (MalformedInStream, SplitmirrorError):
                     if not ending:
                         raise
 
-    async def _take_over(self, pair: str, stream: _Stream, lock: asyncio.Lock) -> None:
+    async def take_over(self, pair: str, stream: ServedStream, lock: asyncio.Lock) -> None:
         """Make ``stream`` the pair's only Replicate stream.
 
         The primary opens a new stream only after giving up on the previous
@@ -265,13 +267,19 @@ class InterconnectServicer(ic_grpc.InterconnectServicer):
         if old is not None:
             log.warning("pair %s: a newer replication stream takes over from a stale one", pair)
             old.superseded = True
-            old.reader.cancel()
+            old.stop()
         try:
             await asyncio.wait_for(lock.acquire(), TAKEOVER_GRACE)
         except TimeoutError:
             if old is not None and old.handler is not None:
                 old.handler.cancel()
             await lock.acquire()
+
+    def release(self, pair: str, stream: ServedStream, lock: asyncio.Lock) -> None:
+        """``stream`` stops applying: the next one may take over."""
+        lock.release()
+        if self._streams.get(pair) is stream:
+            del self._streams[pair]
 
     @peer_call
     async def TrackDigests(self, request: ic.TrackDigestsRequest, context: Context, peer: int) -> ic.TrackDigestsReply:

@@ -136,8 +136,10 @@ class BackupManager:
         if chosen.name in self.checking:
             raise FailedPrecondition(f"generation {chosen.name!r} is being checked (backup check); try again once "
                                      "the check is done")
-        with caused_by(f"backup of pair {pair.name}"):
-            resynced = await self._bring_to_duplex(chosen)
+        resynced = 0
+        if not req.choose_only:
+            with caused_by(f"backup of pair {pair.name}"):
+                resynced = await self._bring_to_duplex(chosen)
         assert chosen.mirror is not None
         return ic.PrepareBackupReply(generation=chosen.name, svol=chosen.mirror.volume.name,
                                      resynced_tracks=resynced)
@@ -346,13 +348,12 @@ class BackupManager:
 async def _fix_point(mgr: BackupManager, pairs: list[Pair], group: str, generation: str, ring: Sequence[str],
                      hooks: BackupHooks, env: dict[str, str],
                      started: float) -> tuple[list[pb.BackupResult], float, asyncio.Future[None]]:
-    """Bring the generations in sync, run the pre-hook, push the markers."""
-    prepared: list[ic.PrepareBackupReply] = []
-    for pair in pairs:
-        reply = await mgr.peer_rpc(pair, "PrepareBackup",
-                                ic.PrepareBackupRequest(pair=pair.name, generation=generation, ring=ring), None)
-        assert isinstance(reply, ic.PrepareBackupReply)
-        prepared.append(reply)
+    """Pick the generations, run the pre-hook, bring the generations in sync, push the markers.
+
+    With a pre-hook the generations are only picked before it runs and brought
+    in sync after it passed: a failing pre-hook leaves every generation (and
+    the backup it holds) as it was."""
+    prepared = await _prepare(mgr, pairs, generation, ring, choose_only=bool(hooks.pre))
     prepare_seconds = time.monotonic() - started
     env["SPLITMIRROR_GENERATION"] = ",".join(prep.generation for prep in prepared)
     env["SPLITMIRROR_SVOL"] = ",".join(prep.svol for prep in prepared)
@@ -365,7 +366,12 @@ async def _fix_point(mgr: BackupManager, pairs: list[Pair], group: str, generati
                 mgr.emit(pair, "cancelled", prep.generation, problem)
             log.error("backup of %s cancelled: %s", env["SPLITMIRROR_PAIR"], problem)
             raise BackupCancelled(f"backup of {(group and f'group {group!r}') or f'pair {pairs[0].name!r}'} "
-                                  f"cancelled: {problem}; no backup point was fixed")
+                                  f"cancelled: {problem}; no backup point was fixed and no generation changed")
+        chosen = [prep.generation for prep in prepared]
+        synced = time.monotonic()
+        prepared = [(await _prepare(mgr, [pair], gen, (), choose_only=False))[0]
+                    for pair, gen in zip(pairs, chosen, strict=True)]
+        prepare_seconds += time.monotonic() - synced  # the time to bring them in sync, not the hook's
         mgr.check_ready(pairs)
     # One step of the event loop, no await: one point of the write order.
     backup_time = utc_now()
@@ -383,6 +389,18 @@ async def _fix_point(mgr: BackupManager, pairs: list[Pair], group: str, generati
                for p, prep in zip(pairs, prepared, strict=True)]
     completion = asyncio.ensure_future(_complete(mgr, pairs, markers, futures, results, group, backup_time))
     return results, prepare_seconds, completion
+
+
+async def _prepare(mgr: BackupManager, pairs: list[Pair], generation: str, ring: Sequence[str],
+                   choose_only: bool) -> list[ic.PrepareBackupReply]:
+    """Ask the secondary to pick each pair's generation and (unless ``choose_only``) bring it in sync."""
+    prepared = []
+    for pair in pairs:
+        reply = await mgr.peer_rpc(pair, "PrepareBackup", ic.PrepareBackupRequest(
+            pair=pair.name, generation=generation, ring=ring, choose_only=choose_only), None)
+        assert isinstance(reply, ic.PrepareBackupReply)
+        prepared.append(reply)
+    return prepared
 
 
 async def _complete(mgr: BackupManager, pairs: list[Pair], markers: list[BackupMarker],

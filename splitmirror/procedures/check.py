@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..clock import utc_now
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..eventsink import BACKUP, Event
 from ..names import check_name
-from ..pairstate.pair import Pair
+from ..pairstate.pair import CopyProgress, Pair
 from ..status import PairStatus
 from ..v1 import host_pb2 as pb
 from ..v1 import interconnect_pb2 as ic
@@ -91,15 +92,16 @@ class GenerationChecker:
         output: list[str] = []
         try:
             await svol.flush()
-            before = await svol.digest(0, svol.size)
+            before = await svol.digest(0, svol.size, _phase(gen, "check: reading the SVOL", svol.size))
             report.reason = await self._examine(svol.path, gen, remote, probe, probe_timeout or PROBE_TIMEOUT,
                                                 output)
-            after = await svol.digest(0, svol.size)
+            after = await svol.digest(0, svol.size, _phase(gen, "check: re-reading the SVOL", svol.size))
             if after != before:  # never expected: the overlay opens the SVOL read-only
                 report.reason = f"SVOL {svol.name} changed during the check ({before} -> {after})"
             report.svol_digest = after
         finally:
             self.backups.checking.discard(name)
+            gen.verify_progress = None
         report.verdict = "failed" if report.reason else "passed"
         report.seconds = time.monotonic() - started
         report.output = "\n".join(output)[-TAIL:]
@@ -111,19 +113,24 @@ class GenerationChecker:
         """Run fsck and the probe on the overlay; the reason of a failure, or ""."""
         workdir = self.system.data_dir / "checks"
         assert gen.mirror is not None
+        _phase(gen, "check: attaching a copy-on-write overlay")
         async with overlay(source, workdir) as view:
+            _phase(gen, "check: replaying the journal")
             code, out = await run(["e2fsck", "-E", "journal_only", "-y", str(view.disk)], FSCK_TIMEOUT)
             out = out.replace(str(view.disk), f"SVOL {gen.mirror.volume.name}")
             output.append(out.strip())
             if code not in (0, 1):
                 return f"e2fsck could not replay the journal (exit status {code}): {_last(out)}"
+            _phase(gen, "check: e2fsck -fn")
             code, out = await run(["e2fsck", "-fn", str(view.disk)], FSCK_TIMEOUT)
             out = out.replace(str(view.disk), f"SVOL {gen.mirror.volume.name}")
             output.append(out.strip())
             if code != 0:
                 return f"e2fsck found errors in the file system (exit status {code}): {_last(out)}"
+            _phase(gen, "check: mounting")
             mount = await view.mount()
             if probe:
+                _phase(gen, "check: running the probe")
                 env = {"SPLITMIRROR_MOUNT": str(mount), "SPLITMIRROR_GENERATION": gen.name,
                        "SPLITMIRROR_PAIR": remote.name, "SPLITMIRROR_BACKUP_TIME": gen.row.backup_time or "",
                        "SPLITMIRROR_PHASE": "check"}
@@ -159,6 +166,20 @@ class GenerationChecker:
             raise NotFound(f"generation {req.generation!r} is not a generation of pair {pair.name!r}")
         report = await self.check(req.generation, req.probe)
         return ic.CheckGenerationReply(verdict=report.verdict, reason=report.reason, seconds=report.seconds)
+
+
+def _phase(gen: Pair, what: str, size: int = 0) -> Callable[[int], None]:
+    """Show the check's step as the generation's activity (``pair display``, the CLI's
+    progress); a step over ``size`` bytes also has a percentage, rate and ETA, kept by
+    the callback returned (bytes done)."""
+    assert gen.mirror is not None
+    track_size = gen.mirror.volume.track_size
+    progress = gen.verify_progress = CopyProgress(what, -(-size // track_size), track_size)
+
+    def done(n: int) -> None:
+        progress.done_tracks = min(progress.total_tracks, progress.done_tracks + -(-n // track_size))
+
+    return done
 
 
 def _last(text: str) -> str:

@@ -5,8 +5,9 @@ application) and ``post_restore_hook`` after it is unfenced (e.g. restart
 it, recover the database).  Each gets the pair, the volume, the phase and
 the system id in its environment, and at most :data:`HOOK_TIMEOUT` seconds.
 
-``pre_backup_hook`` runs once the generations are in sync, just before the
-backup point is fixed (e.g. ``fsfreeze -f``, a database checkpoint), and
+``pre_backup_hook`` runs once the generations are picked, before they are
+brought in sync and the backup point is fixed (e.g. ``fsfreeze -f``, a
+database checkpoint): a failing pre-hook leaves every generation as it was;
 ``post_backup_hook`` right after it (``fsfreeze -u``) - also when the backup
 failed or the pre-hook did.  They get the pair(s), the group, the
 generation(s), the phase and the outcome in their environment.  A hook runs

@@ -44,7 +44,7 @@ from collections.abc import Iterable
 
 from ..names import VOLUME_NAME
 from .framing import HEADER as ENTRY_HEADER
-from .framing import Frame, FramingError, decode
+from .framing import Frame, FramingError, decode, entry_header
 from .queue import BackupMarker, Entry
 
 MAGIC = b"SMDATA\r\n"
@@ -175,12 +175,10 @@ def batch(channel: int, entries: Iterable[Entry]) -> list[bytes | memoryview]:
     payloads as separate buffers, so the payloads are never copied here."""
     parts: list[bytes | memoryview] = [b""]
     size = _CHANNEL.size
-    pack = ENTRY_HEADER.pack
     for e in entries:
         if e.marker is not None:
             raise ValueError(f"entry {e.seq} is a backup marker; it goes in a MARKER frame")
-        flags = (1 if e.flush else 0) | (2 if e.resync else 0)
-        parts.append(pack(e.seq, e.offset, len(e.data), e.zero_length, flags))
+        parts.append(entry_header(e))  # a group cut included
         size += ENTRY_HEADER.size
         if e.data:
             parts.append(e.data)

@@ -7,6 +7,10 @@ zero-run length, flags) followed by the payload.  gRPC then moves one
 buffer per batch, and the mirror end reads the entries with ``struct``
 (one copy per payload, as a protobuf ``bytes`` field costs too).
 
+A group cut (:class:`~splitmirror.replication.queue.GroupCut`) is an entry
+with the ``CUT`` flag and no payload: its offset field holds the cut number
+and its zero-run field the number of streams that carry it.
+
 Backup markers carry strings and stay protobuf ``WriteEntry`` messages; a
 batch carries either packed entries or protobuf entries, never both.
 
@@ -21,13 +25,16 @@ import struct
 from collections.abc import Iterable
 
 from ..v1 import interconnect_pb2 as ic
-from .queue import BackupMarker, Entry
+from .queue import BackupMarker, Entry, GroupCut
 
 #: seq, offset, payload bytes, zero-run bytes, flags
 HEADER = struct.Struct("<QQIQB")
 FLUSH = 0x01
 RESYNC = 0x02
-KNOWN_FLAGS = FLUSH | RESYNC
+CUT = 0x04
+KNOWN_FLAGS = FLUSH | RESYNC | CUT
+#: Streams one group cut may name (a consistency group of more pairs is refused).
+MAX_CUT_MEMBERS = 1 << 16
 
 
 class FramingError(ValueError):
@@ -45,6 +52,7 @@ class Frame:
     flush: bool = False
     resync: bool = False
     marker: BackupMarker | None = None
+    cut: GroupCut | None = None
 
     @property
     def length(self) -> int:
@@ -55,15 +63,21 @@ def encoded_size(entry: Entry) -> int:
     return HEADER.size + len(entry.data)
 
 
+def entry_header(e: Entry) -> bytes:
+    """The packed header of one entry (its payload follows it); every packer uses this one."""
+    if e.cut is not None:
+        return HEADER.pack(e.seq, e.cut.cut, 0, e.cut.members, CUT)
+    flags = (FLUSH if e.flush else 0) | (RESYNC if e.resync else 0)
+    return HEADER.pack(e.seq, e.offset, len(e.data), e.zero_length, flags)
+
+
 def encode(entries: Iterable[Entry]) -> bytes:
     """Pack entries (none a backup marker) into one buffer, in order."""
     parts: list[bytes | memoryview] = []
-    pack = HEADER.pack
     for e in entries:
         if e.marker is not None:
             raise ValueError(f"entry {e.seq} is a backup marker; markers are not packed")
-        flags = (FLUSH if e.flush else 0) | (RESYNC if e.resync else 0)
-        parts.append(pack(e.seq, e.offset, len(e.data), e.zero_length, flags))
+        parts.append(entry_header(e))
         if e.data:
             parts.append(e.data)
     return b"".join(parts)
@@ -98,6 +112,15 @@ def decode(buf: bytes | memoryview, max_entries: int) -> list[Frame]:
                                f"{end - pos} are left")
         if length and zero_length:
             raise FramingError(f"packed entry {index} (seq {seq}) has both a payload and a zero run")
+        if flags & CUT:
+            if flags != CUT or length:
+                raise FramingError(f"packed entry {index} (seq {seq}) is a group cut with flags {flags:#x} and "
+                                   f"{length} payload bytes (a cut has neither)")
+            if not 1 <= zero_length <= MAX_CUT_MEMBERS:
+                raise FramingError(f"packed entry {index} (seq {seq}): group cut {offset} names {zero_length} "
+                                   f"streams; the limit is 1 to {MAX_CUT_MEMBERS}")
+            frames.append(Frame(seq, 0, b"", cut=GroupCut(offset, zero_length)))
+            continue
         frames.append(Frame(seq, offset, buf[pos:pos + length] if length else b"", zero_length,
                             bool(flags & FLUSH), bool(flags & RESYNC)))
         pos += length

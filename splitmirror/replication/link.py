@@ -23,6 +23,7 @@ from ..tls import TlsFiles, system_host_name
 from ..v1 import interconnect_pb2 as ic
 from ..v1 import interconnect_pb2_grpc as ic_grpc
 from .commands import CommandBatcher
+from .datalink import DataLink
 
 log = logging.getLogger("splitmirror.link")
 
@@ -57,7 +58,7 @@ class PeerLink:
 
     def __init__(self, own_id: int, role: str, peer_id: int, address: str, timeout: float,
                  on_up: PeerCallback, on_down: PeerCallback, tls: TlsFiles | None = None,
-                 max_message: int = MAX_MESSAGE) -> None:
+                 max_message: int = MAX_MESSAGE, data_address: str = "") -> None:
         self.own_id = own_id
         self.role = role
         self.peer_id = peer_id
@@ -72,6 +73,9 @@ class PeerLink:
         self.keepalive_channel = self._channel(address, tls, max_message, [("grpc.use_local_subchannel_pool", 1)])
         self.keepalive_stub = ic_grpc.InterconnectStub(self.keepalive_channel)
         self.stub = ic_grpc.InterconnectStub(self.channel)
+        #: The data connection carrying the pairs' write streams (when the peer offers one).
+        self.data = DataLink(own_id, peer_id, (data_address or address).rpartition(":")[0], timeout, tls,
+                             int(data_address.rpartition(":")[2]) if data_address else 0)
         #: Pair commands to the peer, many in one call (a mass recovery).
         self.commands = CommandBatcher(self.stub, self.metadata, timeout, peer_id)
         self.up: bool | None = None  # None: not known yet
@@ -113,6 +117,7 @@ class PeerLink:
                 await self._task
         for task in list(self._callbacks):
             task.cancel()
+        self.data.close()
         await self.commands.close()
         await self.channel.close(grace=None)
         await self.keepalive_channel.close(grace=None)
@@ -185,6 +190,7 @@ class PeerLink:
             else:
                 self._last_ok = time.monotonic()
                 self.rtt = self._last_ok - asked
+                self.data.port = reply.data_port
                 self._take_roles(reply)
                 if self.up is not True:
                     self.up = True

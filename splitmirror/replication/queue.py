@@ -23,6 +23,21 @@ class BackupMarker:
     backup_time: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupCut:
+    """One point of an async consistency group's write order (a group barrier).
+
+    The primary pushes a cut with the same ``cut`` number into the stream of
+    every async pair of the group that mirrors, with no await between the
+    pushes: each stream holds before it exactly the writes pushed before it,
+    in every stream alike.  ``members`` is how many streams carry it; the
+    mirror knows the cut complete once that many applied it.
+    """
+
+    cut: int
+    members: int
+
+
 @dataclasses.dataclass(slots=True)
 class Entry:
     seq: int
@@ -33,6 +48,7 @@ class Entry:
     resync: bool = False
     queued_at: float = 0.0
     marker: BackupMarker | None = None
+    cut: GroupCut | None = None
 
     @property
     def length(self) -> int:
@@ -58,8 +74,8 @@ class ReplicationQueue:
         self.queued_bytes = 0  # unacknowledged payload bytes (unsent + in flight)
 
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> Entry:
-        entry = Entry(self.next_seq, offset, data, zero_length, flush, resync, time.monotonic(), marker)
+             resync: bool = False, marker: BackupMarker | None = None, cut: GroupCut | None = None) -> Entry:
+        entry = Entry(self.next_seq, offset, data, zero_length, flush, resync, time.monotonic(), marker, cut)
         self.next_seq += 1
         self._unsent.append(entry)
         self.queued_bytes += len(data)

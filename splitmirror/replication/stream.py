@@ -2,7 +2,8 @@
 
 :class:`ReplicationStream` is the thin I/O layer around
 :class:`~splitmirror.replication.queue.ReplicationQueue` for one pair: it
-keeps one ``Replicate`` call open, sends batches as fast as flow control
+keeps one channel of the peer's data connection (or, when the peer offers
+none, one ``Replicate`` call) open, sends batches as fast as flow control
 allows, resolves waiters on acknowledgements, and hands every unacknowledged
 entry to the failure callback when the stream breaks or the oldest entry
 waits longer than the timeout.
@@ -16,13 +17,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 
 from ..v1 import interconnect_pb2 as ic
+from .datalink import LinkError
 from .framing import encode
 from .link import Counters, PeerLink
-from .queue import BackupMarker, Entry, ReplicationQueue
+from .queue import BackupMarker, Entry, GroupCut, ReplicationQueue
 
 log = logging.getLogger("splitmirror.link")
 
@@ -56,7 +59,8 @@ class ReplicationStream:
 
     # -- producer side ------------------------------------------------------
     def push(self, offset: int, data: bytes | memoryview = b"", *, zero_length: int = 0, flush: bool = False,
-             resync: bool = False, marker: BackupMarker | None = None) -> asyncio.Future[bool]:
+             resync: bool = False, marker: BackupMarker | None = None,
+             cut: GroupCut | None = None) -> asyncio.Future[bool]:
         """Queue one entry now (its sequence number is taken here).
 
         The future resolves True once the peer applied it, False when the
@@ -71,7 +75,8 @@ class ReplicationStream:
             waiter = self._waiters.get(last.seq)
             if waiter is not None:
                 return waiter
-        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker)
+        entry = self.queue.push(offset, data, zero_length=zero_length, flush=flush, resync=resync, marker=marker,
+                                cut=cut)
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[entry.seq] = fut
         self._wakeup.set()
@@ -107,12 +112,27 @@ class ReplicationStream:
         await self._fail("stream closed")
 
     # -- I/O ----------------------------------------------------------------
+    async def _carrier(self) -> Carrier:
+        """The data connection's channel when the peer offers one, else a ``Replicate`` call."""
+        data = self.link.data
+        if data is not None and data.offered:
+            try:
+                return await data.open(self.pair, self._acked_to)
+            except LinkError:
+                pass  # logged by the link; this run goes over gRPC
+        return GrpcCarrier(self.pair, self.link, self._acked_to)
+
     async def _run(self) -> None:
-        call = self.link.stub.Replicate(metadata=self.link.metadata)  # type: ignore[call-arg]
-        sender = asyncio.create_task(self._send(call))
-        receiver = asyncio.create_task(self._receive(call))
-        watchdog = asyncio.create_task(self._watchdog())
         reason = "stream closed"
+        broken = False
+        try:
+            carrier = await self._carrier()
+        except Exception as opening:
+            await self._fail(f"link error: {opening}")
+            return
+        sender = asyncio.create_task(self._send(carrier))
+        receiver = asyncio.create_task(carrier.run())
+        watchdog = asyncio.create_task(self._watchdog())
         try:
             done, _ = await asyncio.wait({sender, receiver, watchdog}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -127,21 +147,21 @@ class ReplicationStream:
                     reason = "link error: stream ended by peer"
                 elif exc is not None:
                     reason = str(exc) or type(exc).__name__
-                    if isinstance(exc, ConnectionError):  # the peer ended the call: a link event, not a bug here
+                    broken = isinstance(exc, TimeoutError)
+                    if isinstance(exc, ConnectionError):  # the peer ended the call or the data channel: a link event
                         log.warning("pair %s: %s", self.pair, reason)
                     elif not isinstance(exc, TimeoutError):
                         log.error("pair %s: replication stream error", self.pair, exc_info=exc)
         finally:
             for task in (sender, receiver, watchdog):
                 task.cancel()
-            call.cancel()
+            carrier.close(broken)
             await asyncio.gather(sender, receiver, watchdog, return_exceptions=True)
         await self._fail(reason)
         if self.queue.has_unsent:  # pushed while the failure was being handled
             self._task = asyncio.create_task(self._run(), name=f"replicate-{self.pair}")
 
-    async def _send(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
-        first = True
+    async def _send(self, carrier: Carrier) -> None:
         inflight = self._inflight = collections.deque()
         while True:
             await self._wakeup.wait()
@@ -155,28 +175,21 @@ class ReplicationStream:
                     await self._acked.wait()
                 batch = self.queue.take_batch()
                 inflight.append(batch[-1].seq)
-                for msg in messages(batch):
-                    if first:
-                        msg.pair = self.pair
-                        first = False
-                    await call.write(msg)
+                await carrier.send(batch)
 
-    async def _receive(self, call: grpc.aio.StreamStreamCall[ic.ReplicateBatch, ic.ReplicateAck]) -> None:
-        async for ack in call:
-            if ack.error:
-                raise RuntimeError(f"peer failed to apply: {ack.error}")
-            self._last_progress = time.monotonic()
-            while self._inflight and self._inflight[0] <= ack.seq:
-                self._inflight.popleft()
-                self._acked.set()
-            for entry in self.queue.ack(ack.seq):
-                if not entry.resync and not entry.flush:
-                    self.counters.replicated_writes += 1
-                    self.counters.replicated_bytes += len(entry.data)
-                fut = self._waiters.pop(entry.seq, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(True)
-        raise ConnectionError("peer closed the replication stream")
+    def _acked_to(self, seq: int) -> None:
+        """The peer applied everything up to ``seq`` (cumulative)."""
+        self._last_progress = time.monotonic()
+        while self._inflight and self._inflight[0] <= seq:
+            self._inflight.popleft()
+            self._acked.set()
+        for entry in self.queue.ack(seq):
+            if not entry.resync and not entry.flush:
+                self.counters.replicated_writes += 1
+                self.counters.replicated_bytes += len(entry.data)
+            fut = self._waiters.pop(entry.seq, None)
+            if fut is not None and not fut.done():
+                fut.set_result(True)
 
     async def _watchdog(self) -> None:
         """Fail the stream when entries wait and no ack came for the timeout.
@@ -209,6 +222,44 @@ class ReplicationStream:
             for fut in waiters.values():
                 if not fut.done():
                     fut.set_result(False)
+
+
+class Carrier(Protocol):
+    """What carries one run of a stream: sends batches, reports acks, ends."""
+
+    async def send(self, batch: list[Entry]) -> None: ...
+
+    async def run(self) -> None:
+        """Until the carrier ends (raises why)."""
+
+    def close(self, broken: bool = False) -> None: ...
+
+
+class GrpcCarrier:
+    """A ``Replicate`` call: the stream when the peer offers no data connection."""
+
+    def __init__(self, pair: str, link: PeerLink, on_ack: Callable[[int], None]) -> None:
+        self.pair = pair
+        self.call = link.stub.Replicate(metadata=link.metadata)  # type: ignore[call-arg]
+        self.on_ack = on_ack
+        self.first = True
+
+    async def send(self, batch: list[Entry]) -> None:
+        for msg in messages(batch):
+            if self.first:
+                msg.pair = self.pair
+                self.first = False
+            await self.call.write(msg)
+
+    async def run(self) -> None:
+        async for ack in self.call:
+            if ack.error:
+                raise RuntimeError(f"peer failed to apply: {ack.error}")
+            self.on_ack(ack.seq)
+        raise ConnectionError("peer closed the replication stream")
+
+    def close(self, broken: bool = False) -> None:
+        self.call.cancel()
 
 
 def messages(batch: list[Entry]) -> list[ic.ReplicateBatch]:

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS pairs (
     backup_seq INTEGER NOT NULL DEFAULT 0,
     epoch INTEGER NOT NULL DEFAULT 1,
     role TEXT NOT NULL DEFAULT '',
+    applied_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, volume)
 );
 CREATE TABLE IF NOT EXISTS bitmaps (
@@ -106,6 +107,8 @@ class RoleRecord:
     fenced_by: int = 0     # an old primary: the system that took the role over
     divergent: str = ""    # an old primary: the volume its divergent tracks were saved into
     swap: str = ""         # a swap under way: "demoted" (this end gave the role away)
+    cut: int = 0           # takeover of an async group pair: the group cut it was rolled back to
+    undone: int = 0        # ... and how many tracks that rolled back
 
     def to_json(self) -> str:
         body = {k: v for k, v in dataclasses.asdict(self).items() if v}
@@ -142,6 +145,9 @@ class PairRow:
     #: end with the higher epoch says who is primary.
     epoch: int = 1
     role: RoleRecord = dataclasses.field(default_factory=lambda: RoleRecord())
+    #: A remote pair's mirror end: the last sequence of the write stream applied
+    #: here (kept with every save of the row: a takeover after a restart names it).
+    applied_seq: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -151,7 +157,8 @@ class PairRow:
 def _add_columns(db: sqlite3.Connection) -> None:
     """Columns newer than a copy table made by an earlier release."""
     have = {str(r[1]) for r in db.execute("PRAGMA table_info(pairs)")}
-    for name, decl in (("epoch", "INTEGER NOT NULL DEFAULT 1"), ("role", "TEXT NOT NULL DEFAULT ''")):
+    for name, decl in (("epoch", "INTEGER NOT NULL DEFAULT 1"), ("role", "TEXT NOT NULL DEFAULT ''"),
+                       ("applied_seq", "INTEGER NOT NULL DEFAULT 0")):
         if name not in have:
             db.execute(f"ALTER TABLE pairs ADD COLUMN {name} {decl}")
 
@@ -220,11 +227,11 @@ class CopyTable(EventRows):
         def q(db: sqlite3.Connection) -> list[PairRow]:
             rows = db.execute(
                 "SELECT name, volume, copy_type, pair_system_id, mirror_volume, is_primary, status,"
-                " mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role FROM pairs"
-                " ORDER BY name, is_primary DESC")
+                " mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role, applied_seq"
+                " FROM pairs ORDER BY name, is_primary DESC")
             return [
                 PairRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), PairStatus(r[6]), r[7], r[8], r[9],
-                        r[10], r[11], r[12], r[13], r[14], RoleRecord.from_json(r[15]))
+                        r[10], r[11], r[12], r[13], r[14], RoleRecord.from_json(r[15]), r[16])
                 for r in rows
             ]
 
@@ -237,11 +244,12 @@ class CopyTable(EventRows):
         """Save pair rows (in the group commit of the moment)."""
         values = [(row.name, row.volume, row.copy_type, row.pair_system_id, row.mirror_volume,
                    int(row.primary), row.status.value, row.mode, row.group, row.split_time, row.reason,
-                   row.direction, row.backup_time, row.backup_seq, row.epoch, row.role.to_json()) for row in rows]
+                   row.direction, row.backup_time, row.backup_seq, row.epoch, row.role.to_json(), row.applied_seq)
+                  for row in rows]
         await self._grouped(lambda db: db.executemany(
             "INSERT OR REPLACE INTO pairs(name, volume, copy_type, pair_system_id, mirror_volume,"
-            " is_primary, status, mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
+            " is_primary, status, mode, grp, split_time, reason, direction, backup_time, backup_seq, epoch, role,"
+            " applied_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values))
 
     async def remove_pair(self, name: str, volume: str) -> None:
         def q(db: sqlite3.Connection) -> None:

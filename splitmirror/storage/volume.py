@@ -227,9 +227,10 @@ class Volume:
             h.update(ZERO_CHUNK[:n])
             offset += n
 
-    async def digest(self, offset: int, length: int) -> str:
+    async def digest(self, offset: int, length: int, done: Callable[[int], None] | None = None) -> str:
         """xxh3-128 of a range, on VERIFY_POOL, one VERIFY_STEP at a time
-        (cancelling the caller stops it after the current step)."""
+        (cancelling the caller stops it after the current step); ``done`` hears
+        the bytes of each step hashed (progress)."""
         loop = asyncio.get_running_loop()
         h = xxhash.xxh3_128()
         end = offset + length
@@ -237,6 +238,8 @@ class Volume:
             n = min(VERIFY_STEP, end - offset)
             await loop.run_in_executor(VERIFY_POOL, self._hash_step, h, offset, n)
             offset += n
+            if done is not None:
+                done(n)
         return h.hexdigest()
 
     async def verify_digests(self, first: int, count: int) -> bytes:

@@ -157,9 +157,14 @@ class PrepareBackupRequest(_message.Message):
     PAIR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     RING_FIELD_NUMBER: _builtins.int
+    CHOOSE_ONLY_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
     generation: _builtins.str
     """empty: the ring's oldest"""
+    choose_only: _builtins.bool
+    """Only pick the generation (and refuse one being checked): nothing is resynced,
+    so a pre-backup hook that then fails leaves every generation as it was.
+    """
     @_builtins.property
     def ring(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """with no generation: only these local pairs (those of this pair)"""
@@ -170,10 +175,11 @@ class PrepareBackupRequest(_message.Message):
         pair: _builtins.str = ...,
         generation: _builtins.str = ...,
         ring: _abc.Iterable[_builtins.str] | None = ...,
+        choose_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "pair", b"pair", "ring", b"ring"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choose_only", b"choose_only", "generation", b"generation", "pair", b"pair", "ring", b"ring"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,11 +503,17 @@ class HelloReply(_message.Message):
     ROLES_FIELD_NUMBER: _builtins.int
     ROLES_DIGEST_FIELD_NUMBER: _builtins.int
     ROLES_UNCHANGED_FIELD_NUMBER: _builtins.int
+    DATA_PORT_FIELD_NUMBER: _builtins.int
     system_id: _builtins.int
     role: _builtins.str
     roles_digest: _builtins.bytes
     """Digest of this system's roles list for the caller (blake2b of its records)."""
     roles_unchanged: _builtins.bool
+    data_port: _builtins.int
+    """The port of this system's replication data connection (on the host the
+    caller dials for the interconnect; splitmirror/replication/dataproto.py);
+    0: none offered, the write streams use Replicate.
+    """
     @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorState]:
         """The mirror ends this system holds for the caller that are not mirroring
@@ -525,10 +537,11 @@ class HelloReply(_message.Message):
         roles: _abc.Iterable[Global___MirrorState] | None = ...,
         roles_digest: _builtins.bytes = ...,
         roles_unchanged: _builtins.bool = ...,
+        data_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirrors", b"mirrors", "role", b"role", "roles", b"roles", "roles_digest", b"roles_digest", "roles_unchanged", b"roles_unchanged", "system_id", b"system_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_port", b"data_port", "mirrors", b"mirrors", "role", b"role", "roles", b"roles", "roles_digest", b"roles_digest", "roles_unchanged", b"roles_unchanged", "system_id", b"system_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
