@@ -15,9 +15,10 @@ import asyncio
 import functools
 import os
 import random
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -52,7 +53,7 @@ class Watcher:
             return False  # down: writes nothing
 
     def _run(self) -> None:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 1800
         while not self._stop.is_set() and time.monotonic() < deadline:
             states = [self._writable(site, vol) for site, vol in self.ends]
             self.samples += 1
@@ -70,10 +71,19 @@ class Watcher:
         assert not self.both, f"both ends host-writable at {self.both} ({self.samples} samples)"
 
 
+#: Generous: on a loaded machine (the suite runs in parallel) a keepalive late
+#: by a second must not look like a lost peer in the middle of a swap; each
+#: case kills a daemon where it means to and waits for what follows, with no
+#: assumption on how fast that goes.
+LINK_TIMEOUT = 3.0
+#: The longest any one step may take before the test says which step hung.
+STEP = 90.0
+
+
 @pytest.fixture
 def dr_sites(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
-    a = Site("primary", 1001, tmp_path, link_timeout=1.0)
-    b = Site("secondary", 2001, tmp_path, link_timeout=1.0)
+    a = Site("primary", 1001, tmp_path, link_timeout=LINK_TIMEOUT)
+    b = Site("secondary", 2001, tmp_path, link_timeout=LINK_TIMEOUT)
     a.peer_with(b)
     proxies = ProxyPair(a, b)
     yield a, b, proxies
@@ -85,16 +95,31 @@ def dr_sites(tmp_path: Path) -> Iterator[tuple[Site, Site, ProxyPair]]:
 def start_armed(site: Site, failpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPLITMIRROR_FAILPOINT", failpoint)
     try:
-        site.start()
+        site.start(timeout=STEP)
     finally:
         monkeypatch.delenv("SPLITMIRROR_FAILPOINT")
 
 
-def wait_killed(site: Site) -> None:
+def wait_killed(site: Site, failpoint: str, command: subprocess.CompletedProcess[str] | None = None) -> None:
+    """The armed daemon died at ``failpoint`` (and nowhere else)."""
     assert site.proc is not None
-    site.proc.wait(30)
-    assert site.proc.returncode == -9, site.proc.returncode
-    assert "failpoint" in site.log()
+    said = f"; the command said: {command.stderr.strip()!r}" if command is not None else ""
+    try:
+        site.proc.wait(STEP)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{site.role}d was not killed at failpoint {failpoint} within {STEP:g} s{said}; "
+                             f"its log ends: {site.log()[-2000:]}") from None
+    assert site.proc.returncode == -9, f"{site.role}d exited with {site.proc.returncode}, not at a failpoint{said}"
+    assert f"failpoint {failpoint}: killing" in site.log(), f"{site.role}d was killed elsewhere{said}"
+
+
+def wait_state(what: str, check: Callable[[], bool], show: Callable[[], object], timeout: float = STEP) -> None:
+    """Wait for ``check``; on timeout say what was awaited and what was seen last."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last seen: {show()}")
+        time.sleep(0.2)
 
 
 async def setup_pair(a: Site, b: Site) -> bytes:
@@ -111,14 +136,19 @@ async def settle(a: Site, b: Site, primary: Site, acked: bytes) -> None:
     mirror = b if primary is a else a
     pvol, mvol = ("v", "v-r") if primary is a else ("v-r", "v")
 
+    def rows() -> object:
+        return {site.system_id: (r["primary"], r["status"], r["epoch"], r.get("role_change"))
+                for site in (a, b) for r in (site.pair_row("p"),)}
+
     def one_primary() -> bool:
         return primary.pair_row("p")["primary"] is True and mirror.pair_row("p")["primary"] is False
 
-    wait_for(one_primary, 30, 0.2, f"system {primary.system_id} to be the only primary")
+    wait_state(f"system {primary.system_id} to be the only primary", one_primary, rows)
     if primary.pair_row("p")["status"] in ("SPLIT", "SUSPENDED"):
-        wait_for(lambda: primary.cli("pair", "resync", "p", check=False).returncode == 0, 30, 0.5, "a resync")
-    wait_status(primary, "p", ["DUPLEX"], timeout=60)
-    wait_status(mirror, "p", ["DUPLEX"], timeout=30)
+        wait_state("a resync to be accepted", lambda: primary.cli("pair", "resync", "p", check=False).returncode == 0,
+                   rows)
+    wait_state("both ends DUPLEX", lambda: primary.pair_row("p")["status"] == mirror.pair_row("p")["status"]
+               == "DUPLEX", rows)
     after = os.urandom(TRACK)
     async with Client(primary.address) as pc, Client(mirror.address) as mc:
         await pc.write(pvol, 10 * MiB, after)
@@ -154,13 +184,17 @@ async def test_kill_at_every_step_of_a_swap(dr_sites: tuple[Site, Site, ProxyPai
         if name == killed:
             start_armed(sites[name], failpoint, monkeypatch)
         else:
-            sites[name].start()
+            sites[name].start(timeout=STEP)
     acked = await setup_pair(a, b)
     with Watcher(a, b):
         cli = a.cli("pair", "swap", "p", check=False)
-        assert cli.returncode == 1, cli.stdout
-        wait_killed(sites[killed])
-        sites[killed].start()
+        assert cli.returncode == 1, f"the swap did not fail as a kill at {failpoint} makes it: {cli.stdout}"
+        wait_killed(sites[killed], failpoint, cli)
+        # Nobody learnt of a role change before the step that tells it: no
+        # keepalive caught one in memory (the schedule is the same every run).
+        survivor = b if killed == "a" else a
+        assert survivor.pair_row("p")["primary"] is False, f"system {survivor.system_id} primary before the restart"
+        sites[killed].start(timeout=STEP)
         await settle(a, b, sites[winner], acked)
 
 
@@ -169,38 +203,38 @@ async def test_kill_during_a_takeover(dr_sites: tuple[Site, Site, ProxyPair], mo
                                       failpoint: str) -> None:
     a, b, _ = dr_sites
     start_armed(b, failpoint, monkeypatch)
-    a.start()
+    a.start(timeout=STEP)
     acked = await setup_pair(a, b)
     with Watcher(a, b):
         a.kill()  # site A lost
-        wait_status(b, "p", ["SUSPENDED"])
+        wait_status(b, "p", ["SUSPENDED"], timeout=STEP)
         cli = b.cli("pair", "takeover", "p", check=False)
-        assert cli.returncode == 1
-        wait_killed(b)
-        b.start()
+        assert cli.returncode == 1, f"the takeover did not fail as a kill at {failpoint} makes it: {cli.stdout}"
+        wait_killed(b, failpoint, cli)
+        b.start(timeout=STEP)
         if b.pair_row("p")["primary"] is False:  # nothing was persisted: take over again
             assert "takeover" in await _refusal(Client(b.address), "v-r")
             b.cli("pair", "takeover", "p")
         assert b.pair_row("p")["epoch"] == 2
-        a.start()
-        wait_for(lambda: a.pair_row("p").get("fenced_by") == 2001, 20, 0.2, "the old primary to fence itself")
+        a.start(timeout=STEP)
+        wait_for(lambda: a.pair_row("p").get("fenced_by") == 2001, STEP, 0.2, "the old primary to fence itself")
         await settle(a, b, b, acked)
 
 
 async def test_kill_while_the_old_primary_fences(dr_sites: tuple[Site, Site, ProxyPair],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     a, b, _ = dr_sites
-    b.start()
-    a.start()
+    b.start(timeout=STEP)
+    a.start(timeout=STEP)
     acked = await setup_pair(a, b)
     with Watcher(a, b):
         a.kill()
-        wait_status(b, "p", ["SUSPENDED"])
+        wait_status(b, "p", ["SUSPENDED"], timeout=STEP)
         b.cli("pair", "takeover", "p")
         with pytest.raises(RuntimeError):
             start_armed(a, "fence-closed", monkeypatch)  # fences at start, before serving: killed there
-        wait_killed(a)
-        a.start()
+        wait_killed(a, "fence-closed")
+        a.start(timeout=STEP)
         assert a.pair_row("p")["fenced_by"] == 2001 and a.pair_row("p")["primary"] is False
         await settle(a, b, b, acked)
 
@@ -210,8 +244,8 @@ async def test_seeded_fault_schedule(dr_sites: tuple[Site, Site, ProxyPair], see
     """A bounded random schedule: writes, link cuts, kill -9 of either daemon, swaps and a takeover."""
     a, b, proxies = dr_sites
     rng = random.Random(seed)
-    b.start()
-    a.start()
+    b.start(timeout=STEP)
+    a.start(timeout=STEP)
     acked = await setup_pair(a, b)
     primary, mirror = a, b
     pvol = "v"
@@ -227,17 +261,17 @@ async def test_seeded_fault_schedule(dr_sites: tuple[Site, Site, ProxyPair], see
                 primary, mirror = mirror, primary
             elif action == "kill-mirror":
                 mirror.kill()
-                mirror.start()
+                mirror.start(timeout=STEP)
             elif action == "cut":
                 proxies.cut()
-                await asyncio.sleep(rng.uniform(0.2, 2.5))
+                await asyncio.sleep(rng.uniform(0.2, 2.5) * LINK_TIMEOUT)  # often long enough to lose the peer
                 proxies.heal()
             else:  # the primary site is lost; the mirror takes over; the old one comes back fenced
                 primary.kill()
-                wait_status(mirror, "p", ["SUSPENDED"], timeout=20)
+                wait_status(mirror, "p", ["SUSPENDED"], timeout=STEP)
                 mirror.cli("pair", "takeover", "p")
-                primary.start()
-                wait_for(functools.partial(fenced, primary), 20, 0.2, "the fence")
+                primary.start(timeout=STEP)
+                wait_for(functools.partial(fenced, primary), STEP, 0.2, "the fence")
                 primary, mirror = mirror, primary
             pvol = "v" if primary is a else "v-r"
             await settle(a, b, primary, acked)

@@ -89,6 +89,8 @@ class Roles:
         self._settling: dict[int, asyncio.Lock] = {}
         #: Per peer: the records of the last roles digest computed, and that digest.
         self._digests: dict[int, tuple[list[tuple[str, PairStatus, int, bool]], bytes]] = {}
+        #: Pairs whose role change is under way here: the role and epoch peers still see.
+        self._shown: dict[str, tuple[int, bool]] = {}
         #: Set by the swap module: completes a swap the other end began.
         self.promote: Promote | None = None
         #: Set by the manager: an async group's mirror ends back to their common point.
@@ -139,6 +141,13 @@ class Roles:
         # An async group's mirror ends first return to the group's last
         # complete cut (the same point of the write order at every pair).
         rolled = await self.roll_back(pairs) if self.roll_back is not None else {}
+        self.hold_shown(pairs)  # peers see the new role once it is on disk
+        try:
+            return await self._take_over(pairs, rolled)
+        finally:
+            self.release_shown(pairs)
+
+    async def _take_over(self, pairs: list[Pair], rolled: dict[str, RolledBack]) -> list[Pair]:
         # One point of the write order for the whole group: no await from the
         # first role change to the last, so no replicated batch slips between.
         since = utc_now()
@@ -187,15 +196,34 @@ class Roles:
         return True
 
     # -- what a peer says about its ends ---------------------------------------------------------
+    def hold_shown(self, pairs: list[Pair]) -> None:
+        """Peers keep seeing these ends' present role and epoch until :meth:`release_shown`.
+
+        Around a role change this end makes in steps (a swap's demotion or
+        promotion, a takeover): the other end learns the new role from the
+        step that tells it, or on contact after a crash, never from a
+        keepalive that caught the change in memory before it was on disk.
+        So each crash point of a swap leaves one outcome, and the tests that
+        kill a daemon there replay the same schedule every time."""
+        for p in pairs:
+            self._shown.setdefault(p.name, (p.row.epoch, p.primary is not None))
+
+    def release_shown(self, pairs: list[Pair]) -> None:
+        for p in pairs:
+            self._shown.pop(p.name, None)
+
+    def _role_shown(self, p: Pair) -> tuple[int, bool]:
+        held = self._shown.get(p.name)
+        return held if held is not None else (p.row.epoch, p.primary is not None)
+
     def roles_for(self, peer: int) -> list[ic.MirrorState]:
         """This system's ends of the pairs it holds with ``peer``: role and epoch (the Hello's)."""
-        return [ic.MirrorState(pair=p.name, status=p.status.value, epoch=p.row.epoch,
-                               primary=p.role is EndRole.PRIMARY) for p in self.context.pairs_with(peer)]
+        return [ic.MirrorState(pair=p.name, status=p.status.value, epoch=epoch, primary=primary)
+                for p in self.context.pairs_with(peer) for epoch, primary in (self._role_shown(p),)]
 
     def roles_digest(self, peer: int) -> bytes:
         """A digest of :meth:`roles_for` (every Hello's): equal digests, equal lists."""
-        records = [(p.name, row.status, row.epoch, p.primary is not None)
-                   for p in self.context.pairs_with(peer) for row in (p.row,)]
+        records = [(p.name, p.row.status, *self._role_shown(p)) for p in self.context.pairs_with(peer)]
         known = self._digests.get(peer)
         if known is not None and known[0] == records:
             return known[1]

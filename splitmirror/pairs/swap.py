@@ -98,7 +98,15 @@ class Swap:
                 pair.hold_writes = ""
             raise
         # Demote: persisted before the other end is told, so that at no
-        # moment are both ends writable.
+        # moment are both ends writable.  The other end learns it from step 4
+        # (or, after a crash here, on contact), not from a keepalive.
+        self.roles.hold_shown(pairs)
+        try:
+            await self._demote_and_hand_over(pairs, peer)
+        finally:
+            self.roles.release_shown(pairs)
+
+    async def _demote_and_hand_over(self, pairs: list[Pair], peer: int) -> None:
         epoch = max(p.row.epoch for p in pairs) + 1
         since = utc_now()
         for pair in pairs:
@@ -165,11 +173,15 @@ class Swap:
             raise FailedPrecondition(f"pair {pair.name!r}: system {self.system.system_id} is at epoch "
                                      f"{end.row.epoch} already; a swap to epoch {epoch} is stale")
         failpoint("swap-promote")
-        end.row.epoch = epoch
-        end.row.role = RoleRecord(how="swap", since=utc_now())
-        pair.move_end_to(EndRole.PRIMARY)
-        await self.system.save_rows(pair)
-        failpoint("swap-promoted")
+        self.roles.hold_shown([pair])  # the old primary learns it from our answer, not from a keepalive
+        try:
+            end.row.epoch = epoch
+            end.row.role = RoleRecord(how="swap", since=utc_now())
+            pair.move_end_to(EndRole.PRIMARY)
+            await self.system.save_rows(pair)
+            failpoint("swap-promoted")
+        finally:
+            self.roles.release_shown([pair])
         self.attach(pair, self.context.link(pair.peer_id))
         log.warning("pair %s: primary here at epoch %d (swapped from system %d)", pair.name, epoch, pair.peer_id)
         self.roles.report(pair, "promoted", f"swap from system {pair.peer_id}")
