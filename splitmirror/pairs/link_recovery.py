@@ -111,7 +111,9 @@ class LinkRecovery:
         # Who is primary first: an end that lost the role fences itself
         # before anything else happens to its pairs.
         await self.roles.first_contact(link, max(1.0, self.settings.link_timeout))
-        pairs = [p for p in self.context.pairs_with(link.peer_id) if p.primary is not None and not p.reconciling]
+        # A primary end without a link is being promoted here (a swap): its promotion drives it.
+        pairs = [p for p in self.context.pairs_with(link.peer_id)
+                 if p.primary is not None and p.link is not None and not p.reconciling]
         for pair in pairs:
             pair.reconciling = True
         await asyncio.gather(*(self._reconcile_once(pair) for pair in pairs))
@@ -124,7 +126,7 @@ class LinkRecovery:
         peer_status = {state.pair: state.status for state in reply.mirrors}
         now = time.monotonic()
         for pair in self.context.pairs_with(link.peer_id):
-            if pair.primary is None or pair.reconciling:
+            if pair.primary is None or pair.link is None or pair.reconciling:
                 continue
             if pair.status is PairStatus.DUPLEX:
                 pair.retry.reset()
@@ -149,6 +151,8 @@ class LinkRecovery:
 
     async def _reconcile(self, pair: Pair) -> None:
         """After a reconnect: bring both ends back to agreement."""
+        if pair.primary is None or pair.link is None:
+            return  # demoted or being promoted meanwhile (a swap): that procedure drives the pair
         state = await command(pair, ic.PAIR_OP_STATUS)
         remote = PairStatus(state.status)
         if isinstance(pair.channel, RemoteChannel) and not pair.channel.stream.queue.unacked:

@@ -47,6 +47,18 @@ Promote = Callable[[Pair, int], Awaitable[None]]
 #: Returns async group mirror ends to their group's last complete cut (before a takeover).
 RollBack = Callable[[list[Pair]], Awaitable[dict[str, RolledBack]]]
 
+#: The largest role epoch: kept in SQLite (signed 64 bits), as every integer a peer sends.
+MAX_EPOCH = (1 << 63) - 1
+
+
+def check_next_epoch(pairs: list[Pair]) -> None:
+    """Refuse a role change whose next epoch would pass :data:`MAX_EPOCH` (nothing changed yet)."""
+    for pair in pairs:
+        if pair.row.epoch >= MAX_EPOCH:
+            raise FailedPrecondition(f"pair {pair.name!r} is at role epoch {pair.row.epoch}, the largest there is "
+                                     f"({MAX_EPOCH}); it cannot change roles again (delete and recreate it)")
+
+
 #: Why host writes wait while an end learns whether it is still primary.
 FENCING = "took the primary role over; fencing"
 #: Why host writes are refused while both ends claim the primary role.
@@ -138,6 +150,7 @@ class Roles:
                 raise FailedPrecondition(
                     f"pair {pair.name!r} is COPY: its volume here is not a consistent image yet (a copy was "
                     "under way); 'pair takeover --force' takes it over anyway")
+        check_next_epoch(pairs)
         # An async group's mirror ends first return to the group's last
         # complete cut (the same point of the write order at every pair).
         rolled = await self.roll_back(pairs) if self.roll_back is not None else {}

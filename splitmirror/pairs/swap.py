@@ -32,7 +32,7 @@ from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
 from .failpoints import failpoint
 from .peer import command
-from .roles import Attach, Roles
+from .roles import Attach, Roles, check_next_epoch
 
 log = logging.getLogger("splitmirror.pairs")
 
@@ -107,6 +107,7 @@ class Swap:
             self.roles.release_shown(pairs)
 
     async def _demote_and_hand_over(self, pairs: list[Pair], peer: int) -> None:
+        check_next_epoch(pairs)
         epoch = max(p.row.epoch for p in pairs) + 1
         since = utc_now()
         for pair in pairs:
