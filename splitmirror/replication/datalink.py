@@ -63,6 +63,13 @@ class DataChannel:
         self.on_ack = on_ack
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    @property
+    def batch_limit(self) -> int | None:
+        """A batch fits in one frame of the size the peer announced in its HELLO
+        (entry headers are within ``Entry.wire_bytes``)."""
+        peer = self.conn.proto.peer
+        return None if peer is None else peer.max_frame - dp.CHANNEL_BYTES
+
     async def send(self, batch: list[Entry]) -> None:
         """The batch's frames in one write; waits while the socket's buffer is full."""
         if self.ended.done():
