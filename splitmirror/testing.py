@@ -19,10 +19,40 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Ports handed to daemons come from below the kernel's ephemeral range
+#: (32768-60999 by default), so an outgoing connection of another test can
+#: never take a port between the moment it is chosen and a daemon binding
+#: it again after a restart.  Each pytest-xdist worker has its own slice.
+_PORTS_LOW, _PORTS_HIGH = 10000, 32000
+_next_port: int | None = None
+
+
+def _port_slice() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    slices = 8
+    width = (_PORTS_HIGH - _PORTS_LOW) // slices
+    low = _PORTS_LOW + (index % slices) * width
+    return low, low + width
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, outside the ephemeral range."""
+    global _next_port
+    low, high = _port_slice()
+    if _next_port is None or not low <= _next_port < high:
+        # Different processes of one worker (benches, the demo) start apart.
+        _next_port = low + (os.getpid() * 7919) % (high - low)
+    for _ in range(high - low):
+        port = _next_port
+        _next_port = low + (_next_port + 1 - low) % (high - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 class Site:

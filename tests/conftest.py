@@ -11,10 +11,13 @@ from splitmirror.testing import Site
 
 
 @pytest.fixture
-def sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
-    """A started primaryd (1001) and secondaryd (2001), peered."""
-    primary = Site("primary", 1001, tmp_path)
-    secondary = Site("secondary", 2001, tmp_path)
+def sites(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Site, Site]]:
+    """A started primaryd (1001) and secondaryd (2001), peered; ``@pytest.mark.link_timeout(S)``
+    for a test that must not see a loaded machine's late keepalive as a lost link."""
+    marker = request.node.get_closest_marker("link_timeout")
+    timeout = float(marker.args[0]) if marker is not None else 2.0
+    primary = Site("primary", 1001, tmp_path, link_timeout=timeout)
+    secondary = Site("secondary", 2001, tmp_path, link_timeout=timeout)
     primary.peer_with(secondary)
     secondary.start()
     primary.start()

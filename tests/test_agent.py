@@ -16,6 +16,7 @@ import pytest
 
 from client.agent import AgentError, copy_plan, fuse_problem, mounted_filesystem, plan_copy
 from client.agent.kernel import kernel_mount_problem
+from splitmirror.testing import free_port
 
 MTIME = 1_600_000_000_000_000_000  # ns
 ATIME = 1_650_000_000_000_000_000
@@ -236,15 +237,8 @@ async def test_whole_volume_copy(trees: tuple[Path, Path]) -> None:
 needs_fuse = pytest.mark.skipif(fuse_problem() is not None, reason=f"FUSE mounting unavailable: {fuse_problem()}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _serve(image: Path, *, writable: bool) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     argv = ["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port)]
     argv += [] if writable else ["-r"]
     proc = subprocess.Popen([*argv, "file", str(image)])

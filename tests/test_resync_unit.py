@@ -66,8 +66,9 @@ def vol(tmp_path: Path) -> Iterator[Volume]:
     v.close()
 
 
-def make_pair(vol: Volume, bitmap: TrackBitmap, channel: FakeChannel | None = None) -> Pair:
-    row = PairRow("p", vol.name, "REMOTE", 2001, "v-r", True, PairStatus.COPY, "sync", "")
+def make_pair(vol: Volume, bitmap: TrackBitmap, channel: FakeChannel | None = None,
+              copy_type: str = "REMOTE") -> Pair:
+    row = PairRow("p", vol.name, copy_type, 2001, "v-r", True, PairStatus.COPY, "sync", "")
     pair = Pair("p")
     pair.primary = PairEnd(row, vol, bitmap)
     pair.channel = channel
@@ -148,7 +149,9 @@ async def test_forward_window_counts_bytes_and_bits_clear_on_ack(vol: Volume, sm
     assert not bitmap
     assert pair.counters.resync_tracks_sent == 100
     assert pair.counters.resync_bytes_sent == 80 * TS == system.bytes_sent
-    assert channel.pushed[-1][3]  # the final flush
+    # No final flush on the stream: the remote mirror end flushes its volume
+    # when told the copy is done (resync-done), before the pair is DUPLEX.
+    assert not any(flush for _, _, _, flush, _ in channel.pushed)
 
 
 async def test_forward_interrupted_keeps_unacknowledged_bits(vol: Volume, small_window: None) -> None:
@@ -345,8 +348,8 @@ def test_digests_and_reads_skip_holes_yet_equal_a_full_read(vol: Volume) -> None
 async def test_forward_with_everything_equal_sends_nothing_not_even_a_flush(
         vol: Volume, tmp_path: Path, small_window: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash-marked volume whose mirror holds the same: digests asked a group
-    of chunks at a time, no track and no flush crosses (the mirror end flushes
-    when told the copy is done), every bit cleared."""
+    of chunks at a time, no track and no flush crosses (a remote mirror end
+    flushes when told the copy is done), every bit cleared."""
     monkeypatch.setattr(resync, "DIGEST_BYTES", 100 * TS)
     mirror = Volume.create("m", tmp_path / "m.vol", vol.size, TS)
     try:
@@ -366,5 +369,9 @@ async def test_forward_with_everything_equal_sends_nothing_not_even_a_flush(
         assert channel.pushed == [] and not bitmap
         assert sum(asked) == vol.tracks and max(asked) <= 100 and len(asked) <= vol.tracks // 80
         assert pair.progress is not None and pair.progress.done_tracks == vol.tracks
+        # A local copy has no resync-done to flush its mirror: it flushes on its channel.
+        local = make_pair(vol, TrackBitmap(vol.tracks, range(8)), FakeChannel(), copy_type="LOCAL")
+        await resync.copy_forward(FakeSystem(), local, digests)  # type: ignore[arg-type]
+        assert [p[3] for p in local.channel.pushed] == [True]  # type: ignore[union-attr]
     finally:
         mirror.close()

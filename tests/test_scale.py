@@ -352,7 +352,9 @@ async def test_mass_recovery_after_kill_runs_copies_in_turn_and_keeps_the_link(
     # 5 commands per pair, 1000 in all: every one in a batch, 10 or more to a
     # call on average (before: a call each) ...
     assert calls["PairCommand"] == 0 and 1 <= calls["PairCommands"] <= n // 2
-    # ... and the saves they cause share commits and fsyncs at both ends
-    # (before: a commit per row, bitmap and event, an fsync per status change).
-    assert calls["commits"] <= n // 2 and calls["syncs"] <= n // 4
-    assert at_primary["commits"] <= n // 2 and at_primary["syncs"] <= n // 4
+    # ... and the saves they cause share WAL fsyncs and commits at both ends
+    # (before: an fsync per status change; a commit per row, bitmap and event,
+    # several per pair).  Commits group what is saved at one moment, so they
+    # follow the recovery's pace too; the bound says fewer than one per pair.
+    assert calls["syncs"] <= n // 4 and at_primary["syncs"] <= n // 4
+    assert calls["commits"] < n and at_primary["commits"] < n

@@ -294,7 +294,6 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
 
     todo = list(chunks(runs, ts, chunk_bytes))
     asked = MirrorAsk(digests, todo, ts)
-    pushed = False
     try:
         for index, chunk in enumerate(todo):
             size = sum(c for _, c in chunk) * ts
@@ -337,7 +336,6 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
                     else:
                         fut = channel.push(piece.first * ts, zero_length=piece.count * ts, resync=True)
                     inflight.add(fut)
-                    pushed = True
                     fut.add_done_callback(functools.partial(settle, first=piece.first, count=piece.count,
                                                             sent=len(piece.data)))
     finally:
@@ -346,9 +344,11 @@ async def copy_forward(system: StorageSystem, pair: Pair, digests: MirrorDigests
         await asyncio.wait(list(inflight))
     if failed or pair.channel is None:
         raise CopyFailed(f"copy of pair {pair.name!r} interrupted")
-    # A remote mirror end flushes its volume when told the copy is done: a
-    # copy that sent nothing (every track equal) needs no stream of its own.
-    if (pushed or not pair.remote) and not await pair.channel.push(0, flush=True):
+    # Every track pushed is acknowledged (applied) by now.  A remote mirror
+    # end makes its volume durable when told the copy is done (resync-done
+    # flushes it before the pair is DUPLEX), so only a local copy flushes its
+    # mirror here: a thousand small resyncs wait for one fsync each, not two.
+    if not pair.remote and not await pair.channel.push(0, flush=True):
         raise CopyFailed(f"copy of pair {pair.name!r} interrupted at the final flush")
 
 

@@ -17,6 +17,7 @@ from ..errors import NotFound
 from ..pairstate.pair import Pair
 from ..replication.link import PeerLink
 from ..status import PairOp
+from ..v1 import interconnect_pb2 as ic
 from .group_point import GroupPoints
 from .settings import Settings
 from .transitions import apply_transition
@@ -25,7 +26,8 @@ from .transitions import apply_transition
 class ResyncCommand(Protocol):
     """``pair resync`` by name, with every check of the command (the manager's)."""
 
-    async def __call__(self, name: str, reverse: bool, force: bool = False) -> Pair: ...
+    async def __call__(self, name: str, reverse: bool, force: bool = False,
+                       known: ic.MirrorState | None = None) -> Pair: ...
 
 
 class PairContext:

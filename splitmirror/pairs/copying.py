@@ -93,16 +93,26 @@ class Copier:
 
     async def _copy_in_turn(self, pair: Pair) -> None:
         link = pair.peer_id if pair.remote else 0
-        async with self.slots.held(link):
-            while pair.status is PairStatus.COPY and pair.primary is not None:
-                began = pair.status_changes
-                await self._copy(pair, self.slots.window(link))
-                if pair.status is not PairStatus.COPY or pair.status_changes == began:
-                    break
-                # The pair left COPY and a resync brought it back while this
-                # copy ran (which then stopped): copy again, from the bitmap.
+        while pair.status is PairStatus.COPY and pair.primary is not None:
+            began = pair.status_changes
+            # The slot is held while tracks move, not while the mirror end is
+            # told the copy is done: the next copy moves its tracks meanwhile,
+            # and the resync-done commands of many copies travel together.
+            async with self.slots.held(link):
+                copied = await self._move(pair, self.slots.window(link))
+            if copied:
+                await self._done(pair)
+            if pair.status is not PairStatus.COPY or pair.status_changes == began:
+                break
+            # The pair left COPY and a resync brought it back while this
+            # copy ran (which then stopped): copy again, from the bitmap.
 
-    async def _copy(self, pair: Pair, window: int = 0) -> None:
+    async def _move(self, pair: Pair, window: int = 0) -> bool:
+        """Copy the pair's pending tracks; True when every one was copied and the pair is still in COPY.
+
+        Reports resync-start and resync-finish ("done": every track copied;
+        the status event that follows says whether the pair became DUPLEX).
+        """
         assert pair.primary is not None
         reverse = pair.row.direction == "reverse"
         end = pair.primary
@@ -116,45 +126,61 @@ class Copier:
                 await copy_reverse(self.system, pair, lambda tracks: self._track_source(pair, tracks))
             else:
                 await copy_forward(self.system, pair, self._mirror_digests(pair), window)
-            outcome = "interrupted"
-            if pair.status is not PairStatus.COPY:
-                return
-            if pair.remote:
-                await command(pair, ic.PAIR_OP_RESYNC_DONE)
-            outcome = "done"
-            self._finished(pair, direction, outcome)  # before the status it leads to
-            self.context.set_status(pair, PairOp.COPY_DONE)
-            for end in pair.ends:
-                end.row.direction = "forward"
-            await self.system.save_rows(pair)
-            await self.system.save_bitmaps(pair)
+            outcome = "done" if pair.status is PairStatus.COPY else "interrupted"
         except CopyFailed as exc:
             outcome = "interrupted"
             log.warning("%s; %d tracks still pending", exc, len(pair.primary.bitmap))
             await self.system.save_bitmaps(pair)
         except (grpc.aio.AioRpcError, SplitmirrorError) as exc:
-            reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
             outcome = "interrupted"
-            log.warning("pair %s: copy interrupted: %s", pair.name, reason)
-            if pair.status is PairStatus.COPY:
-                self.context.set_status(pair, PairOp.FAULT, "copy-interrupted")
-                await self.system.save_rows(pair)
-            await self.system.save_bitmaps(pair)
+            await self._interrupted(pair, exc)
         except asyncio.CancelledError:
             await asyncio.shield(self.system.save_bitmaps(pair))
             raise
         except Exception:
             outcome = "failed"
-            log.exception("pair %s: copy failed", pair.name)
-            if pair.status is PairStatus.COPY:
-                self.context.set_status(pair, PairOp.FAULT, "copy-error")
-                await self.system.save_rows(pair)
-            await self.system.save_bitmaps(pair)
+            await self._failed(pair)
         finally:
             checkpoints.cancel()
+            self._finished(pair, direction, outcome)
             if outcome != "done":
-                self._finished(pair, direction, outcome)
+                pair.progress = None if pair.status is not PairStatus.COPY else pair.progress
+        return outcome == "done"
+
+    async def _done(self, pair: Pair) -> None:
+        """Every track copied: the mirror end (told over the interconnect), then the pair, leave COPY for DUPLEX."""
+        try:
+            if pair.remote:
+                await command(pair, ic.PAIR_OP_RESYNC_DONE)
+            self.context.set_status(pair, PairOp.COPY_DONE)
+            for end in pair.ends:
+                end.row.direction = "forward"
+            await self.system.save_rows(pair)
+            await self.system.save_bitmaps(pair)
+        except (grpc.aio.AioRpcError, SplitmirrorError) as exc:
+            await self._interrupted(pair, exc)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.system.save_bitmaps(pair))
+            raise
+        except Exception:
+            await self._failed(pair)
+        finally:
             pair.progress = None if pair.status is not PairStatus.COPY else pair.progress
+
+    async def _interrupted(self, pair: Pair, exc: grpc.aio.AioRpcError | SplitmirrorError) -> None:
+        reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
+        log.warning("pair %s: copy interrupted: %s", pair.name, reason)
+        if pair.status is PairStatus.COPY:
+            self.context.set_status(pair, PairOp.FAULT, "copy-interrupted")
+            await self.system.save_rows(pair)
+        await self.system.save_bitmaps(pair)
+
+    async def _failed(self, pair: Pair) -> None:
+        log.exception("pair %s: copy failed", pair.name)
+        if pair.status is PairStatus.COPY:
+            self.context.set_status(pair, PairOp.FAULT, "copy-error")
+            await self.system.save_rows(pair)
+        await self.system.save_bitmaps(pair)
 
     def _finished(self, pair: Pair, direction: str, outcome: str) -> None:
         progress = pair.progress

@@ -179,6 +179,6 @@ class LinkRecovery:
                 # An interrupted reverse copy resumes as a reverse copy: going
                 # forward instead would overwrite what hosts wrote at the mirror.
                 with caused_by("auto-resync"):
-                    await self.resync(pair.name, reverse=pair.row.direction == "reverse")
+                    await self.resync(pair.name, reverse=pair.row.direction == "reverse", known=state)
             except FailedPrecondition as exc:
                 log.warning("%s; not resyncing automatically", exc.message)

@@ -45,7 +45,8 @@ class EndCommands(Protocol):
 
     async def split(self, pair: Pair) -> Pair: ...
 
-    async def resync(self, pair: Pair, reverse: bool, force: bool = False) -> Pair: ...
+    async def resync(self, pair: Pair, reverse: bool, force: bool = False,
+                     known: ic.MirrorState | None = None) -> Pair: ...
 
     async def delete(self, pair: Pair) -> None: ...
 
@@ -146,9 +147,11 @@ class PairManager:
         pair = self.pair(name)
         return await self._end(pair).split(pair)
 
-    async def resync(self, name: str, reverse: bool, force: bool = False) -> Pair:
+    async def resync(self, name: str, reverse: bool, force: bool = False,
+                     known: ic.MirrorState | None = None) -> Pair:
+        """``pair resync``; ``known``: the mirror end's state, just asked (reconnect handling)."""
         pair = self.pair(name)
-        return await self._end(pair).resync(pair, reverse, force)
+        return await self._end(pair).resync(pair, reverse, force, known)
 
     async def delete(self, name: str) -> None:
         pair = self.pair(name)

@@ -330,7 +330,8 @@ class MirrorEnd:
     async def split(self, pair: Pair) -> Pair:
         self._refuse(pair, "split")
 
-    async def resync(self, pair: Pair, reverse: bool, force: bool = False) -> Pair:
+    async def resync(self, pair: Pair, reverse: bool, force: bool = False,
+                     known: ic.MirrorState | None = None) -> Pair:
         self._refuse(pair, "resync")
 
     async def delete(self, pair: Pair) -> None:

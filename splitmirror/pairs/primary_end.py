@@ -156,7 +156,10 @@ class PrimaryEnd:
         return pair
 
     # -- resync -------------------------------------------------------------------------
-    async def resync(self, pair: Pair, reverse: bool, force: bool = False) -> Pair:
+    async def resync(self, pair: Pair, reverse: bool, force: bool = False,
+                     known: ic.MirrorState | None = None) -> Pair:
+        """Resync by bitmap; ``known``: the mirror end's state, asked just now
+        (the split-brain check then needs no call of its own)."""
         name = pair.name
         end = self._end(pair)
         transition(pair.name, pair.status, PairOp.RESYNC)  # refuse early
@@ -167,7 +170,7 @@ class PrimaryEnd:
             if not pair.link.up:
                 raise Unavailable(f"pair {name!r}: peer system {pair.peer_id} is unreachable; cannot resync")
             if pair.status is PairStatus.SUSPENDED and not (reverse or force):
-                await self._refuse_split_brain(pair)
+                await self._refuse_split_brain(pair, known)
             state = await command(pair, ic.PAIR_OP_RESYNC_BEGIN, reverse=reverse,
                                   keep_tracks=self._rolled_back(pair, end.volume.tracks))
             end.bitmap.update(TrackBitmap.from_bytes(end.volume.tracks, state.pending_bitmap))
@@ -197,11 +200,11 @@ class PrimaryEnd:
             tracks.add_range(first, min(size, first + count))
         return tracks.to_bytes()
 
-    async def _refuse_split_brain(self, pair: Pair) -> None:
+    async def _refuse_split_brain(self, pair: Pair, known: ic.MirrorState | None = None) -> None:
         """Both ends written while suspended: the operator picks the survivor."""
         assert pair.primary is not None
         mine = len(pair.primary.bitmap)
-        theirs = (await command(pair, ic.PAIR_OP_STATUS)).pending_tracks
+        theirs = (known or await command(pair, ic.PAIR_OP_STATUS)).pending_tracks
         if mine and theirs:
             sid = self.system.system_id
             self.system.events.emit(Event(

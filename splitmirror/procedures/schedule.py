@@ -374,11 +374,14 @@ def in_step(pairs: list[Pair]) -> None:
     after a start or a reconnect), or not DUPLEX at the peer by its last
     keepalive answer (right after a start the copy table says DUPLEX here
     before the peer was asked)."""
+    said: dict[int, dict[str, str]] = {}  # peer -> its pairs' statuses (read once: a group may be large)
     for pair in pairs:
         if pair.reconciling:
             raise FailedPrecondition(f"pair {pair.name!r} is being reconciled with system {pair.peer_id}")
         assert pair.link is not None
-        theirs = next((s.status for s in pair.link.peer_roles if s.pair == pair.name), "")
+        if pair.peer_id not in said:
+            said[pair.peer_id] = {s.pair: s.status for s in pair.link.peer_roles}
+        theirs = said[pair.peer_id].get(pair.name, "")
         if theirs != PairStatus.DUPLEX.value:
             raise FailedPrecondition(f"pair {pair.name!r} is {theirs or 'not known yet'} at system {pair.peer_id}; "
                                      "a backup needs it DUPLEX at both ends")

@@ -87,6 +87,7 @@ class PeerLink:
         self._task: asyncio.Task[None] | None = None
         self._last_ok = time.monotonic()
         self._callbacks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()  # set: keepalive now (the lost peer called us)
         #: Seconds the last keepalive answered took (None: none answered yet).
         self.rtt: float | None = None
         #: The peer's roles list (its ends' role and epoch) from the last
@@ -152,6 +153,10 @@ class PeerLink:
         back only by a keepalive answer (which runs the reconnect handling)."""
         if self.up is not False:
             self._last_ok = max(self._last_ok, time.monotonic())
+        else:
+            # A peer we lost is back (it restarted): ask now, not at the next
+            # keepalive, so its reconnect handling starts at once.
+            self._wake.set()
 
     def suspect(self, reason: str) -> None:
         """A stream to this peer broke: treat it as lost until a keepalive
@@ -193,7 +198,11 @@ class PeerLink:
                     self._notify(self._on_up)
                 elif self.on_hello is not None:
                     self.on_hello(self, reply)
-            await asyncio.sleep(interval)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            # Woken by a call from the peer: at most one keepalive per 0.1 s all the same.
+            await asyncio.sleep(max(0.0, min(interval, 0.1) - (time.monotonic() - asked)))
 
     def _take_roles(self, reply: ic.HelloReply) -> None:
         if not reply.roles_unchanged:

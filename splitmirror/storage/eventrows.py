@@ -33,7 +33,6 @@ class EventRows(SqlThread):
         made after this one (one SQLite thread, first come first served), in
         the group commit of its moment."""
         rows = [_event_row(e) for e in events]
-        assert self._loop is not None, "copy table not open"
         return self._grouped(lambda db: db.executemany(
             "INSERT OR REPLACE INTO events(seq, timestamp, kind, pair, body) VALUES (?, ?, ?, ?, ?)", rows))
 

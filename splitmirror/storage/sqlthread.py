@@ -99,7 +99,8 @@ class SqlThread:
         Order is kept: a group is submitted before any later direct call,
         and groups commit one after the other.
         """
-        assert self._loop is not None, "copy table not open"
+        if self._loop is None:
+            raise RuntimeError(f"copy table {self.path} is closed")
         fut: asyncio.Future[None] = self._loop.create_future()
         if not self._group and not self._groups_running:
             self._loop.call_soon(self._submit_group)
