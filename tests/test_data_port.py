@@ -107,6 +107,34 @@ async def test_streams_over_tls(tls_sites: tuple[Site, Site]) -> None:
     assert "data connection to peer 2001 at 127.0.0.1" in primary.log() and "(TLS)" in primary.log()
 
 
+def test_batches_fit_the_frame_limit_the_mirror_announces(limited: tuple[Site, Site]) -> None:
+    """A burst of 256 KiB sync writes gathers behind the send window; with the
+    mirror's frame limit at 1 MiB every batch still fits one frame, so the pair
+    stays DUPLEX and the SPVOL equals the PVOL (a 4 MiB default batch would be
+    refused as an oversized frame and suspend the pair)."""
+    primary, secondary = limited
+    primary.cli("volume", "create", "burst-v", "--size", "16M")
+    primary.cli("pair", "create", "burst", "--pvol", "burst-v", "--svol", "burst-r", "--peer", "2001", "--wait")
+    rng = random.Random(7)
+
+    async def burst() -> bytes:
+        async with client(primary) as c:
+            for _ in range(3):
+                await asyncio.gather(*(c.write("burst-v", i * (256 << 10), rng.randbytes(256 << 10))
+                                       for i in range(64)))
+            return await c.read("burst-v", 0, 16 * MiB)
+
+    want = asyncio.run(burst())
+    assert primary.pair_row("burst")["status"] == "DUPLEX"
+
+    async def spvol() -> bytes:
+        async with client(secondary) as c:
+            return await c.read("burst-r", 0, 16 * MiB)
+
+    assert asyncio.run(spvol()) == want
+    assert "exceeds the limit" not in secondary.log()
+
+
 # -- hostile clients ------------------------------------------------------------------------------
 
 

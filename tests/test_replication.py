@@ -69,6 +69,17 @@ def test_take_batch_respects_max_bytes() -> None:
     assert q.unacked == 7  # all in flight, none acked
 
 
+def test_take_batch_honours_a_smaller_carrier_limit() -> None:
+    """The peer's frame limit caps a batch below the queue's own maximum; one
+    entry always goes, even when it alone exceeds the limit."""
+    q = ReplicationQueue(max_batch_bytes=10 * (100 + OVERHEAD))
+    for i in range(5):
+        q.push(i * 100, b"d" * 100)
+    assert seqs(q.take_batch(2 * (100 + OVERHEAD))) == [1, 2]
+    assert seqs(q.take_batch(10)) == [3]
+    assert seqs(q.take_batch(None)) == [4, 5]
+
+
 def test_take_batch_stops_before_overflow_not_after() -> None:
     q = ReplicationQueue(max_batch_bytes=250)
     q.push(0, b"a" * 100)  # 132

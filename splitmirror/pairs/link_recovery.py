@@ -20,6 +20,7 @@ from ..errors import FailedPrecondition, SplitmirrorError
 from ..eventsink import LINK_DOWN, LINK_UP, Event, caused_by
 from ..pairstate.channel import RemoteChannel
 from ..pairstate.pair import Pair
+from ..replication.framing import MAX_SEQ
 from ..replication.link import PeerLink
 from ..replication.queue import Entry
 from ..status import MIRRORING, PairOp, PairStatus
@@ -159,7 +160,8 @@ class LinkRecovery:
             # Number on from what the mirror applied (after a restart here the
             # stream would start at 1 again): a takeover's point stays readable.
             queue = pair.channel.stream.queue
-            queue.next_seq = max(queue.next_seq, state.applied_seq + 1)
+            if state.applied_seq < MAX_SEQ // 2:  # a peer's number, not trusted to run the stream out
+                queue.next_seq = max(queue.next_seq, state.applied_seq + 1)
         if pair.status is PairStatus.DUPLEX and remote is PairStatus.DUPLEX:
             return
         if pair.status is PairStatus.COPY:

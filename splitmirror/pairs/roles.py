@@ -167,6 +167,7 @@ class Roles:
         for pair in pairs:
             back = rolled.get(pair.name)
             cut, undone = (back.point, len(back.tracks)) if back is not None else (0, 0)
+            runs = [[first, count] for first, count in back.tracks.runs()] if back is not None else []
             if pair.primary is not None:  # both ends claimed the role: this one keeps it, one epoch up
                 pair.primary.row.epoch += 1
                 pair.primary.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq)
@@ -174,23 +175,26 @@ class Roles:
                 if pair.status is PairStatus.COPY:
                     self.context.set_status(pair, PairOp.FAULT, "takeover")
                 self.context.set_status(pair, PairOp.TAKEOVER, f"kept over system {pair.peer_id}'s claim")
+                if pair.channel is None:
+                    self.attach(pair, self.context.links[pair.peer_id])
                 continue
             end = pair.mirror
             assert end is not None
             was = end.row.epoch
             end.row.epoch = was + 1
-            end.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq, cut=cut, undone=undone)
+            end.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq, cut=cut, undone=undone,
+                                      undone_runs=runs)
             if pair.status is PairStatus.COPY:
                 self.context.set_status(pair, PairOp.FAULT, "takeover")
             pair.move_end_to(EndRole.PRIMARY)
             self.context.set_status(pair, PairOp.TAKEOVER, f"taken over from system {pair.peer_id}")
+            if pair.channel is None:  # at once: a keepalive during the saves reconciles primary ends
+                self.attach(pair, self.context.links[pair.peer_id])
         failpoint("takeover-decided")
         for pair in pairs:
             await self.system.save_rows(pair)
             await self.system.save_bitmaps(pair)
             failpoint("takeover-saved")
-            if pair.channel is None:
-                self.attach(pair, self.context.links[pair.peer_id])
             role = pair.row.role
             point = f", group {pair.row.group} cut {role.cut} ({role.undone} tracks rolled back)" if role.cut else ""
             log.warning("pair %s: taken over from system %d at epoch %d (last sequence applied %d%s)", pair.name,

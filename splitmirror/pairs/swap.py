@@ -179,10 +179,12 @@ class Swap:
             end.row.epoch = epoch
             end.row.role = RoleRecord(how="swap", since=utc_now())
             pair.move_end_to(EndRole.PRIMARY)
+            # Wired at once: a keepalive answer during the save reconciles
+            # primary ends, which need their link.
+            self.attach(pair, self.context.link(pair.peer_id))
             await self.system.save_rows(pair)
             failpoint("swap-promoted")
         finally:
             self.roles.release_shown([pair])
-        self.attach(pair, self.context.link(pair.peer_id))
         log.warning("pair %s: primary here at epoch %d (swapped from system %d)", pair.name, epoch, pair.peer_id)
         self.roles.report(pair, "promoted", f"swap from system {pair.peer_id}")

@@ -50,6 +50,8 @@ def keepalive(sock: socket.socket | None, timeout: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Data sent and not acknowledged by the peer's TCP for this long ends the connection too.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2 * idle * 1000)
 
 
 class DataChannel:
@@ -60,6 +62,13 @@ class DataChannel:
         self.number = number
         self.on_ack = on_ack
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def batch_limit(self) -> int | None:
+        """A batch fits in one frame of the size the peer announced in its HELLO
+        (entry headers are within ``Entry.wire_bytes``)."""
+        peer = self.conn.proto.peer
+        return None if peer is None else peer.max_frame - dp.CHANNEL_BYTES
 
     async def send(self, batch: list[Entry]) -> None:
         """The batch's frames in one write; waits while the socket's buffer is full."""
@@ -89,7 +98,8 @@ class DataChannel:
             self.ended.exception()  # retrieved: nobody need wait for it
 
     def close(self, broken: bool = False) -> None:
-        """The stream stops using this channel; ``broken``: the connection is suspect too."""
+        """The stream stops using this channel; ``broken``: no ack came in time (the
+        connection is dropped too when the peer sent nothing on any channel meanwhile)."""
         self.end("stream closed")
         self.conn.release(self, broken)
 
@@ -103,6 +113,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.channels: dict[int, DataChannel] = {}
         self.next_channel = 1
         self.lost = ""
+        #: When the peer last sent anything: a silent connection is suspect, one slow pair is not.
+        self.last_heard = time.monotonic()
         self._drained: asyncio.Future[None] | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------------
@@ -115,6 +127,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self.proto.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_heard = time.monotonic()
         try:
             events = self.proto.received(nbytes)
         except dp.ProtocolError as exc:
@@ -186,8 +199,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self.channels.pop(channel.number, None) is not None and not self.lost and self.transport is not None:
             self.proto.closed(channel.number)
             self.transport.write(dp.close(channel.number))
-        if broken:
-            self.fail("link error: the data connection is suspect (no acknowledgement in time)")
+        if broken and time.monotonic() - self.last_heard > self.link.timeout:
+            # Nothing from the peer on any channel: the connection, not one pair, is stuck.
+            self.fail("link error: the data connection is suspect (the peer sent nothing in time)")
 
     def fail(self, reason: str) -> None:
         if not self.lost:

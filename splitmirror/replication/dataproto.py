@@ -52,6 +52,8 @@ VERSION = 1
 HEAD = struct.Struct("<IB")
 _HELLO = struct.Struct("<8sHQI")
 _CHANNEL = struct.Struct("<I")
+#: Bytes of a BATCH frame's body before its first entry (the channel number).
+CHANNEL_BYTES = _CHANNEL.size
 _ACK = struct.Struct("<IQ")
 _MARKER = struct.Struct("<IQQ")
 _ERROR = struct.Struct("<IBH")

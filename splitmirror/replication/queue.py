@@ -99,13 +99,15 @@ class ReplicationQueue:
             return 0.0
         return (time.monotonic() if now is None else now) - oldest.queued_at
 
-    def take_batch(self) -> list[Entry]:
-        """Move the next batch (at least one entry, at most max bytes) in flight."""
+    def take_batch(self, limit: int | None = None) -> list[Entry]:
+        """Move the next batch (at least one entry, at most max bytes, and at
+        most ``limit`` bytes when the carrier has a smaller one) in flight."""
+        most = self.max_batch_bytes if limit is None else min(limit, self.max_batch_bytes)
         batch: list[Entry] = []
         size = 0
         while self._unsent:
             entry = self._unsent[0]
-            if batch and size + entry.wire_bytes > self.max_batch_bytes:
+            if batch and size + entry.wire_bytes > most:
                 break
             batch.append(self._unsent.popleft())
             size += entry.wire_bytes

@@ -173,7 +173,7 @@ class ReplicationStream:
                 while len(inflight) >= SEND_WINDOW:
                     self._acked.clear()
                     await self._acked.wait()
-                batch = self.queue.take_batch()
+                batch = self.queue.take_batch(carrier.batch_limit)
                 inflight.append(batch[-1].seq)
                 await carrier.send(batch)
 
@@ -227,6 +227,10 @@ class ReplicationStream:
 class Carrier(Protocol):
     """What carries one run of a stream: sends batches, reports acks, ends."""
 
+    @property
+    def batch_limit(self) -> int | None:
+        """Most wire bytes of one batch the peer accepts (None: the stream's own limit)."""
+
     async def send(self, batch: list[Entry]) -> None: ...
 
     async def run(self) -> None:
@@ -243,6 +247,7 @@ class GrpcCarrier:
         self.call = link.stub.Replicate(metadata=link.metadata)  # type: ignore[call-arg]
         self.on_ack = on_ack
         self.first = True
+        self.batch_limit: int | None = None
 
     async def send(self, batch: list[Entry]) -> None:
         for msg in messages(batch):
