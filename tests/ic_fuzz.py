@@ -356,7 +356,9 @@ class Campaign:
                         break
             else:
                 request = gen.raw(method.input_type)
-                if method.name == "Hello" and metadata == ((SYSTEM_ID_KEY, str(peer)),):
+                if method.name == "Hello":
+                    # Whatever the claimed id looks like: a spelling the daemon reads as the
+                    # real peer's ('01001', say) said goodbye in its name and suspended the guard.
                     request = _without_goodbye(request)
                 call(request, metadata=metadata, timeout=5)
             code = grpc.StatusCode.OK

@@ -149,3 +149,9 @@ def test_group_cuts_round_trip_packed_and_hostile_ones_are_refused() -> None:
         decode(HEADER.pack(1, 7, 0, 2, CUT | 1), 10)
     with pytest.raises(FramingError, match="and 4 payload bytes"):
         decode(HEADER.pack(1, 7, 4, 0, CUT) + b"abcd", 10)
+
+
+def test_sequence_numbers_stop_at_the_signed_64_bit_limit() -> None:
+    check = SequenceCheck()
+    assert check.accept((1 << 63) - 1) == ""
+    assert "exceeds the limit" in SequenceCheck().accept(1 << 63)

@@ -15,8 +15,10 @@ import time
 
 from ..datapath.system import StorageSystem
 from ..datapath.writes import WriteOp
+from ..errors import InvalidArgument
 from ..eventsink import ROLE, Event
 from ..pairstate.pair import Pair
+from ..storage.bitmap import TrackBitmap
 
 log = logging.getLogger("splitmirror.pairs")
 
@@ -54,3 +56,18 @@ async def save_divergent(system: StorageSystem, pair: Pair) -> str:
                              status=pair.status.value, reason=f"kept before the resync from system {pair.peer_id}",
                              detail=name, tracks=tracks, bytes=tracks * ts))
     return name
+
+
+def rolled_back_tracks(pair: Pair, peer: int, tracks: bytes) -> TrackBitmap:
+    """The tracks a new primary rolled back at its takeover, as it sent them (checked: hostile input)."""
+    assert pair.mirror is not None
+    size = pair.mirror.volume.tracks
+    try:
+        kept = TrackBitmap.from_bytes(size, tracks)
+    except ValueError as exc:
+        raise InvalidArgument(f"pair {pair.name!r}: the rolled-back tracks from system {peer} do not parse "
+                              f"({exc})") from None
+    if sum(count for _, count in kept.runs()) != len(kept):  # runs() stops at the last track
+        raise InvalidArgument(f"pair {pair.name!r}: the rolled-back tracks from system {peer} go beyond volume "
+                              f"{pair.mirror.volume.name!r} ({size} tracks)")
+    return kept

@@ -20,6 +20,7 @@ from ..errors import FailedPrecondition, SplitmirrorError
 from ..eventsink import LINK_DOWN, LINK_UP, Event, caused_by
 from ..pairstate.channel import RemoteChannel
 from ..pairstate.pair import Pair
+from ..replication.framing import MAX_SEQ
 from ..replication.link import PeerLink
 from ..replication.queue import Entry
 from ..status import MIRRORING, PairOp, PairStatus
@@ -111,7 +112,9 @@ class LinkRecovery:
         # Who is primary first: an end that lost the role fences itself
         # before anything else happens to its pairs.
         await self.roles.first_contact(link, max(1.0, self.settings.link_timeout))
-        pairs = [p for p in self.context.pairs_with(link.peer_id) if p.primary is not None and not p.reconciling]
+        # A primary end without a link is being promoted here (a swap): its promotion drives it.
+        pairs = [p for p in self.context.pairs_with(link.peer_id)
+                 if p.primary is not None and p.link is not None and not p.reconciling]
         for pair in pairs:
             pair.reconciling = True
         await asyncio.gather(*(self._reconcile_once(pair) for pair in pairs))
@@ -124,7 +127,7 @@ class LinkRecovery:
         peer_status = {state.pair: state.status for state in reply.mirrors}
         now = time.monotonic()
         for pair in self.context.pairs_with(link.peer_id):
-            if pair.primary is None or pair.reconciling:
+            if pair.primary is None or pair.link is None or pair.reconciling:
                 continue
             if pair.status is PairStatus.DUPLEX:
                 pair.retry.reset()
@@ -149,13 +152,16 @@ class LinkRecovery:
 
     async def _reconcile(self, pair: Pair) -> None:
         """After a reconnect: bring both ends back to agreement."""
+        if pair.primary is None or pair.link is None:
+            return  # demoted or being promoted meanwhile (a swap): that procedure drives the pair
         state = await command(pair, ic.PAIR_OP_STATUS)
         remote = PairStatus(state.status)
         if isinstance(pair.channel, RemoteChannel) and not pair.channel.stream.queue.unacked:
             # Number on from what the mirror applied (after a restart here the
             # stream would start at 1 again): a takeover's point stays readable.
             queue = pair.channel.stream.queue
-            queue.next_seq = max(queue.next_seq, state.applied_seq + 1)
+            if state.applied_seq < MAX_SEQ // 2:  # a peer's number, not trusted to run the stream out
+                queue.next_seq = max(queue.next_seq, state.applied_seq + 1)
         if pair.status is PairStatus.DUPLEX and remote is PairStatus.DUPLEX:
             return
         if pair.status is PairStatus.COPY:

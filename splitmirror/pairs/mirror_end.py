@@ -25,7 +25,7 @@ from ..storage.bitmap import TrackBitmap
 from ..storage.copytable import PairRow
 from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
-from .divergent import save_divergent
+from .divergent import rolled_back_tracks, save_divergent
 from .group_rollback import GroupRollback
 from .membership import check_new_mirror, forget, initial_bitmap
 from .verify import VERIFY_CHUNK
@@ -123,6 +123,10 @@ class MirrorEnd:
             self.context.set_status(pair, PairOp.FAULT, req.reason or "suspended by primary")
         elif op == ic.PAIR_OP_RESYNC_BEGIN:
             role = pair.mirror.row.role
+            if role.fenced_by == peer and not req.reverse and not role.divergent:
+                # Tracks the new primary rolled back to its group's point: our
+                # acknowledged writes there, as much ours as the pending ones.
+                pair.mirror.bitmap.update(rolled_back_tracks(pair, peer, req.keep_tracks))
             if role.fenced_by == peer and pair.mirror.bitmap and not req.reverse and not role.divergent:
                 # An old primary's own writes since the takeover: kept aside first.
                 await save_divergent(self.system, pair)

@@ -171,7 +171,8 @@ class PrimaryEnd:
                 raise Unavailable(f"pair {name!r}: peer system {pair.peer_id} is unreachable; cannot resync")
             if pair.status is PairStatus.SUSPENDED and not (reverse or force):
                 await self._refuse_split_brain(pair, known)
-            state = await command(pair, ic.PAIR_OP_RESYNC_BEGIN, reverse=reverse)
+            state = await command(pair, ic.PAIR_OP_RESYNC_BEGIN, reverse=reverse,
+                                  keep_tracks=self._rolled_back(pair, end.volume.tracks))
             end.bitmap.update(TrackBitmap.from_bytes(end.volume.tracks, state.pending_bitmap))
             await self.system.save_bitmaps(pair)
             await command(pair, ic.PAIR_OP_CLEAR_BITMAP)
@@ -187,6 +188,17 @@ class PrimaryEnd:
         log.info("pair %s: %s resync of %d tracks", name, "reverse" if reverse else "forward", len(end.bitmap))
         self.copier.start(pair)
         return pair
+
+    @staticmethod
+    def _rolled_back(pair: Pair, size: int) -> bytes:
+        """Tracks this end rolled back to its group's point at its takeover (the old primary keeps its versions)."""
+        role = pair.row.role
+        if role.how != "takeover" or not role.undone_runs:
+            return b""
+        tracks = TrackBitmap(size)
+        for first, count in role.undone_runs:
+            tracks.add_range(first, min(size, first + count))
+        return tracks.to_bytes()
 
     async def _refuse_split_brain(self, pair: Pair, known: ic.MirrorState | None = None) -> None:
         """Both ends written while suspended: the operator picks the survivor."""

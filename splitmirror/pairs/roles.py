@@ -47,6 +47,18 @@ Promote = Callable[[Pair, int], Awaitable[None]]
 #: Returns async group mirror ends to their group's last complete cut (before a takeover).
 RollBack = Callable[[list[Pair]], Awaitable[dict[str, RolledBack]]]
 
+#: The largest role epoch: kept in SQLite (signed 64 bits), as every integer a peer sends.
+MAX_EPOCH = (1 << 63) - 1
+
+
+def check_next_epoch(pairs: list[Pair]) -> None:
+    """Refuse a role change whose next epoch would pass :data:`MAX_EPOCH` (nothing changed yet)."""
+    for pair in pairs:
+        if pair.row.epoch >= MAX_EPOCH:
+            raise FailedPrecondition(f"pair {pair.name!r} is at role epoch {pair.row.epoch}, the largest there is "
+                                     f"({MAX_EPOCH}); it cannot change roles again (delete and recreate it)")
+
+
 #: Why host writes wait while an end learns whether it is still primary.
 FENCING = "took the primary role over; fencing"
 #: Why host writes are refused while both ends claim the primary role.
@@ -138,6 +150,7 @@ class Roles:
                 raise FailedPrecondition(
                     f"pair {pair.name!r} is COPY: its volume here is not a consistent image yet (a copy was "
                     "under way); 'pair takeover --force' takes it over anyway")
+        check_next_epoch(pairs)
         # An async group's mirror ends first return to the group's last
         # complete cut (the same point of the write order at every pair).
         rolled = await self.roll_back(pairs) if self.roll_back is not None else {}
@@ -154,6 +167,7 @@ class Roles:
         for pair in pairs:
             back = rolled.get(pair.name)
             cut, undone = (back.point, len(back.tracks)) if back is not None else (0, 0)
+            runs = [[first, count] for first, count in back.tracks.runs()] if back is not None else []
             if pair.primary is not None:  # both ends claimed the role: this one keeps it, one epoch up
                 pair.primary.row.epoch += 1
                 pair.primary.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq)
@@ -161,23 +175,26 @@ class Roles:
                 if pair.status is PairStatus.COPY:
                     self.context.set_status(pair, PairOp.FAULT, "takeover")
                 self.context.set_status(pair, PairOp.TAKEOVER, f"kept over system {pair.peer_id}'s claim")
+                if pair.channel is None:
+                    self.attach(pair, self.context.links[pair.peer_id])
                 continue
             end = pair.mirror
             assert end is not None
             was = end.row.epoch
             end.row.epoch = was + 1
-            end.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq, cut=cut, undone=undone)
+            end.row.role = RoleRecord(how="takeover", since=since, seq=pair.applied_seq, cut=cut, undone=undone,
+                                      undone_runs=runs)
             if pair.status is PairStatus.COPY:
                 self.context.set_status(pair, PairOp.FAULT, "takeover")
             pair.move_end_to(EndRole.PRIMARY)
             self.context.set_status(pair, PairOp.TAKEOVER, f"taken over from system {pair.peer_id}")
+            if pair.channel is None:  # at once: a keepalive during the saves reconciles primary ends
+                self.attach(pair, self.context.links[pair.peer_id])
         failpoint("takeover-decided")
         for pair in pairs:
             await self.system.save_rows(pair)
             await self.system.save_bitmaps(pair)
             failpoint("takeover-saved")
-            if pair.channel is None:
-                self.attach(pair, self.context.links[pair.peer_id])
             role = pair.row.role
             point = f", group {pair.row.group} cut {role.cut} ({role.undone} tracks rolled back)" if role.cut else ""
             log.warning("pair %s: taken over from system %d at epoch %d (last sequence applied %d%s)", pair.name,

@@ -32,7 +32,7 @@ from ..v1 import interconnect_pb2 as ic
 from .context import PairContext
 from .failpoints import failpoint
 from .peer import command
-from .roles import Attach, Roles
+from .roles import Attach, Roles, check_next_epoch
 
 log = logging.getLogger("splitmirror.pairs")
 
@@ -107,6 +107,7 @@ class Swap:
             self.roles.release_shown(pairs)
 
     async def _demote_and_hand_over(self, pairs: list[Pair], peer: int) -> None:
+        check_next_epoch(pairs)
         epoch = max(p.row.epoch for p in pairs) + 1
         since = utc_now()
         for pair in pairs:
@@ -178,10 +179,12 @@ class Swap:
             end.row.epoch = epoch
             end.row.role = RoleRecord(how="swap", since=utc_now())
             pair.move_end_to(EndRole.PRIMARY)
+            # Wired at once: a keepalive answer during the save reconciles
+            # primary ends, which need their link.
+            self.attach(pair, self.context.link(pair.peer_id))
             await self.system.save_rows(pair)
             failpoint("swap-promoted")
         finally:
             self.roles.release_shown([pair])
-        self.attach(pair, self.context.link(pair.peer_id))
         log.warning("pair %s: primary here at epoch %d (swapped from system %d)", pair.name, epoch, pair.peer_id)
         self.roles.report(pair, "promoted", f"swap from system {pair.peer_id}")

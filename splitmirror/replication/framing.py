@@ -33,6 +33,8 @@ FLUSH = 0x01
 RESYNC = 0x02
 CUT = 0x04
 KNOWN_FLAGS = FLUSH | RESYNC | CUT
+#: The largest sequence number (the copy table keeps the last one applied as a signed 64-bit integer).
+MAX_SEQ = (1 << 63) - 1
 #: Streams one group cut may name (a consistency group of more pairs is refused).
 MAX_CUT_MEMBERS = 1 << 16
 
@@ -160,6 +162,8 @@ class SequenceCheck:
         """'' when ``seq`` is the next one (and take it), else why not."""
         if seq == 0:
             return "sequence number 0"
+        if seq > MAX_SEQ:
+            return f"sequence number {seq} exceeds the limit {MAX_SEQ} (2^63-1)"
         if self.last is not None and seq != self.last + 1:
             kind = "repeats" if seq <= self.last else "skips ahead of"
             return f"sequence number {seq} {kind} the expected {self.last + 1}"

@@ -109,6 +109,7 @@ class RoleRecord:
     swap: str = ""         # a swap under way: "demoted" (this end gave the role away)
     cut: int = 0           # takeover of an async group pair: the group cut it was rolled back to
     undone: int = 0        # ... and how many tracks that rolled back
+    undone_runs: list[list[int]] = dataclasses.field(default_factory=list)  # ... as [first, count] runs
 
     def to_json(self) -> str:
         body = {k: v for k, v in dataclasses.asdict(self).items() if v}

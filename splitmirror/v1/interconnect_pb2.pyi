@@ -595,6 +595,7 @@ class PairCommandRequest(_message.Message):
     REVERSE_FIELD_NUMBER: _builtins.int
     SPLIT_TIME_FIELD_NUMBER: _builtins.int
     INCLUDE_ALLOCATED_FIELD_NUMBER: _builtins.int
+    KEEP_TRACKS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     pair: _builtins.str
@@ -605,6 +606,11 @@ class PairCommandRequest(_message.Message):
     split_time: _builtins.str
     include_allocated: _builtins.bool
     """RESYNC_BEGIN: also report allocated tracks"""
+    keep_tracks: _builtins.bytes
+    """RESYNC_BEGIN from a new primary: tracks it rolled back to its async
+    group's common point at the takeover (serialized track bitmap).  A fenced
+    old primary keeps its versions of them with its divergent tracks.
+    """
     epoch: _builtins.int
     """SWAP: the epoch of the new roles (0: the mirror end asks the primary to swap)"""
     group: _builtins.str
@@ -619,12 +625,13 @@ class PairCommandRequest(_message.Message):
         reverse: _builtins.bool = ...,
         split_time: _builtins.str = ...,
         include_allocated: _builtins.bool = ...,
+        keep_tracks: _builtins.bytes = ...,
         epoch: _builtins.int = ...,
         group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "group", b"group", "include_allocated", b"include_allocated", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "group", b"group", "include_allocated", b"include_allocated", "keep_tracks", b"keep_tracks", "mode", b"mode", "op", b"op", "pair", b"pair", "reason", b"reason", "reverse", b"reverse", "split_time", b"split_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -826,7 +833,8 @@ class ReplicateBatch(_message.Message):
     packed: _builtins.bytes
     """The same entries packed with raw payloads (splitmirror/replication/
     framing.py): per entry a little-endian header (u64 seq, u64 offset,
-    u32 payload length, u64 zero length, u8 flags: 1 flush, 2 resync)
+    u32 payload length, u64 zero length, u8 flags: 1 flush, 2 resync,
+    4 group cut: offset = cut number, zero length = streams carrying it)
     then the payload.  A batch carries entries or packed, never both;
     backup markers always travel as entries.  Sequence numbers are
     consecutive within a stream: a gap or repeat suspends the pair.
