@@ -157,7 +157,14 @@ async def test_fan_in_takeover_for_one_primary_while_the_other_mirrors(tmp_path:
         assert c.pair_row("p-vc")["status"] == "DUPLEX" and c.pair_row("p-vc").get("epoch", 1) == 1
         a.start()
         wait_for(lambda: a.pair_row("p-va").get("fenced_by") == 2001, 20, 0.2, "A to fence itself")
-        b.cli("pair", "resync", "p-va", "--wait")
+
+        def resynced() -> bool:
+            # A reached B first; B's own keepalive may not have seen A back yet.
+            done = b.cli("pair", "resync", "p-va", "--wait", check=False)
+            assert done.returncode == 0 or "is unreachable" in done.stderr, done.stderr
+            return done.returncode == 0
+
+        wait_for(resynced, 30, 0.5, "B to reach A and resync p-va")
         a.cli("pair", "swap", "p-va")  # failback, issued at the old primary
         assert a.pair_row("p-va")["primary"] is True
         async with Client(a.address) as ac:
