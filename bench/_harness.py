@@ -39,7 +39,7 @@ from typing import TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client import Client
-from splitmirror.testing import Site
+from splitmirror.testing import Site, free_port
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -191,6 +191,31 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One NBD export a bench drives: the ``nbdkit file`` reference or a daemon's export of a kind."""
+    label: str
+    uri: str
+    kind: Kind | None = None  # None: nbdkit
+
+
+def start_nbdkit(base: Path, size: int) -> tuple[subprocess.Popen[bytes], Target]:
+    """``nbdkit file`` serving a sparse image of ``size`` bytes on loopback: the reference server.
+    The caller stops it with :func:`stop_process` (it also exits with its parent)."""
+    image = base / "nbdkit.img"
+    with image.open("wb") as f:
+        f.truncate(size)
+    port = free_port()
+    proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port),
+                             "file", str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, Target("nbdkit", f"nbd://127.0.0.1:{port}/")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:

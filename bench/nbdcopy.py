@@ -36,31 +36,23 @@ from _harness import (
     KINDS,
     CpuMeter,
     Daemons,
-    Kind,
+    Target,
     add_profile_args,
     load_average,
     median,
     print_profiles,
     profiled,
     rotated,
+    start_nbdkit,
     stop_process,
     verdict,
-    wait_listening,
 )
 
 from splitmirror.sizes import parse_size
-from splitmirror.testing import free_port
 
 TOOLS = ("nbdcopy", "nbdkit")
 MiB = 1 << 20
 TARGETS = {"SIMPLEX/nbdkit copy in": 0.80, "sync/SIMPLEX copy in": 0.80}
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    label: str
-    uri: str
-    kind: Kind | None = None  # None: nbdkit
 
 
 @dataclasses.dataclass
@@ -101,18 +93,11 @@ def bench(base: Path, args: argparse.Namespace) -> int:
     with source.open("wb") as f:
         for _ in range(size // MiB):
             f.write(os.urandom(MiB))
-    image = base / "nbdkit.img"
-    with image.open("wb") as f:
-        f.truncate(size)
-    port = free_port()
-    nbdkit = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port),
-                               "file", str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nbdkit, reference = start_nbdkit(base, size)
     daemons = Daemons(base, size)
     try:
-        wait_listening(port, nbdkit)
         daemons.start()
-        targets = [Target("nbdkit", f"nbd://127.0.0.1:{port}/"),
-                   *(Target(k.label, daemons.uri(k), k) for k in KINDS)]
+        targets = [reference, *(Target(k.label, daemons.uri(k), k) for k in KINDS)]
         print(f"nbdcopy --request-size=1048576 --flush: {size >> 20} MiB of random bytes into each export, then "
               f"read back to null:, {args.rounds} interleaved rounds; load average {load_average()}")
         for t in targets:  # warm-up: allocate the volume, page in the source, connect once

@@ -36,31 +36,23 @@ from _harness import (
     CpuMeter,
     CpuUse,
     Daemons,
-    Kind,
+    Target,
     add_profile_args,
     load_average,
     median,
     print_profiles,
     profiled,
     rotated,
+    start_nbdkit,
     stop_process,
     verdict,
-    wait_listening,
 )
 
 from splitmirror.sizes import parse_size
-from splitmirror.testing import free_port
 
 TOOLS = ("qemu-img", "nbdkit")
 BLOCK = 4096
 TARGETS = {"SIMPLEX/nbdkit read": 0.60, "SIMPLEX/nbdkit write": 0.60, "sync/SIMPLEX write": 0.70}
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    label: str
-    uri: str
-    kind: Kind | None = None  # None: nbdkit
 
 
 @dataclasses.dataclass
@@ -99,18 +91,11 @@ def run_once(daemons: Daemons, target: Target, write: bool, count: int, depth: i
 
 def bench(base: Path, args: argparse.Namespace) -> int:
     size, count, depth = args.size, args.count, args.depth
-    image = base / "nbdkit.img"
-    with image.open("wb") as f:
-        f.truncate(size)
-    port = free_port()
-    nbdkit = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port),
-                               "file", str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nbdkit, reference = start_nbdkit(base, size)
     daemons = Daemons(base, size, grpc_stream=args.grpc_stream)
     try:
-        wait_listening(port, nbdkit)
         daemons.start()
-        targets = [Target("nbdkit", f"nbd://127.0.0.1:{port}/"),
-                   *(Target(k.label, daemons.uri(k), k) for k in KINDS)]
+        targets = [reference, *(Target(k.label, daemons.uri(k), k) for k in KINDS)]
         print(f"qemu-img bench: {BLOCK} B requests, depth {depth}, {count} per run, {size >> 20} MiB targets, "
               f"{args.rounds} interleaved rounds (write, then read back); load average {load_average()}")
         for t in targets:  # warm-up: allocate the range, connect once
